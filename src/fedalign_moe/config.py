@@ -1,0 +1,192 @@
+"""The one configuration object of a run, validated at the edge.
+
+A run is described by a preset (a TOML file shipped in ``fedalign_moe/presets``), optionally a user
+file (TOML or JSON) on top of it, then command-line overrides on top of that. ``load_config`` merges
+the three and validates the result; everything downstream receives a ``Config`` and trusts it.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+STRATEGIES = ("fedavg", "fedprox", "local", "centralised")
+FAMILY_BACKBONES = ("tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-olmoe")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message is one line meant for the user."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    source: str = "mmlu-topic"  # mmlu | mmlu-topic | wordnet | file | hf:<name>
+    path: str | None = None  # for source = "file": a .csv/.jsonl/.json/.parquet file
+    text_column: str = "text"
+    label_column: str = "label"
+    wordnet_dir: str | None = None  # default /usr/share/wordnet (Debian wordnet-base)
+    max_length: int = Field(64, ge=4, le=4096)  # tokens per example
+    test_fraction: float = Field(0.2, gt=0, lt=1)  # global test split, stratified
+    max_train: int | None = Field(None, ge=1)  # cap on the training pool (seeded subsample)
+    max_test: int | None = Field(None, ge=1)
+    local_test_fraction: float = Field(0.2, ge=0, lt=1)  # each client's own test split
+
+
+class PartitionConfig(_Section):
+    scheme: Literal["dirichlet", "iid", "pathological"] = "dirichlet"
+    alpha: float = Field(0.1, gt=0)  # Dirichlet concentration; smaller is more skewed
+    classes_per_client: int = Field(2, ge=1)  # pathological scheme only
+    num_clients: int = Field(10, ge=1)
+    min_partition_size: int = Field(2, ge=1)
+
+
+class ModelConfig(_Section):
+    # minilm: all-MiniLM-L6-v2 encoder upcycled to MoE; smollm2: SmolLM2-135M upcycled to Mixtral;
+    # tiny-<family>: a small random model of a transformers MoE family (tests, smoke runs);
+    # any other value: a local path to a Hugging Face MoE checkpoint (Mixtral, Qwen2/3-MoE, OLMoE).
+    backbone: str = "minilm"
+    num_experts: int = Field(4, ge=1)
+    top_k: int = Field(2, ge=1)
+    moe_layers: tuple[int, ...] = (4, 5)  # encoder layers whose FFN becomes MoE (minilm only)
+    router_std: float = Field(0.02, ge=0)  # new routers start as N(0, std^2)
+    expert_noise: float = Field(0.01, ge=0)  # relative noise that breaks expert symmetry at upcycling
+    trainable: Literal["experts-routers", "all", "lora-experts"] = "experts-routers"
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: float = Field(16.0, gt=0)
+    cache_frozen_prefix: bool = True  # encoder: cache outputs of the frozen layers below the MoE
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _check_top_k(self) -> "ModelConfig":
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts})")
+        return self
+
+
+class TrainConfig(_Section):
+    local_epochs: int = Field(1, ge=0)
+    local_steps: int | None = Field(None, ge=1)  # if set, overrides local_epochs
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(32, ge=1)
+    eval_batch_size: int = Field(128, ge=1)
+    proximal_mu: float = Field(0.01, ge=0)  # FedProx only
+    torch_threads: int | None = Field(None, ge=1)  # per client process; None leaves torch's default
+
+
+class FederationConfig(_Section):
+    strategy: str = "fedavg"
+    rounds: int = Field(5, ge=1)
+    fraction_train: float = Field(1.0, gt=0, le=1)
+    client_cpus: float = Field(1.0, gt=0)  # simulation: CPU cores reserved per client actor
+    client_gpus: float = Field(0.0, ge=0)
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, v: str) -> str:
+        if v not in STRATEGIES:
+            raise ValueError(f"unknown strategy {v!r}; choose one of {', '.join(STRATEGIES)}")
+        return v
+
+
+class Config(_Section):
+    preset: str = "custom"
+    seed: int = 0
+    out_dir: str = "runs/latest"
+    data: DataConfig = DataConfig()
+    partition: PartitionConfig = PartitionConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    federation: FederationConfig = FederationConfig()
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, text: str) -> "Config":
+        return cls.model_validate_json(text)
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped with the package."""
+    files = resources.files("fedalign_moe").joinpath("presets").iterdir()
+    return sorted(f.name[: -len(".toml")] for f in files if f.name.endswith(".toml"))
+
+
+def read_preset(name: str) -> dict[str, Any]:
+    if name not in preset_names():
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(preset_names())}")
+    text = resources.files("fedalign_moe").joinpath("presets", f"{name}.toml").read_text()
+    return tomllib.loads(text)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        if p.suffix == ".json":
+            return json.loads(p.read_text())
+        return tomllib.loads(p.read_text())
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"cannot parse config file {p}: {err}") from None
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``top`` into ``base`` recursively; values of ``top`` win."""
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Turn ``["train.lr=1e-4", "model.top_k=1"]`` into a nested dict (values parsed as JSON if possible)."""
+    nested: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        dotted, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = nested
+        *parents, leaf = dotted.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def validate(raw: dict[str, Any]) -> Config:
+    """Validate a merged dict, turning pydantic's report into one readable line."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "config"
+        msg = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"invalid config value at {where}: {msg}") from None
+
+
+def load_config(
+    preset: str, config_file: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> Config:
+    """Preset, then file, then overrides; validated."""
+    raw = read_preset(preset)
+    raw["preset"] = preset
+    if config_file is not None:
+        raw = deep_merge(raw, read_config_file(config_file))
+    return validate(deep_merge(raw, overrides or {}))

@@ -1,0 +1,164 @@
+"""What every MoE model family exposes to the rest of the package.
+
+Shape legend: B batch, T tokens (flattened B*S where a block sees a flat token list), S sequence,
+H hidden size, E experts, L MoE layers.
+
+An adapter maps a concrete model onto three plain facts the federated code needs:
+- ``MoELayout``: per MoE layer, the state-dict name of the router weight ``[E, H]`` and the names of
+  the stacked expert tensors (dimension 0 indexes the expert). The server aggregates on names alone,
+  so the layout is plain data that travels without the model.
+- ``RoutingRecorder``: forward hooks on every router that capture router logits ``[T, E]`` and the
+  MoE-input hidden states ``[T, H]`` of the current forward pass.
+- the modules holding the routers, so hooks can be registered and removed explicitly.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class MoELayerLayout:
+    """One MoE layer: which state-dict entries hold its router and its experts."""
+
+    index: int  # position of the layer in the backbone (0-based)
+    router: str  # name of the router weight, shape [E, H]
+    experts: tuple[str, ...]  # names of stacked expert tensors, each [E, ...]
+
+
+@dataclass(frozen=True)
+class MoELayout:
+    """All MoE layers of a model, plus the routing hyper-parameters shared by them."""
+
+    num_experts: int
+    top_k: int
+    layers: tuple[MoELayerLayout, ...]
+
+    def moe_parameter_names(self) -> set[str]:
+        """Names of every router and stacked expert tensor."""
+        names: set[str] = set()
+        for layer in self.layers:
+            names.add(layer.router)
+            names.update(layer.experts)
+        return names
+
+    def to_dict(self) -> dict:
+        return {
+            "num_experts": self.num_experts,
+            "top_k": self.top_k,
+            "layers": [
+                {"index": l.index, "router": l.router, "experts": list(l.experts)} for l in self.layers
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MoELayout":
+        layers = tuple(
+            MoELayerLayout(int(l["index"]), str(l["router"]), tuple(l["experts"])) for l in d["layers"]
+        )
+        return cls(int(d["num_experts"]), int(d["top_k"]), layers)
+
+
+@dataclass
+class RoutingRecord:
+    """What one router saw in one forward pass (tokens flattened)."""
+
+    logits_TE: torch.Tensor
+    hidden_TH: torch.Tensor
+
+
+@dataclass
+class RoutingRecorder:
+    """Captures router inputs and logits via forward hooks, one entry per MoE layer.
+
+    Use as a context manager around forward passes; ``records[l]`` is overwritten by every pass, so
+    read it after each forward. With ``keep_grad=False`` the tensors are detached (statistics); with
+    ``keep_grad=True`` the logits keep their graph (a regulariser can back-propagate through them).
+    """
+
+    routers: list[nn.Module]
+    keep_grad: bool = False
+    records: list[RoutingRecord | None] = field(default_factory=list)
+    _handles: list = field(default_factory=list)
+
+    def __enter__(self) -> "RoutingRecorder":
+        self.records = [None] * len(self.routers)
+        for l, router in enumerate(self.routers):
+            self._handles.append(router.register_forward_hook(self._make_hook(l)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _make_hook(self, l: int):
+        def hook(module: nn.Module, args: tuple, output) -> None:
+            hidden = args[0]
+            logits = output[0] if isinstance(output, tuple) else output
+            hidden_TH = hidden.reshape(-1, hidden.shape[-1])
+            logits_TE = logits.reshape(-1, logits.shape[-1])
+            if not self.keep_grad:
+                hidden_TH, logits_TE = hidden_TH.detach(), logits_TE.detach()
+            self.records[l] = RoutingRecord(logits_TE=logits_TE, hidden_TH=hidden_TH)
+
+        return hook
+
+
+def backbone_layer_index(param_name: str, fallback: int) -> int:
+    """The decoder/encoder layer number in a name like ``model.layers.7.mlp.gate.weight``."""
+    match = re.search(r"layers?\.(\d+)\.", param_name)
+    return int(match.group(1)) if match else fallback
+
+
+class MoEAdapter:
+    """Base class: a family adapter knows its model's routers and stacked experts."""
+
+    def __init__(self, model: nn.Module, layout: MoELayout, routers: list[nn.Module]):
+        if len(routers) != len(layout.layers):
+            raise ValueError("one router module per MoE layer is required")
+        self.model = model
+        self.layout = layout
+        self.routers = routers
+
+    @property
+    def num_experts(self) -> int:
+        return self.layout.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.layout.top_k
+
+    def _param(self, name: str) -> nn.Parameter:
+        return dict(self.model.named_parameters())[name]
+
+    def router_weight(self, l: int) -> nn.Parameter:
+        """Router weight of MoE layer ``l``, shape [E, H]."""
+        return self._param(self.layout.layers[l].router)
+
+    def expert_slice(self, l: int, e: int) -> dict[str, torch.Tensor]:
+        """Views of expert ``e`` in MoE layer ``l``: one tensor per stacked expert parameter."""
+        return {name: self._param(name)[e] for name in self.layout.layers[l].experts}
+
+    def renamed(self, before: dict[str, nn.Parameter]) -> "MoEAdapter":
+        """The same adapter after the model was wrapped in place (e.g. peft LoRA injection).
+
+        ``before`` is ``dict(model.named_parameters())`` taken before wrapping; parameters are matched
+        by identity, so the layout follows the same tensors under their new names.
+        """
+        now = {id(p): n for n, p in self.model.named_parameters()}
+
+        def rename(name: str) -> str:
+            return now[id(before[name])]
+
+        layers = tuple(
+            MoELayerLayout(l.index, rename(l.router), tuple(rename(e) for e in l.experts)) for l in self.layout.layers
+        )
+        return type(self)(self.model, MoELayout(self.num_experts, self.top_k, layers), self.routers)
+
+    def recorder(self, keep_grad: bool = False) -> RoutingRecorder:
+        return RoutingRecorder(self.routers, keep_grad=keep_grad)

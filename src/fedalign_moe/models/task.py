@@ -1,0 +1,47 @@
+"""Task heads on top of a causal MoE language model: classification and multiple choice.
+
+Both return logits [B, C] so one training loop (cross-entropy over C) serves every task:
+- classification: a linear head on the hidden state of the last real token;
+- multiple choice: the LM's own next-token logits for the answer letters after "Answer:", i.e. the
+  model scores the letters (the standard MMLU protocol), C = number of letters.
+Inputs are right-padded; the last real token of row b sits at ``attention_mask[b].sum() - 1``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def last_token_states(hidden_BSH: torch.Tensor, attention_mask_BS: torch.Tensor) -> torch.Tensor:
+    """Hidden state of each row's last non-padding token, shape [B, H] (right padding)."""
+    last_B = attention_mask_BS.long().sum(dim=1).clamp(min=1) - 1
+    return hidden_BSH[torch.arange(hidden_BSH.shape[0], device=hidden_BSH.device), last_B]
+
+
+class CausalLMTaskModel(nn.Module):
+    """Wraps a ``*ForCausalLM`` (its ``.model`` body and ``.lm_head``) into a C-way scorer."""
+
+    def __init__(self, lm: nn.Module, num_labels: int, label_token_ids: list[int] | None = None):
+        super().__init__()
+        self.lm = lm
+        self.config = lm.config
+        self.frozen_prefix = 0  # no prefix cache for decoders: every layer sits below a trainable router
+        if label_token_ids is not None:
+            if len(label_token_ids) != num_labels:
+                raise ValueError("one answer token per label is required")
+            self.register_buffer("label_token_ids", torch.tensor(label_token_ids), persistent=False)
+            self.head = None
+        else:
+            self.head = nn.Linear(lm.config.hidden_size, num_labels)
+            nn.init.normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids_BS, attention_mask_BS, prefix_hidden_BSH=None) -> torch.Tensor:
+        out = self.lm.model(input_ids=input_ids_BS, attention_mask=attention_mask_BS, use_cache=False)
+        h_BH = last_token_states(out.last_hidden_state, attention_mask_BS)
+        if self.head is not None:
+            return self.head(h_BH)
+        letter_weight_CH = self.lm.lm_head.weight[self.label_token_ids]
+        return F.linear(h_BH, letter_weight_CH).float()

