@@ -1,0 +1,172 @@
+"""Command-line interface: ``fedalign-moe run | compare | report | presets``.
+
+Bad input ends with one ``error:`` line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from .config import STRATEGIES, Config, ConfigError, load_config, parse_overrides, preset_names
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated fine-tuning of MoE language models (FedAlign-MoE).")
+console = Console(stderr=False, highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from .data import DataError
+    from .models.build import ModelLoadError
+    from .training.setup import RunSetupError
+
+    return (ConfigError, DataError, ModelLoadError, RunSetupError)
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"error: {message}", markup=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _format_bytes(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def _print_round(record: dict) -> None:
+    local = record.get("local_accuracy")
+    line = (f"round {record['round']:>3}  acc {record['accuracy']:.4f}  loss {record['loss']:.4f}"
+            + (f"  clients' own-test acc {local:.4f}" if local is not None else "")
+            + f"  up {_format_bytes(record['uplink_bytes'])}  down {_format_bytes(record['downlink_bytes'])}"
+            + f"  {record['seconds']:.1f}s")
+    console.print(line, markup=False)
+    clients = record.get("clients") or []
+    if clients:
+        losses = "  ".join(f"c{c['partition_id']}:{c['train_loss']:.3f}" for c in clients)
+        console.print(f"          train loss per client  {losses}", markup=False, style="dim")
+
+
+def _overrides(strategy, alpha, num_clients, rounds, seed, out, sets) -> dict:
+    over = parse_overrides(sets or [])
+    for section, key, value in (("federation", "strategy", strategy), ("partition", "alpha", alpha),
+                                ("partition", "num_clients", num_clients), ("federation", "rounds", rounds)):
+        if value is not None:
+            over.setdefault(section, {})[key] = value
+    if seed is not None:
+        over["seed"] = seed
+    if out is not None:
+        over["out_dir"] = str(out)
+    return over
+
+
+def _quiet_flower(verbose: bool) -> None:
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+
+
+PresetOpt = Annotated[str, typer.Option("--preset", "-p", help="preset name (see `fedalign-moe presets`)")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML or JSON file merged over the preset")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override any field: section.key=value")]
+
+
+@app.command()
+def run(
+    preset: PresetOpt = "quick",
+    config: ConfigOpt = None,
+    strategy: Annotated[str | None, typer.Option(help=f"one of {', '.join(STRATEGIES)}")] = None,
+    alpha: Annotated[float | None, typer.Option(help="Dirichlet concentration (smaller = more non-IID)")] = None,
+    num_clients: Annotated[int | None, typer.Option(help="number of clients")] = None,
+    rounds: Annotated[int | None, typer.Option(help="federated rounds")] = None,
+    seed: Annotated[int | None, typer.Option(help="random seed")] = None,
+    out: Annotated[Path | None, typer.Option(help="output directory")] = None,
+    set_: SetOpt = None,
+    verbose: Annotated[bool, typer.Option(help="show Flower's own log")] = False,
+) -> None:
+    """Run one experiment: writes metrics.jsonl, summary.json and plots to the output directory."""
+    _quiet_flower(verbose)
+    try:
+        cfg = load_config(preset, config, _overrides(strategy, alpha, num_clients, rounds, seed, out, set_))
+        console.print(f"[bold]{cfg.federation.strategy}[/bold] on {cfg.data.source} with {cfg.model.backbone} "
+                      f"({cfg.model.num_experts} experts, top-{cfg.model.top_k}), {cfg.partition.num_clients} clients, "
+                      f"{cfg.partition.scheme} alpha={cfg.partition.alpha:g}, {cfg.federation.rounds} rounds -> {cfg.out_dir}")
+        from .experiment import run_experiment
+
+        summary = run_experiment(cfg, _print_round)
+    except _user_errors() as err:
+        _fail(str(err))
+    console.print(f"final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f}) "
+                  f"in {summary['wall_seconds']:.0f}s; results in {cfg.out_dir}/", markup=False)
+
+
+def _csv(text: str, cast, what: str) -> list:
+    try:
+        items = [cast(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"cannot read {what} from {text!r}") from None
+    if not items:
+        raise ConfigError(f"no {what} given")
+    return items
+
+
+@app.command()
+def compare(
+    preset: PresetOpt = "quick",
+    config: ConfigOpt = None,
+    strategies: Annotated[str, typer.Option(help="comma-separated strategies")] = "local,centralised,fedavg,fedprox",
+    alphas: Annotated[str, typer.Option(help="comma-separated Dirichlet alphas")] = "1.0,0.1",
+    seeds: Annotated[str, typer.Option(help="comma-separated seeds")] = "0,1,2",
+    num_clients: Annotated[int | None, typer.Option()] = None,
+    rounds: Annotated[int | None, typer.Option()] = None,
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("runs/compare"),
+    set_: SetOpt = None,
+    verbose: Annotated[bool, typer.Option(help="show Flower's own log")] = False,
+) -> None:
+    """Run a grid of strategies x alphas x seeds; write results.json, results.md and plots."""
+    _quiet_flower(verbose)
+    try:
+        names = _csv(strategies, str, "strategies")
+        unknown = [s for s in names if s not in STRATEGIES]
+        if unknown:
+            raise ConfigError(f"unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
+        alpha_list, seed_list = _csv(alphas, float, "alphas"), _csv(seeds, int, "seeds")
+        base = load_config(preset, config, _overrides(None, alpha_list[0], num_clients, rounds, None, None, set_))
+        from .experiment import grid_configs, run_comparison
+
+        configs = grid_configs(base, names, alpha_list, seed_list, out)
+        for c in configs:  # validate every cell before spending time on the first
+            Config.model_validate(c.model_dump())
+        run_comparison(configs, out, on_run=lambda c: console.print(
+            f"[bold]== {c.federation.strategy}, alpha={c.partition.alpha:g}, seed={c.seed}[/bold]"), on_round=_print_round)
+    except _user_errors() as err:
+        _fail(str(err))
+    console.print((out / "results.md").read_text(), markup=False)
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="a run directory (with metrics.jsonl)")]) -> None:
+    """Redraw the plots of a finished run."""
+    from .report.plots import draw_run
+
+    if not (run_dir / "metrics.jsonl").exists():
+        _fail(f"{run_dir} is not a run directory (no metrics.jsonl)")
+    for path in draw_run(run_dir):
+        console.print(str(path), markup=False)
+
+
+@app.command()
+def presets() -> None:
+    """List the shipped presets."""
+    for name in preset_names():
+        console.print(name, markup=False)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,70 @@
+"""Run one configured experiment, whatever its strategy, and a grid of them.
+
+Federated strategies run on Flower's simulation engine; ``local`` and ``centralised`` need no
+federation and run directly on the same data splits and model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from .config import Config
+from .federation.strategies import FEDERATED
+from .report.plots import draw_run
+from .report.tables import draw_comparison, write_results_table
+from .training.setup import open_log, open_workspace
+from .training.standalone import run_centralised, run_local
+
+
+def run_experiment(cfg: Config, on_round: Callable[[dict], None] | None = None) -> dict:
+    """Run ``cfg``; write metrics, summary and plots under ``cfg.out_dir``; return the summary."""
+    strategy = cfg.federation.strategy
+    if strategy in FEDERATED:
+        from .federation.server_app import simulate
+
+        summary = simulate(cfg, on_round)
+    else:
+        ws = open_workspace(cfg)
+        runner = run_local if strategy == "local" else run_centralised
+        summary = runner(ws, open_log(ws), on_round)
+    draw_run(cfg.out_dir)
+    return summary
+
+
+def grid_configs(base: Config, strategies: list[str], alphas: list[float], seeds: list[int], out: Path) -> list[Config]:
+    """One config per (strategy, alpha, seed), each writing to its own sub-directory of ``out``."""
+    configs = []
+    for alpha in alphas:
+        for strategy in strategies:
+            for seed in seeds:
+                raw = base.model_dump()
+                raw["seed"] = seed
+                raw["partition"]["alpha"] = alpha
+                raw["federation"]["strategy"] = strategy
+                raw["out_dir"] = str(out / f"{strategy}-alpha{alpha:g}-seed{seed}")
+                configs.append(Config.model_validate(raw))
+    return configs
+
+
+def run_comparison(configs: list[Config], out: Path, on_run: Callable[[Config], None] | None = None,
+                   on_round: Callable[[dict], None] | None = None) -> list[dict]:
+    """Run every config (skipping finished ones), then write results.json, results.md and plots."""
+    out.mkdir(parents=True, exist_ok=True)
+    summaries = []
+    for cfg in configs:
+        done = Path(cfg.out_dir) / "summary.json"
+        if on_run:
+            on_run(cfg)
+        if done.exists() and json.loads(done.read_text()).get("config_json") == cfg.to_json():
+            summaries.append(json.loads(done.read_text()))  # finished before an interruption
+            continue
+        summary = run_experiment(cfg, on_round)
+        summary["config_json"] = cfg.to_json()
+        done.write_text(json.dumps(summary, indent=2))
+        summaries.append(summary)
+    (out / "results.json").write_text(json.dumps(summaries, indent=2))
+    write_results_table(summaries, out / "results.md")
+    draw_comparison(summaries, out)
+    return summaries

@@ -1,0 +1,1 @@
+"""Flower layer: the ClientApp, the ServerApp and its round loop, the strategies."""

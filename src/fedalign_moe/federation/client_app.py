@@ -1,0 +1,77 @@
+"""The Flower ClientApp: local training and evaluation on one partition (Message API).
+
+The server sends the run's config with every message, so a client needs nothing but its
+``partition-id`` from the node config (set by the simulation engine, or by
+``flower-supernode --node-config 'partition-id=3 num-partitions=10'`` in a deployment).
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from ..training.local import evaluate, load_state, train_local, trainable_state
+from ..training.setup import Workspace, cached_workspace
+from . import keys
+
+app = ClientApp()
+
+
+def _workspace(msg: Message, context: Context) -> tuple[Workspace, int]:
+    ws = cached_workspace(str(msg.content[keys.CONFIG][keys.RUN_CONFIG]))
+    partition_id = int(context.node_config[keys.PARTITION_ID])
+    if not 0 <= partition_id < ws.cfg.partition.num_clients:
+        raise ValueError(f"partition-id {partition_id} outside 0..{ws.cfg.partition.num_clients - 1}")
+    return ws, partition_id
+
+
+def _receive(ws: Workspace, msg: Message) -> None:
+    state = msg.content[keys.ARRAYS].to_torch_state_dict()
+    load_state(ws.built.model, state)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received model on the local split; reply the update, metrics and routing statistics."""
+    ws, pid = _workspace(msg, context)
+    _receive(ws, msg)
+    config = msg.content[keys.CONFIG]
+    train_data, test_data = ws.client(pid)
+    server_round = int(config[keys.SERVER_ROUND])
+    result = train_local(
+        ws.built.model, ws.built.adapter, train_data, ws.built.trainable, ws.cfg.train,
+        seed=ws.cfg.seed * 100_003 + server_round * 1_009 + pid,
+        proximal_mu=float(config.get(keys.PROXIMAL_MU, 0.0)), device=ws.device,
+    )
+    local = evaluate(ws.built.model, test_data, ws.cfg.train.eval_batch_size, ws.device)
+    metrics = MetricRecord({
+        keys.NUM_EXAMPLES: result.num_examples,
+        keys.PARTITION_ID: pid,
+        keys.TRAIN_LOSS: result.loss,
+        keys.TRAIN_STEPS: result.steps,
+        keys.LOCAL_ACCURACY: local["accuracy"],
+        keys.LOCAL_LOSS: local["loss"],
+        keys.LOCAL_TEST_EXAMPLES: local["num-examples"],
+        keys.ROUTING_P: result.routing.distribution_LE().reshape(-1).tolist(),
+        keys.ROUTING_N: result.routing.topk_count_LE.reshape(-1).tolist(),
+    })
+    arrays = ArrayRecord(trainable_state(ws.built.model, ws.built.trainable))
+    return Message(content=RecordDict({keys.ARRAYS: arrays, keys.METRICS: metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_global(msg: Message, context: Context) -> Message:
+    """Evaluate the received (global) model on this client's own test split."""
+    ws, pid = _workspace(msg, context)
+    _receive(ws, msg)
+    _, test_data = ws.client(pid)
+    with torch.no_grad():
+        res = evaluate(ws.built.model, test_data, ws.cfg.train.eval_batch_size, ws.device)
+    metrics = MetricRecord({
+        keys.NUM_EXAMPLES: max(res["num-examples"], 1),
+        keys.PARTITION_ID: pid,
+        keys.EVAL_ACCURACY: res["accuracy"],
+        keys.EVAL_LOSS: res["loss"],
+    })
+    return Message(content=RecordDict({keys.METRICS: metrics}), reply_to=msg)

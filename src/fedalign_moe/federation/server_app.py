@@ -1,0 +1,69 @@
+"""The Flower ServerApp, and the in-process simulation that runs it with the ClientApp.
+
+Two ways in, one loop (``server.run_federation``):
+- ``fedalign-moe run`` builds the config and calls ``simulate(cfg)``: Flower's simulation engine,
+  in this process, one virtual SuperNode per client.
+- ``flwr run .`` or a SuperLink deployment load ``app`` below; its run config (pyproject
+  ``[tool.flwr.app.config]`` or ``--run-config``) names a preset and overrides.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from ..config import Config, load_config, parse_overrides
+from ..training.setup import open_log, open_workspace
+from .server import run_federation
+
+
+def config_from_run_config(run_config: dict) -> Config:
+    """``preset`` plus ``overrides`` ("train.lr=1e-4 federation.rounds=3", space or comma separated)."""
+    raw = str(run_config.get("overrides", "")).replace(",", " ").split()
+    return load_config(str(run_config.get("preset", "quick")), overrides=parse_overrides(raw))
+
+
+def _main(grid: Grid, cfg: Config, on_round: Callable[[dict], None] | None, holder: dict) -> None:
+    ws = open_workspace(cfg)
+    log = open_log(ws)
+    holder["summary"] = run_federation(grid, ws, log, on_round)
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point for ``flwr run`` and deployments."""
+    _main(grid, config_from_run_config(dict(context.run_config)), None, {})
+
+
+def make_server_app(cfg: Config, on_round: Callable[[dict], None] | None, holder: dict) -> ServerApp:
+    """A ServerApp bound to an already validated config (used by the CLI's simulation)."""
+    server = ServerApp()
+
+    @server.main()
+    def _bound(grid: Grid, context: Context) -> None:
+        _main(grid, cfg, on_round, holder)
+
+    return server
+
+
+def simulate(cfg: Config, on_round: Callable[[dict], None] | None = None) -> dict:
+    """Run the federation in Flower's in-process simulation engine; return the run summary."""
+    from flwr.simulation import run_simulation
+
+    from .client_app import app as client_app
+
+    backend = {
+        "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": cfg.federation.client_gpus},
+        "init_args": {"num_cpus": max(1, os.cpu_count() or 1), "include_dashboard": False},
+    }
+    holder: dict = {}
+    run_simulation(make_server_app(cfg, on_round, holder), client_app, cfg.partition.num_clients, backend_config=backend)
+    if "summary" not in holder:
+        raise RuntimeError("the simulation ended without a summary; see the log above")
+    return holder["summary"]

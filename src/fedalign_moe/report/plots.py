@@ -1,0 +1,96 @@
+"""Figures of a finished run or comparison, drawn from the files they wrote (never from live objects).
+
+Uses matplotlib's object API (``Figure``), so no global pyplot state is touched.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_accuracy(rounds: list[dict], path: Path, title: str) -> Path:
+    """Global-test accuracy (and clients' own-test accuracy when present) per round."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    x = [r["round"] for r in rounds]
+    ax.plot(x, [r["accuracy"] for r in rounds], marker="o", label="global model, global test")
+    local = [r.get("local_accuracy") for r in rounds]
+    if all(v is not None for v in local):
+        ax.plot(x, local, marker="s", linestyle="--", label="client models, own test (mean)")
+    ax.set(xlabel="round", ylabel="accuracy", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_partition_counts(counts_CK: np.ndarray, names: list[str], path: Path, title: str) -> Path:
+    """Stacked bars: training examples of each class (or subject) per client."""
+    counts_CK = np.asarray(counts_CK)
+    C, K = counts_CK.shape
+    fig = Figure(figsize=(7, 0.35 * C + 1.5))
+    ax = fig.add_subplot()
+    cmap = matplotlib.colormaps["tab20" if K <= 20 else "turbo"]
+    left = np.zeros(C)
+    for k in range(K):
+        ax.barh(range(C), counts_CK[:, k], left=left, color=cmap(k / max(K - 1, 1)), label=names[k] if K <= 20 else None)
+        left += counts_CK[:, k]
+    ax.set(xlabel="training examples", ylabel="client", title=title)
+    ax.set_yticks(range(C))
+    if K <= 20:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_routing(clients: dict[str, list], path: Path, title: str) -> Path:
+    """One heatmap per MoE layer: clients (rows) x experts (columns), mean router probability."""
+    ids = sorted(clients, key=int)
+    p_CLE = np.array([clients[i] for i in ids])
+    C, L, E = p_CLE.shape
+    fig = Figure(figsize=(3.2 * L + 1, 0.3 * C + 2))
+    for l in range(L):
+        ax = fig.add_subplot(1, L, l + 1)
+        im = ax.imshow(p_CLE[:, l, :], vmin=0, vmax=max(float(p_CLE.max()), 1e-6), cmap="viridis", aspect="auto")
+        ax.set(title=f"MoE layer {l}", xlabel="expert", ylabel="client" if l == 0 else None)
+        ax.set_xticks(range(E))
+        ax.set_yticks(range(C), ids)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def draw_run(run_dir: str | Path) -> list[Path]:
+    """Redraw every figure of a run directory; returns the PNG paths written."""
+    out = Path(run_dir)
+    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+    label = f"{summary.get('strategy', '?')}, alpha={summary.get('alpha', '?')}, seed={summary.get('seed', '?')}"
+    written = []
+    rounds = read_jsonl(out / "metrics.jsonl")
+    if rounds:
+        written.append(plot_accuracy(rounds, out / "accuracy.png", f"Accuracy per round ({label})"))
+    part = out / "partition.json"
+    if part.exists():
+        p = json.loads(part.read_text())
+        written.append(plot_partition_counts(np.array(p["counts"]), p["names"], out / "partition.png",
+                                             f"Training examples per client ({p['partition_key']})"))
+    routing = [r for r in read_jsonl(out / "routing.jsonl") if r["clients"]]
+    if routing:
+        last = routing[-1]
+        written.append(plot_routing(last["clients"], out / "routing.png", f"Routing per client, round {last['round']} ({label})"))
+    return written

@@ -1,0 +1,86 @@
+"""Tables and plots of a comparison grid: mean +- std over seeds for every (strategy, alpha) cell."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+COLUMNS = (
+    ("final_accuracy", "global acc (final)"),
+    ("last5_accuracy", "global acc (last 5)"),
+    ("best_accuracy", "global acc (best)"),
+    ("final_local_accuracy", "client acc, own test (final)"),
+    ("uplink_bytes_total", "uplink MB"),
+    ("wall_seconds", "wall s"),
+)
+
+
+def _cells(summaries: list[dict]) -> dict[tuple[float, str], list[dict]]:
+    cells: dict[tuple[float, str], list[dict]] = defaultdict(list)
+    for s in summaries:
+        cells[(s["alpha"], s["strategy"])].append(s)
+    return cells
+
+
+def mean_std(values: list[float | None], scale: float = 1.0, digits: int = 3) -> str:
+    vals = [v * scale for v in values if v is not None]
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        return f"{vals[0]:.{digits}f}"
+    return f"{np.mean(vals):.{digits}f} ± {np.std(vals, ddof=1):.{digits}f}"
+
+
+def results_table(summaries: list[dict]) -> str:
+    """Markdown table, one row per (alpha, strategy), mean ± sample std over seeds."""
+    head = "| alpha | strategy | seeds | " + " | ".join(name for _, name in COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (3 + len(COLUMNS))]
+    for (alpha, strategy), runs in sorted(_cells(summaries).items(), key=lambda kv: (-kv[0][0], kv[0][1])):
+        cols = []
+        for key, _ in COLUMNS:
+            if key == "uplink_bytes_total":
+                cols.append(mean_std([r[key] for r in runs], 1e-6, 1))
+            elif key == "wall_seconds":
+                cols.append(mean_std([r[key] for r in runs], 1.0, 0))
+            else:
+                cols.append(mean_std([r.get(key) for r in runs]))
+        lines.append(f"| {alpha:g} | {strategy} | {len(runs)} | " + " | ".join(cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results_table(summaries: list[dict], path: Path) -> Path:
+    path.write_text("# Results\n\nMean ± std over seeds (sample std). Accuracy of the global model on the "
+                    "global test split, and of each client's own model on its own test split.\n\n"
+                    + results_table(summaries))
+    return path
+
+
+def draw_comparison(summaries: list[dict], out: Path) -> list[Path]:
+    """Accuracy per round, one panel per alpha, one line (mean over seeds, band = std) per strategy."""
+    written = []
+    cells = _cells(summaries)
+    alphas = sorted({a for a, _ in cells}, reverse=True)
+    fig = Figure(figsize=(5.5 * len(alphas), 4))
+    for i, alpha in enumerate(alphas):
+        ax = fig.add_subplot(1, len(alphas), i + 1)
+        for (a, strategy), runs in sorted(cells.items()):
+            if a != alpha:
+                continue
+            curves = np.array([r["accuracy_per_round"] for r in runs if r["accuracy_per_round"]])
+            if curves.size == 0:
+                continue
+            mu, sd = curves.mean(0), curves.std(0)
+            x = np.arange(1, len(mu) + 1)
+            ax.plot(x, mu, label=strategy)
+            ax.fill_between(x, mu - sd, mu + sd, alpha=0.15)
+        ax.set(title=f"Dirichlet alpha = {alpha:g}", xlabel="round", ylabel="global test accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "accuracy_by_strategy.png"
+    fig.savefig(path, dpi=120)
+    written.append(path)
+    return written

@@ -1,0 +1,76 @@
+"""The files a run leaves behind: config.json, metrics.jsonl (one line a round), summary.json.
+
+Every strategy, federated or standalone, writes through ``RunLog`` so that the CLI contract
+(keys of metrics.jsonl and summary.json) is defined in one place.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .config import Config
+
+ROUND_KEYS = ("round", "accuracy", "loss", "uplink_bytes", "downlink_bytes", "seconds")
+
+
+class RunLog:
+    """Appends round records and writes the run's summary."""
+
+    def __init__(self, cfg: Config, out_dir: str | Path):
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(cfg.model_dump_json(indent=2))
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.metrics_path.write_text("")
+        self.rounds: list[dict] = []
+        self.started = time.perf_counter()
+
+    def add_round(self, record: dict) -> None:
+        missing = [k for k in ROUND_KEYS if k not in record]
+        if missing:
+            raise KeyError(f"round record lacks {missing}")
+        self.rounds.append(record)
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def add_jsonl(self, name: str, record: dict) -> None:
+        with (self.out / name).open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def write_json(self, name: str, obj) -> Path:
+        path = self.out / name
+        path.write_text(json.dumps(obj, indent=2))
+        return path
+
+    def summary(self, **extra) -> dict:
+        """Write summary.json from the rounds so far plus ``extra`` fields; return it."""
+        acc = [r["accuracy"] for r in self.rounds]
+        local = [r["local_accuracy"] for r in self.rounds if r.get("local_accuracy") is not None]
+        summary = {
+            "strategy": self.cfg.federation.strategy,
+            "preset": self.cfg.preset,
+            "dataset": self.cfg.data.source,
+            "backbone": self.cfg.model.backbone,
+            "alpha": self.cfg.partition.alpha,
+            "num_clients": self.cfg.partition.num_clients,
+            "rounds": self.cfg.federation.rounds,
+            "seed": self.cfg.seed,
+            "final_accuracy": acc[-1] if acc else None,
+            "best_accuracy": max(acc) if acc else None,
+            "last5_accuracy": float(np.mean(acc[-5:])) if acc else None,
+            "accuracy_per_round": acc,
+            "final_local_accuracy": local[-1] if local else None,
+            "last5_local_accuracy": float(np.mean(local[-5:])) if local else None,
+            "local_accuracy_per_round": local,
+            "uplink_bytes_total": int(sum(r["uplink_bytes"] for r in self.rounds)),
+            "downlink_bytes_total": int(sum(r["downlink_bytes"] for r in self.rounds)),
+            "wall_seconds": round(time.perf_counter() - self.started, 2),
+        }
+        summary.update(extra)
+        self.write_json("summary.json", summary)
+        return summary

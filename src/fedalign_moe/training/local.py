@@ -1,0 +1,159 @@
+"""Local training and evaluation of one model on one client's tensors (no Flower here).
+
+Shape legend: N examples, B batch, S sequence, H hidden, L MoE layers, E experts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TrainConfig
+from ..models.base import MoEAdapter
+
+
+@dataclass
+class ClientTensors:
+    """A tokenised split: right-padded ids and mask [N, S], labels [N], optional cached prefix [N, S, H]."""
+
+    input_ids_NS: torch.Tensor
+    attention_mask_NS: torch.Tensor
+    labels_N: torch.Tensor
+    prefix_hidden_NSH: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.labels_N.shape[0])
+
+    def batch(self, idx: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+        out = {"input_ids_BS": self.input_ids_NS[idx].to(device), "attention_mask_BS": self.attention_mask_NS[idx].to(device)}
+        if self.prefix_hidden_NSH is not None:
+            out["prefix_hidden_BSH"] = self.prefix_hidden_NSH[idx].to(device)
+        return out
+
+
+def tokenize(tokenizer, texts: list[str], labels: list[int], max_length: int) -> ClientTensors:
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    return ClientTensors(enc["input_ids"], enc["attention_mask"], torch.tensor(labels, dtype=torch.long))
+
+
+@torch.no_grad()
+def cache_prefix(model: nn.Module, data: ClientTensors, batch_size: int, device: torch.device) -> ClientTensors:
+    """Run the frozen bottom layers once; later passes start from their output."""
+    if getattr(model, "frozen_prefix", 0) == 0 or len(data) == 0:
+        return data
+    chunks = []
+    for start in range(0, len(data), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(data)))
+        chunks.append(model.encode_prefix(data.input_ids_NS[idx].to(device), data.attention_mask_NS[idx].to(device)).cpu())
+    return ClientTensors(data.input_ids_NS, data.attention_mask_NS, data.labels_N, torch.cat(chunks))
+
+
+def trainable_state(model: nn.Module, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Detached CPU copies of the named parameters (what a client uploads)."""
+    params = dict(model.named_parameters())
+    return {n: params[n].detach().to("cpu", copy=True) for n in names}
+
+
+@torch.no_grad()
+def load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy tensors into the named parameters; every name and shape must match."""
+    params = dict(model.named_parameters())
+    unknown = sorted(set(state) - set(params))
+    if unknown:
+        raise KeyError(f"unknown parameter names: {unknown[:3]}")
+    for name, value in state.items():
+        if params[name].shape != value.shape:
+            raise ValueError(f"shape mismatch for {name}: {tuple(value.shape)} vs {tuple(params[name].shape)}")
+        params[name].copy_(value.to(params[name].device, params[name].dtype))
+
+
+@dataclass
+class RoutingTally:
+    """Per-layer routing statistics over real tokens: mean router probability and top-k counts [L, E]."""
+
+    prob_sum_LE: torch.Tensor
+    topk_count_LE: torch.Tensor
+    tokens: int = 0
+
+    @classmethod
+    def empty(cls, num_layers: int, num_experts: int) -> "RoutingTally":
+        return cls(torch.zeros(num_layers, num_experts, dtype=torch.float64), torch.zeros(num_layers, num_experts, dtype=torch.float64))
+
+    def add(self, records, attention_mask_BS: torch.Tensor, top_k: int) -> None:
+        keep_T = attention_mask_BS.reshape(-1).bool().to(records[0].logits_TE.device)
+        for l, rec in enumerate(records):
+            probs_TE = rec.logits_TE[keep_T].float().softmax(-1)
+            self.prob_sum_LE[l] += probs_TE.sum(0).double().cpu()
+            top_TK = probs_TE.topk(top_k, dim=-1).indices
+            self.topk_count_LE[l] += torch.bincount(top_TK.reshape(-1), minlength=probs_TE.shape[1]).double().cpu()
+        self.tokens += int(keep_T.sum())
+
+    def distribution_LE(self) -> torch.Tensor:
+        return self.prob_sum_LE / max(self.tokens, 1)
+
+
+@dataclass
+class TrainResult:
+    loss: float
+    num_examples: int
+    steps: int
+    routing: RoutingTally
+
+
+def _proximal_term(model: nn.Module, anchor: dict[str, torch.Tensor]) -> torch.Tensor:
+    """FedProx (Li et al. 2020, arXiv 1812.06127): ||w - w_global||^2 over trainable parameters."""
+    params = dict(model.named_parameters())
+    return sum(((params[n] - w0) ** 2).sum() for n, w0 in anchor.items())
+
+
+def train_local(model: nn.Module, adapter: MoEAdapter, data: ClientTensors, names: tuple[str, ...],
+                cfg: TrainConfig, seed: int, proximal_mu: float = 0.0, device: torch.device | None = None,
+                on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    """AdamW on the trainable parameters for ``local_steps`` or ``local_epochs`` over ``data``."""
+    device = device or torch.device("cpu")
+    params = dict(model.named_parameters())
+    optimizer = torch.optim.AdamW([params[n] for n in names], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    anchor = {n: params[n].detach().clone() for n in names} if proximal_mu > 0 else None
+    gen = torch.Generator().manual_seed(seed)
+    steps_per_epoch = -(-len(data) // cfg.batch_size)
+    total = cfg.local_steps if cfg.local_steps is not None else cfg.local_epochs * steps_per_epoch
+    tally = RoutingTally.empty(len(adapter.layout.layers), adapter.num_experts)
+    model.train()
+    loss_sum, seen, step, order = 0.0, 0, 0, torch.empty(0, dtype=torch.long)
+    with adapter.recorder(keep_grad=False) as rec:
+        while step < total and len(data) > 0:
+            if order.numel() == 0:
+                order = torch.randperm(len(data), generator=gen)
+            idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
+            batch = data.batch(idx, device)
+            logits_BC = model(**batch)
+            loss = F.cross_entropy(logits_BC.float(), data.labels_N[idx].to(device))
+            total_loss = loss + (proximal_mu / 2) * _proximal_term(model, anchor) if anchor else loss
+            optimizer.zero_grad(set_to_none=True)
+            total_loss.backward()
+            optimizer.step()
+            tally.add(rec.records, batch["attention_mask_BS"], adapter.top_k)
+            loss_sum, seen, step = loss_sum + float(loss.detach()) * len(idx), seen + len(idx), step + 1
+            if on_step is not None:
+                on_step(step, float(loss.detach()))
+    return TrainResult(loss=loss_sum / max(seen, 1), num_examples=len(data), steps=step, routing=tally)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: ClientTensors, batch_size: int, device: torch.device | None = None) -> dict[str, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``data``."""
+    device = device or torch.device("cpu")
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(data)))
+        logits_BC = model(**data.batch(idx, device)).float()
+        labels_B = data.labels_N[idx].to(device)
+        loss_sum += float(F.cross_entropy(logits_BC, labels_B, reduction="sum"))
+        correct += int((logits_BC.argmax(-1) == labels_B).sum())
+    n = max(len(data), 1)
+    return {"loss": loss_sum / n, "accuracy": correct / n, "num-examples": len(data)}

@@ -1,0 +1,89 @@
+"""The floor and the ceiling of every table, with no federation at all.
+
+- ``local``: each client trains its own copy of the initial model on its own data, round after round
+  (one round = the same local epochs/steps as a federated round); nothing is exchanged. Reported:
+  the mean over clients of each client's model on the global test split (``accuracy``) and on its
+  own test split (``local_accuracy``).
+- ``centralised``: one model trained on the union of all clients' training data, one epoch budget
+  per round, evaluated on the global test split.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from ..runlog import RunLog
+from .local import ClientTensors, evaluate, load_state, train_local, trainable_state
+from .setup import Workspace
+
+
+def _concat(parts: list[ClientTensors]) -> ClientTensors:
+    prefix = None if parts[0].prefix_hidden_NSH is None else torch.cat([p.prefix_hidden_NSH for p in parts])
+    return ClientTensors(torch.cat([p.input_ids_NS for p in parts]), torch.cat([p.attention_mask_NS for p in parts]),
+                         torch.cat([p.labels_N for p in parts]), prefix)
+
+
+def _weighted_mean(values: list[float], weights: list[int]) -> float:
+    total = sum(weights)
+    return sum(v * w for v, w in zip(values, weights)) / total if total else float("nan")
+
+
+def run_local(ws: Workspace, log: RunLog, on_round: Callable[[dict], None] | None = None) -> dict:
+    """Every client alone: R rounds of local training, no aggregation."""
+    cfg, model, names = ws.cfg, ws.built.model, ws.built.trainable
+    n = cfg.partition.num_clients
+    states = [trainable_state(model, names)] * n
+    test = ws.global_test()
+    for rnd in range(1, cfg.federation.rounds + 1):
+        t0 = time.perf_counter()
+        glob, loc, rows = [], [], []
+        for pid in range(n):
+            train, own_test = ws.client(pid)
+            load_state(model, states[pid])
+            res = train_local(model, ws.built.adapter, train, names, cfg.train,
+                              seed=cfg.seed * 100_003 + rnd * 1_009 + pid, device=ws.device)
+            states[pid] = trainable_state(model, names)
+            g, o = evaluate(model, test, cfg.train.eval_batch_size, ws.device), evaluate(model, own_test, cfg.train.eval_batch_size, ws.device)
+            glob.append(g), loc.append(o)
+            rows.append({"partition_id": pid, "num_examples": len(train), "train_loss": res.loss,
+                         "local_accuracy": o["accuracy"], "local_test_examples": len(own_test)})
+        record = {
+            "round": rnd, "accuracy": sum(g["accuracy"] for g in glob) / n, "loss": sum(g["loss"] for g in glob) / n,
+            "local_accuracy": _weighted_mean([o["accuracy"] for o in loc], [len(ws.client(p)[1]) for p in range(n)]),
+            "train_loss": _weighted_mean([r["train_loss"] for r in rows], [r["num_examples"] for r in rows]),
+            "uplink_bytes": 0, "downlink_bytes": 0, "failures": 0, "seconds": round(time.perf_counter() - t0, 3),
+            "clients": rows,
+        }
+        log.add_round(record)
+        if on_round:
+            on_round(record)
+    return log.summary()
+
+
+def run_centralised(ws: Workspace, log: RunLog, on_round: Callable[[dict], None] | None = None) -> dict:
+    """One model on all training data (the union of the clients' training splits)."""
+    cfg, model, names = ws.cfg, ws.built.model, ws.built.trainable
+    n = cfg.partition.num_clients
+    union = _concat([ws.client(pid)[0] for pid in range(n)])
+    own_tests = [ws.client(pid)[1] for pid in range(n)]
+    test = ws.global_test()
+    # Same budget as a federated round: every client's epochs, or all clients' steps together.
+    steps = None if cfg.train.local_steps is None else n * cfg.train.local_steps
+    train_cfg = cfg.train.model_copy(update={"local_steps": steps})
+    for rnd in range(1, cfg.federation.rounds + 1):
+        t0 = time.perf_counter()
+        res = train_local(model, ws.built.adapter, union, names, train_cfg, seed=cfg.seed * 100_003 + rnd, device=ws.device)
+        g = evaluate(model, test, cfg.train.eval_batch_size, ws.device)
+        own = [evaluate(model, t, cfg.train.eval_batch_size, ws.device)["accuracy"] for t in own_tests]
+        record = {
+            "round": rnd, "accuracy": g["accuracy"], "loss": g["loss"],
+            "local_accuracy": _weighted_mean(own, [len(t) for t in own_tests]), "train_loss": res.loss,
+            "uplink_bytes": 0, "downlink_bytes": 0, "failures": 0, "seconds": round(time.perf_counter() - t0, 3),
+        }
+        log.add_round(record)
+        if on_round:
+            on_round(record)
+    return log.summary()
