@@ -131,13 +131,15 @@ def _apply_lora(model: nn.Module, cfg: ModelConfig, adapter: MoEAdapter) -> None
     inject_adapter_in_model(lora, model.lm)
 
 
-def frozen_prefix_length(model: nn.Module, layout: MoELayout) -> int:
-    """Number of bottom layers with no trainable parameter (their outputs can be cached)."""
-    first = min(l.index for l in layout.layers)
-    below_trainable = [n for n, p in model.named_parameters() if p.requires_grad and n.startswith("layers.")]
-    firsts = [int(n.split(".")[1]) for n in below_trainable]
-    embeddings_train = any(p.requires_grad for n, p in model.named_parameters() if n.startswith("embeddings."))
-    return 0 if embeddings_train else min(firsts + [first])
+def frozen_prefix_length(model: nn.Module) -> int:
+    """For an encoder: the first layer k with trainable parameters, if layers below k, the embeddings and
+    layer k's self-attention are all frozen (then their output can be cached); otherwise 0 (no cache)."""
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    layer_ids = sorted({int(n.split(".")[1]) for n in trainable if n.startswith("layers.")})
+    if not layer_ids or any(n.startswith("embeddings.") for n in trainable):
+        return 0
+    k = layer_ids[0]
+    return 0 if any(n.startswith(f"layers.{k}.attention.") for n in trainable) else k
 
 
 def build_model(cfg: ModelConfig, label_names: list[str], task: str, seed: int) -> BuiltModel:
@@ -149,5 +151,5 @@ def build_model(cfg: ModelConfig, label_names: list[str], task: str, seed: int) 
         adapter = adapter.renamed(before)  # peft moved the expert tensors under its wrappers
     trainable = _select_trainable(model, adapter.layout, cfg.trainable)
     if hasattr(model, "encode_prefix") and cfg.cache_frozen_prefix:
-        model.frozen_prefix = frozen_prefix_length(model, adapter.layout)
+        model.frozen_prefix = frozen_prefix_length(model)
     return BuiltModel(model=model, tokenizer=tok, adapter=adapter, trainable=trainable)

@@ -100,8 +100,9 @@ def upcycle_bert_layer(layer: nn.Module, num_experts: int, top_k: int, router_st
 class MoEEncoderClassifier(nn.Module):
     """Embeddings, a stack of BERT layers (some MoE), mean pooling and a linear head -> logits [B, C].
 
-    ``frozen_prefix`` layers below the first trainable layer can be run once and cached:
-    ``encode_prefix`` returns their output, ``forward(prefix_hidden=...)`` resumes from it.
+    The frozen bottom can be run once and cached: with ``frozen_prefix = k`` layers 0..k-1 and the
+    self-attention of layer k (the input of its MoE block) are frozen, ``encode_prefix`` returns
+    that MoE input, and ``forward(prefix_hidden_BSH=...)`` resumes at layer k's feed-forward part.
     """
 
     def __init__(self, bert: nn.Module, num_labels: int, moe_layers: tuple[int, ...]):
@@ -124,15 +125,19 @@ class MoEEncoderClassifier(nn.Module):
 
     @torch.no_grad()
     def encode_prefix(self, input_ids_BS, attention_mask_BS) -> torch.Tensor:
-        hidden_BSH = self.embeddings(input_ids=input_ids_BS)
-        return self._run_layers(hidden_BSH, attention_mask_BS, 0, self.frozen_prefix)
+        """Output of the frozen part: the input of layer ``frozen_prefix``'s feed-forward block."""
+        k = self.frozen_prefix
+        hidden_BSH = self._run_layers(self.embeddings(input_ids=input_ids_BS), attention_mask_BS, 0, k)
+        attention_BSH, _ = self.layers[k].attention(hidden_BSH, self._mask(hidden_BSH, attention_mask_BS))
+        return attention_BSH
 
     def forward(self, input_ids_BS=None, attention_mask_BS=None, prefix_hidden_BSH=None) -> torch.Tensor:
         if prefix_hidden_BSH is None:
-            hidden_BSH, start = self.embeddings(input_ids=input_ids_BS), 0
+            hidden_BSH = self._run_layers(self.embeddings(input_ids=input_ids_BS), attention_mask_BS, 0, len(self.layers))
         else:
-            hidden_BSH, start = prefix_hidden_BSH, self.frozen_prefix
-        hidden_BSH = self._run_layers(hidden_BSH, attention_mask_BS, start, len(self.layers))
+            k = self.frozen_prefix
+            hidden_BSH = self.layers[k].feed_forward_chunk(prefix_hidden_BSH)
+            hidden_BSH = self._run_layers(hidden_BSH, attention_mask_BS, k + 1, len(self.layers))
         m_BS1 = attention_mask_BS.unsqueeze(-1).to(hidden_BSH.dtype)
         pooled_BH = (hidden_BSH * m_BS1).sum(1) / m_BS1.sum(1).clamp(min=1.0)  # mean over real tokens
         return self.head(pooled_BH)

@@ -1,0 +1,86 @@
+"""The CLI contract: bad input gives one error line and a non-zero exit; good input writes the files."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fedalign_moe.config import ConfigError, load_config, parse_overrides, preset_names
+
+
+def _cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedalign_moe", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["run", "--preset", "nope"], "unknown preset 'nope'"),
+        (["run", "--preset", "tiny", "--strategy", "fedfoo"], "unknown strategy 'fedfoo'"),
+        (["run", "--preset", "tiny", "--alpha", "0"], "partition.alpha"),
+        (["run", "--preset", "tiny", "--alpha", "-1"], "partition.alpha"),
+        (["run", "--preset", "tiny", "--num-clients", "100000"], "100000 clients but only"),
+        (["run", "--preset", "tiny", "--set", "data.source=file", "--set", "data.path=/no/such.csv"], "/no/such.csv"),
+        (["run", "--preset", "tiny", "--config", "/no/such.toml"], "config file not found"),
+        (["run", "--preset", "tiny", "--set", "model.backbone=/no/such/checkpoint"], "/no/such/checkpoint"),
+        (["run", "--preset", "tiny", "--set", "model.top_k=9"], "top_k (9) cannot exceed num_experts"),
+        (["compare", "--preset", "tiny", "--strategies", "fedavg,bogus"], "unknown strategy 'bogus'"),
+        (["compare", "--preset", "tiny", "--alphas", "x"], "cannot read alphas"),
+    ],
+)
+def test_bad_input_is_one_clear_line(args, needle, tmp_path):
+    res = _cli(*args, "--out", str(tmp_path / "o"), cwd=tmp_path)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [l for l in res.stderr.splitlines() if l.strip()]
+    assert lines[-1].startswith("error: ") and needle in lines[-1], res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+
+
+def test_unreadable_checkpoint_directory(tmp_path):
+    bad = tmp_path / "ckpt"
+    bad.mkdir()
+    (bad / "config.json").write_text("{ not json")
+    res = _cli("run", "--preset", "tiny", "--set", f"model.backbone={bad}", "--out", str(tmp_path / "o"))
+    assert res.returncode == 2 and "error: cannot read a model checkpoint" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_presets_are_listed_and_valid():
+    assert {"quick", "bench", "gpu", "tiny"} <= set(preset_names())
+    for name in preset_names():
+        cfg = load_config(name)
+        assert cfg.preset == name
+    assert load_config("bench").model.top_k == 1 and load_config("bench").model.num_experts >= 8
+
+
+def test_overrides_and_files_merge_in_order(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text("[train]\nlr = 0.002\n[federation]\nrounds = 7\n")
+    cfg = load_config("tiny", f, parse_overrides(["federation.rounds=3", "data.max_length=12"]))
+    assert cfg.train.lr == 0.002 and cfg.federation.rounds == 3 and cfg.data.max_length == 12
+    with pytest.raises(ConfigError, match="unknown_field"):
+        load_config("tiny", overrides={"train": {"unknown_field": 1}})
+
+
+def test_local_and_centralised_runs_write_the_contract(tmp_path):
+    for strategy in ("local", "centralised"):
+        out = tmp_path / strategy
+        res = _cli("run", "--preset", "tiny", "--strategy", strategy, "--rounds", "2", "--out", str(out))
+        assert res.returncode == 0, res.stderr[-3000:]
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["strategy"] == strategy and len(summary["accuracy_per_round"]) == 2
+        assert summary["uplink_bytes_total"] == 0
+        assert (out / "accuracy.png").exists() and (out / "partition.png").exists()
+
+
+def test_compare_writes_a_mean_std_table(tmp_path):
+    out = tmp_path / "cmp"
+    res = _cli("compare", "--preset", "tiny", "--strategies", "local,centralised", "--alphas", "1.0",
+               "--seeds", "0,1", "--rounds", "1", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert len(results) == 4 and {r["seed"] for r in results} == {0, 1}
+    table = (out / "results.md").read_text()
+    assert "| 1 | centralised | 2 |" in table and "±" in table
+    assert (out / "accuracy_by_strategy.png").stat().st_size > 1000
