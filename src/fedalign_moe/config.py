@@ -79,7 +79,7 @@ class TrainConfig(_Section):
     batch_size: int = Field(32, ge=1)
     eval_batch_size: int = Field(128, ge=1)
     proximal_mu: float = Field(0.01, ge=0)  # FedProx only
-    torch_threads: int | None = Field(None, ge=1)  # per client process; None leaves torch's default
+    torch_threads: int | None = Field(None, ge=1)  # per simulated client process; None = torch's default
 
 
 class FederationConfig(_Section):

@@ -90,7 +90,9 @@ def run_federation(grid: Grid, ws: Workspace, log: RunLog,
             "seconds": round(time.perf_counter() - t0, 3), "clients": rows,
         }
         log.add_round(record)
-        log.add_jsonl("routing.jsonl", {"round": server_round, "clients": routing_by_client(replies, len(ws.built.layout.layers))})
+        layers = [layer.index for layer in ws.built.layout.layers]
+        log.add_jsonl("routing.jsonl", {"round": server_round, "layers": layers,
+                                        "clients": routing_by_client(replies, len(layers))})
         if on_round is not None:
             on_round(record)
     save_file({n: t.contiguous() for n, t in arrays.to_torch_state_dict().items()}, str(log.out / "global_trainable.safetensors"))

@@ -56,20 +56,21 @@ def plot_partition_counts(counts_CK: np.ndarray, names: list[str], path: Path, t
     return path
 
 
-def plot_routing(clients: dict[str, list], path: Path, title: str) -> Path:
+def plot_routing(clients: dict[str, list], path: Path, title: str, layer_ids: list[int] | None = None) -> Path:
     """One heatmap per MoE layer: clients (rows) x experts (columns), mean router probability."""
     ids = sorted(clients, key=int)
     p_CLE = np.array([clients[i] for i in ids])
     C, L, E = p_CLE.shape
-    fig = Figure(figsize=(3.2 * L + 1, 0.3 * C + 2))
+    layer_ids = layer_ids or list(range(L))
+    fig = Figure(figsize=(max(3.2 * L + 1, 6.5), 0.3 * C + 2.2))
     for l in range(L):
         ax = fig.add_subplot(1, L, l + 1)
         im = ax.imshow(p_CLE[:, l, :], vmin=0, vmax=max(float(p_CLE.max()), 1e-6), cmap="viridis", aspect="auto")
-        ax.set(title=f"MoE layer {l}", xlabel="expert", ylabel="client" if l == 0 else None)
+        ax.set(title=f"layer {layer_ids[l]}", xlabel="expert", ylabel="client" if l == 0 else None)
         ax.set_xticks(range(E))
         ax.set_yticks(range(C), ids)
         fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path
@@ -92,5 +93,6 @@ def draw_run(run_dir: str | Path) -> list[Path]:
     routing = [r for r in read_jsonl(out / "routing.jsonl") if r["clients"]]
     if routing:
         last = routing[-1]
-        written.append(plot_routing(last["clients"], out / "routing.png", f"Routing per client, round {last['round']} ({label})"))
+        written.append(plot_routing(last["clients"], out / "routing.png",
+                                    f"Mean router probability per client, round {last['round']}\n({label})", last.get("layers")))
     return written

@@ -83,8 +83,9 @@ class Workspace:
         return _global_test(self)
 
 
-def open_workspace(cfg: Config) -> Workspace:
-    if cfg.train.torch_threads:
+def open_workspace(cfg: Config, client_process: bool = False) -> Workspace:
+    """Data and model for this process; ``client_process`` applies ``train.torch_threads``."""
+    if client_process and cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)
     data = prepare_data(cfg)
     built = build_model(cfg.model, data.source.label_names, data.source.task, seed=cfg.seed)
@@ -107,7 +108,7 @@ def _global_test(ws: Workspace) -> ClientTensors:
 @lru_cache(maxsize=2)
 def cached_workspace(config_json: str) -> Workspace:
     """A process keeps one workspace per run config (Flower reuses client processes across rounds)."""
-    return open_workspace(Config.from_json(config_json))
+    return open_workspace(Config.from_json(config_json), client_process=True)
 
 
 def open_log(ws: Workspace) -> RunLog:
