@@ -1,0 +1,72 @@
+"""Component 3 of FedAlign-MoE (arXiv 2603.21276): semantic-aware expert aggregation.
+
+For one expert e of one MoE layer, over the round's C clients:
+    gamma_ij = cos(mu_i, mu_j) * max(0, cos(Delta_i, Delta_j))     pairwise semantic consistency [ours]
+    c_i      = mean_{j != i} gamma_ij
+    tau      = mean_i c_i - beta * std_i c_i                          adaptive threshold [paper; M, S ours]
+    A        = {i : c_i >= tau and n_i > 0}                           aligned set
+    Theta_g' = Theta_g + sum_{i in A} w_i Delta_i,  w_i = n_i / sum_{A} n     [ours]
+Clients outside A, and clients that routed no token to e, do not move expert e; an empty A keeps it.
+Cost: one C x C Gram matrix per expert; no per-pair copies of expert weights.
+Shapes: C clients, H hidden, P parameters of one expert (flattened).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def cosine_matrix(x_CD: torch.Tensor) -> torch.Tensor:
+    """Pairwise cosine similarities [C, C]; a zero row has similarity 0 with everything."""
+    unit_CD = F.normalize(x_CD.double(), dim=1)
+    return unit_CD @ unit_CD.T
+
+
+def semantic_consistency(mu_CH: torch.Tensor, delta_CP: torch.Tensor) -> torch.Tensor:
+    """gamma [C, C]: role similarity times (non-negative) update-direction consensus."""
+    return cosine_matrix(mu_CH) * cosine_matrix(delta_CP).clamp(min=0.0)
+
+
+def client_consistency(gamma_CC: torch.Tensor) -> torch.Tensor:
+    """c_i = mean over j != i of gamma_ij, shape [C] (0 for a single client)."""
+    C = gamma_CC.shape[0]
+    if C < 2:
+        return torch.zeros(C, dtype=gamma_CC.dtype)
+    off_CC = gamma_CC * (1 - torch.eye(C, dtype=gamma_CC.dtype))
+    return off_CC.sum(1) / (C - 1)
+
+
+def adaptive_threshold(c_C: torch.Tensor, beta: float) -> torch.Tensor:
+    """tau = M - beta * S, M and S the mean and (population) std of the clients' consistencies."""
+    return c_C.mean() - beta * c_C.std(unbiased=False)
+
+
+@dataclass
+class ExpertAlignment:
+    """The decision for one expert, kept for diagnostics."""
+
+    gamma_CC: torch.Tensor
+    c_C: torch.Tensor
+    tau: float
+    aligned_C: torch.Tensor  # bool
+    weights_C: torch.Tensor  # sum to 1 over the aligned set, 0 elsewhere
+
+
+def align_expert(mu_CH: torch.Tensor, delta_CP: torch.Tensor, n_C: torch.Tensor, beta: float,
+                 tolerance: float = 1e-9) -> ExpertAlignment:
+    """Aligned set and aggregation weights for one expert."""
+    gamma_CC = semantic_consistency(mu_CH, delta_CP)
+    c_C = client_consistency(gamma_CC)
+    tau = float(adaptive_threshold(c_C, beta))
+    aligned_C = (c_C >= tau - tolerance) & (n_C > 0)
+    mass_C = torch.where(aligned_C, n_C.double(), torch.zeros_like(c_C))
+    weights_C = mass_C / mass_C.sum() if mass_C.sum() > 0 else mass_C
+    return ExpertAlignment(gamma_CC, c_C, tau, aligned_C, weights_C)
+
+
+def apply_expert_update(global_P: torch.Tensor, delta_CP: torch.Tensor, weights_C: torch.Tensor) -> torch.Tensor:
+    """Theta_g + sum_i w_i Delta_i (weights are zero outside the aligned set)."""
+    return global_P + torch.einsum("c,cp->p", weights_C.to(delta_CP.dtype), delta_CP)
