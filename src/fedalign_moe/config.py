@@ -15,7 +15,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-STRATEGIES = ("fedavg", "fedprox", "local", "centralised")
+# The FedAlign-MoE ablation ladder (paper, Table "ablation"): each rung adds one component.
+FEDALIGN_RUNGS = {
+    "fedalign-uniform": dict(gate_aggregation="uniform", gate_regulariser=True, adaptive_alpha=False, expert_aggregation="fedavg"),
+    "fedalign-consistency": dict(gate_aggregation="consistency", gate_regulariser=True, adaptive_alpha=False, expert_aggregation="fedavg"),
+    "fedalign-adaptive": dict(gate_aggregation="consistency", gate_regulariser=True, adaptive_alpha=True, expert_aggregation="fedavg"),
+    "fedalign": {},  # the full method: the FedAlignConfig defaults, or whatever the user set
+}
+STRATEGIES = ("fedavg", "fedprox", "local", "centralised", *FEDALIGN_RUNGS)
 FAMILY_BACKBONES = ("tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-olmoe")
 
 
@@ -97,6 +104,21 @@ class FederationConfig(_Section):
         return v
 
 
+class FedAlignConfig(_Section):
+    """FedAlign-MoE's knobs. The ``fedalign*`` strategy names set the four switches (the ablation
+    ladder); a user file or ``--set fedalign.<field>=...`` can set any of them for ``fedalign``."""
+
+    reg_lambda: float = Field(0.1, ge=0)  # weight of the gate regulariser [summary]
+    beta: float = Field(1.0, ge=0)  # threshold tau = M - beta * S [ours]
+    consistency_floor: float = 0.5  # clients with c_i >= floor stay aligned whatever tau says [ours]
+    omega_times_tokens: bool = False  # weight consistency by routed tokens [ours]
+    stats_noise_sigma: float = Field(0.0, ge=0)  # Gaussian noise on uploaded statistics (relative)
+    gate_aggregation: Literal["consistency", "uniform", "fedavg"] = "consistency"
+    gate_regulariser: bool = True
+    adaptive_alpha: bool = True
+    expert_aggregation: Literal["semantic", "fedavg"] = "semantic"
+
+
 class Config(_Section):
     preset: str = "custom"
     seed: int = 0
@@ -106,6 +128,12 @@ class Config(_Section):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     federation: FederationConfig = FederationConfig()
+    fedalign: FedAlignConfig = FedAlignConfig()
+
+    def effective_fedalign(self) -> FedAlignConfig:
+        """The FedAlign-MoE options of this run, with the ablation rung's switches applied."""
+        rung = FEDALIGN_RUNGS.get(self.federation.strategy, {})
+        return self.fedalign.model_copy(update=rung)
 
     def to_json(self) -> str:
         return self.model_dump_json()

@@ -4,9 +4,11 @@ For one expert e of one MoE layer, over the round's C clients:
     gamma_ij = cos(mu_i, mu_j) * max(0, cos(Delta_i, Delta_j))     pairwise semantic consistency [ours]
     c_i      = mean_{j != i} gamma_ij
     tau      = mean_i c_i - beta * std_i c_i                          adaptive threshold [paper; M, S ours]
-    A        = {i : c_i >= tau and n_i > 0}                           aligned set
+    A        = {i : (c_i >= tau or c_i >= floor) and n_i > 0}        aligned set [floor: ours]
     Theta_g' = Theta_g + sum_{i in A} w_i Delta_i,  w_i = n_i / sum_{A} n     [ours]
 Clients outside A, and clients that routed no token to e, do not move expert e; an empty A keeps it.
+The absolute ``floor`` [ours] keeps clients whose consistency is high in absolute terms: without it,
+"mean - beta * std" drops the least consistent client even when every client agrees (std ~ 0).
 Cost: one C x C Gram matrix per expert; no per-pair copies of expert weights.
 Shapes: C clients, H hidden, P parameters of one expert (flattened).
 """
@@ -56,12 +58,12 @@ class ExpertAlignment:
 
 
 def align_expert(mu_CH: torch.Tensor, delta_CP: torch.Tensor, n_C: torch.Tensor, beta: float,
-                 tolerance: float = 1e-9) -> ExpertAlignment:
-    """Aligned set and aggregation weights for one expert."""
+                 floor: float = float("inf"), tolerance: float = 1e-9) -> ExpertAlignment:
+    """Aligned set and aggregation weights for one expert (``floor = inf``: the spec's rule alone)."""
     gamma_CC = semantic_consistency(mu_CH, delta_CP)
     c_C = client_consistency(gamma_CC)
     tau = float(adaptive_threshold(c_C, beta))
-    aligned_C = (c_C >= tau - tolerance) & (n_C > 0)
+    aligned_C = ((c_C >= tau - tolerance) | (c_C >= floor)) & (n_C > 0)
     mass_C = torch.where(aligned_C, n_C.double(), torch.zeros_like(c_C))
     weights_C = mass_C / mass_C.sum() if mass_C.sum() > 0 else mass_C
     return ExpertAlignment(gamma_CC, c_C, tau, aligned_C, weights_C)

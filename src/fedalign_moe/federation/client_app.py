@@ -11,9 +11,10 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from ..training.alignment import ClientAligner
 from ..training.local import evaluate, load_state, train_local, trainable_state
 from ..training.setup import Workspace, cached_workspace
-from . import keys
+from . import fedalign, keys
 
 app = ClientApp()
 
@@ -39,10 +40,11 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content[keys.CONFIG]
     train_data, test_data = ws.client(pid)
     server_round = int(config[keys.SERVER_ROUND])
+    seed = ws.cfg.seed * 100_003 + server_round * 1_009 + pid
+    aligner = _aligner(ws, msg, seed)
     result = train_local(
-        ws.built.model, ws.built.adapter, train_data, ws.built.trainable, ws.cfg.train,
-        seed=ws.cfg.seed * 100_003 + server_round * 1_009 + pid,
-        proximal_mu=float(config.get(keys.PROXIMAL_MU, 0.0)), device=ws.device,
+        ws.built.model, ws.built.adapter, train_data, ws.built.trainable, ws.cfg.train, seed=seed,
+        proximal_mu=float(config.get(keys.PROXIMAL_MU, 0.0)), device=ws.device, aligner=aligner,
     )
     local = evaluate(ws.built.model, test_data, ws.cfg.train.eval_batch_size, ws.device)
     metrics = MetricRecord({
@@ -56,8 +58,20 @@ def train(msg: Message, context: Context) -> Message:
         keys.ROUTING_P: result.routing.distribution_LE().reshape(-1).tolist(),
         keys.ROUTING_N: result.routing.topk_count_LE.reshape(-1).tolist(),
     })
-    arrays = ArrayRecord(trainable_state(ws.built.model, ws.built.trainable))
-    return Message(content=RecordDict({keys.ARRAYS: arrays, keys.METRICS: metrics}), reply_to=msg)
+    content = RecordDict({keys.ARRAYS: ArrayRecord(trainable_state(ws.built.model, ws.built.trainable)), keys.METRICS: metrics})
+    if aligner is not None:
+        metrics[fedalign.REG_VALUE] = aligner.mean_regulariser()
+        content[fedalign.STATS] = ArrayRecord(aligner.statistics())
+    return Message(content=content, reply_to=msg)
+
+
+def _aligner(ws: Workspace, msg: Message, seed: int) -> ClientAligner | None:
+    """FedAlign-MoE's client side, when the server sent its state (p_g, alpha)."""
+    if fedalign.STATE not in msg.content:
+        return None
+    state, config = msg.content[fedalign.STATE], msg.content[keys.CONFIG]
+    return ClientAligner(ws.built.adapter, fedalign.to_tensor(state["p_g"]), fedalign.to_tensor(state["alpha"]),
+                         float(config[fedalign.REG_LAMBDA]), float(config.get(fedalign.STATS_NOISE, 0.0)), seed)
 
 
 @app.evaluate()

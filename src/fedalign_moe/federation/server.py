@@ -56,6 +56,15 @@ def routing_by_client(replies: Iterable[Message], num_layers: int) -> dict[str, 
     return out
 
 
+def _array_bytes(content: RecordDict, key: str) -> int:
+    return sum(len(a.data) for a in content.array_records[key].values()) if key in content.array_records else 0
+
+
+def _mean_metric(replies: list[Message], key: str) -> float | None:
+    values = [float(m.content[keys.METRICS][key]) for m in replies if not m.has_error() and key in m.content[keys.METRICS]]
+    return sum(values) / len(values) if values else None
+
+
 def _weighted_local_accuracy(rows: list[dict]) -> float | None:
     n = sum(r["local_test_examples"] for r in rows)
     return sum(r["local_accuracy"] * r["local_test_examples"] for r in rows) / n if n else None
@@ -65,7 +74,7 @@ def run_federation(grid: Grid, ws: Workspace, log: RunLog,
                    on_round: Callable[[dict], None] | None = None) -> dict:
     """Run ``cfg.federation.rounds`` rounds of the configured Flower strategy; return the summary."""
     cfg: Config = ws.cfg
-    strategy = make_strategy(cfg)
+    strategy = make_strategy(cfg, ws.built.layout)
     model, names = ws.built.model, ws.built.trainable
     arrays = ArrayRecord(trainable_state(model, names))
     test = ws.global_test()
@@ -76,6 +85,7 @@ def run_federation(grid: Grid, ws: Workspace, log: RunLog,
         downlink = sum(record_bytes(m.content) for m in messages)
         replies = list(grid.send_and_receive(messages))
         uplink = sum(record_bytes(m.content) for m in replies if not m.has_error())
+        stats_uplink = sum(record_bytes(m.content) - _array_bytes(m.content, keys.ARRAYS) for m in replies if not m.has_error())
         new_arrays, _ = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
             arrays = new_arrays
@@ -86,13 +96,17 @@ def run_federation(grid: Grid, ws: Workspace, log: RunLog,
             "round": server_round, "accuracy": result["accuracy"], "loss": result["loss"],
             "local_accuracy": _weighted_local_accuracy(rows),
             "train_loss": sum(r["train_loss"] * r["num_examples"] for r in rows) / max(sum(r["num_examples"] for r in rows), 1),
-            "uplink_bytes": uplink, "downlink_bytes": downlink, "failures": len(replies) - len(rows),
+            "uplink_bytes": uplink, "downlink_bytes": downlink, "stats_uplink_bytes": stats_uplink,
+            "failures": len(replies) - len(rows),
             "seconds": round(time.perf_counter() - t0, 3), "clients": rows,
         }
         log.add_round(record)
         layers = [layer.index for layer in ws.built.layout.layers]
         log.add_jsonl("routing.jsonl", {"round": server_round, "layers": layers,
                                         "clients": routing_by_client(replies, len(layers))})
+        if hasattr(strategy, "diagnostics"):
+            log.add_jsonl("diagnostics.jsonl", {"round": server_round, "reg_loss": _mean_metric(replies, "reg-loss"),
+                                                "stats_uplink_bytes": stats_uplink, **strategy.diagnostics()})
         if on_round is not None:
             on_round(record)
     save_file({n: t.contiguous() for n, t in arrays.to_torch_state_dict().items()}, str(log.out / "global_trainable.safetensors"))

@@ -1,16 +1,19 @@
-"""Which Flower strategy a run uses. FedAvg and FedProx are Flower's own (``flwr.serverapp.strategy``)."""
+"""Which Flower strategy a run uses. FedAvg and FedProx are Flower's own (``flwr.serverapp.strategy``);
+FedAlign-MoE and its ablation rungs are ``federation.fedalign.FedAlignMoE``."""
 
 from __future__ import annotations
 
 from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 
-from ..config import Config
+from ..config import FEDALIGN_RUNGS, Config
+from ..models.base import MoELayout
 from . import keys
+from .fedalign import FedAlignMoE
 
-FEDERATED = ("fedavg", "fedprox")
+FEDERATED = ("fedavg", "fedprox", *FEDALIGN_RUNGS)
 
 
-def make_strategy(cfg: Config) -> Strategy:
+def make_strategy(cfg: Config, layout: MoELayout | None = None) -> Strategy:
     """The strategy object for ``cfg.federation.strategy`` (a federated one)."""
     n = cfg.partition.num_clients
     common = dict(
@@ -28,4 +31,8 @@ def make_strategy(cfg: Config) -> Strategy:
         return FedAvg(**common)
     if name == "fedprox":
         return FedProx(**common, proximal_mu=cfg.train.proximal_mu)
+    if name in FEDALIGN_RUNGS:
+        if layout is None:
+            raise ValueError("FedAlign-MoE needs the model's MoE layout")
+        return FedAlignMoE(layout, cfg.effective_fedalign(), **common)
     raise ValueError(f"{name!r} is not a federated strategy; federated ones: {', '.join(FEDERATED)}")

@@ -112,8 +112,12 @@ def _proximal_term(model: nn.Module, anchor: dict[str, torch.Tensor]) -> torch.T
 
 def train_local(model: nn.Module, adapter: MoEAdapter, data: ClientTensors, names: tuple[str, ...],
                 cfg: TrainConfig, seed: int, proximal_mu: float = 0.0, device: torch.device | None = None,
-                on_step: Callable[[int, float], None] | None = None) -> TrainResult:
-    """AdamW on the trainable parameters for ``local_steps`` or ``local_epochs`` over ``data``."""
+                on_step: Callable[[int, float], None] | None = None, aligner=None) -> TrainResult:
+    """AdamW on the trainable parameters for ``local_steps`` or ``local_epochs`` over ``data``.
+
+    ``aligner`` (a ``training.alignment.ClientAligner``) adds FedAlign-MoE's gate regulariser to the
+    loss and collects the routing statistics from the same forward passes.
+    """
     device = device or torch.device("cpu")
     params = dict(model.named_parameters())
     optimizer = torch.optim.AdamW([params[n] for n in names], lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -133,6 +137,11 @@ def train_local(model: nn.Module, adapter: MoEAdapter, data: ClientTensors, name
             logits_BC = model(**batch)
             loss = F.cross_entropy(logits_BC.float(), data.labels_N[idx].to(device))
             total_loss = loss + (proximal_mu / 2) * _proximal_term(model, anchor) if anchor else loss
+            if aligner is not None:
+                keep_T = batch["attention_mask_BS"].reshape(-1).bool()
+                reg = aligner.loss(rec.records, keep_T)
+                total_loss = total_loss if reg is None else total_loss + reg
+                aligner.observe(rec.records, keep_T)
             optimizer.zero_grad(set_to_none=True)
             total_loss.backward()
             optimizer.step()

@@ -1,0 +1,148 @@
+"""FedAlign-MoE's aggregation and strategy on hand-built replies, and a real Flower run."""
+
+import json
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+
+from fedalign_moe.config import FedAlignConfig, load_config
+from fedalign_moe.core.aggregate import AlignOptions, LayerNames, fedalign_aggregate
+from fedalign_moe.federation import fedalign, keys
+from fedalign_moe.models.base import MoELayerLayout, MoELayout
+
+C, E, H, I = 3, 3, 4, 5
+LAYOUT = MoELayout(E, 1, (MoELayerLayout(0, "router", ("experts.up", "experts.down")),))
+LAYERS = [LayerNames("router", ("experts.up", "experts.down"))]
+
+
+def _global():
+    g = torch.Generator().manual_seed(0)
+    return {"router": torch.randn(E, H, generator=g), "experts.up": torch.randn(E, I, H, generator=g),
+            "experts.down": torch.randn(E, H, I, generator=g), "head": torch.randn(2, H, generator=g)}
+
+
+def _stats(n_CE=None, mu_CEH=None):
+    n = n_CE if n_CE is not None else torch.full((C, E), 5.0)
+    return {"p": torch.full((C, 1, E), 1.0 / E), "n": n[:, None], "o": torch.full((C, 1, E), 0.5),
+            "m": torch.full((C, 1, E), 0.2), "mu": (mu_CEH if mu_CEH is not None else torch.ones(C, E, H))[:, None]}
+
+
+def _perturbed(base, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + scale * torch.randn(v.shape, generator=g) for k, v in base.items()}
+
+
+def test_identical_clients_give_the_fedavg_model():
+    glob = _global()
+    client = _perturbed(glob, 0.1, 1)
+    res = fedalign_aggregate(glob, [client] * C, torch.tensor([1.0, 2.0, 3.0]), _stats(), LAYERS, AlignOptions())
+    for name in glob:
+        assert torch.allclose(res.state[name], client[name], atol=1e-6), name
+    assert res.aligned_LEC.all()
+
+
+def test_fedavg_switches_reproduce_fedavg_exactly():
+    glob = _global()
+    clients = [_perturbed(glob, 0.1, s) for s in range(C)]
+    examples = torch.tensor([10.0, 30.0, 60.0])
+    res = fedalign_aggregate(glob, clients, examples, _stats(), LAYERS,
+                             AlignOptions(gate_aggregation="fedavg", adaptive_alpha=False, expert_aggregation="fedavg"))
+    for name in glob:
+        expected = sum(w * c[name] for w, c in zip([0.1, 0.3, 0.6], clients))
+        assert torch.allclose(res.state[name], expected, atol=1e-6), name
+
+
+def test_opposing_client_does_not_move_that_expert_but_others_take_its_update():
+    glob = _global()
+    direction = {k: torch.ones_like(v) for k, v in glob.items()}
+    clients = [{k: glob[k] + 0.1 * direction[k] for k in glob} for _ in range(C)]
+    clients[1] = {k: v + 0.01 * torch.randn(v.shape) for k, v in clients[1].items()}
+    mu = torch.ones(C, E, H)
+    # client 2's copy of expert 0 plays the opposite role and moves the opposite way
+    mu[2, 0] = -1.0
+    for name in ("experts.up", "experts.down"):
+        clients[2][name][0] = glob[name][0] - 0.1
+    res = fedalign_aggregate(glob, clients, torch.ones(C), _stats(mu_CEH=mu), LAYERS, AlignOptions(consistency_floor=0.5))
+    assert res.aligned_LEC[0, 0].tolist() == [True, True, False]
+    for name in ("experts.up", "experts.down"):
+        # expert 0 moved only by clients 0 and 1 (equal token counts)
+        assert torch.allclose(res.state[name][0], (clients[0][name][0] + clients[1][name][0]) / 2, atol=1e-6)
+        # experts 1 and 2 still take client 2's update
+        assert res.aligned_LEC[0, 1:].all()
+        assert torch.allclose(res.state[name][1], sum(c[name][1] for c in clients) / 3, atol=1e-6)
+
+
+def test_without_a_floor_mean_minus_std_drops_an_agreeing_client_by_noise():
+    """The spec's rule alone: when all clients agree, the least consistent one still falls below tau."""
+    glob = _global()
+    clients = [{k: v + 0.1 for k, v in glob.items()} for _ in range(C)]
+    clients[1] = {k: v + 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(0)) for k, v in clients[1].items()}
+    spec_only = fedalign_aggregate(glob, clients, torch.ones(C), _stats(), LAYERS, AlignOptions())
+    assert not spec_only.aligned_LEC[0, :, 1].any()
+    with_floor = fedalign_aggregate(glob, clients, torch.ones(C), _stats(), LAYERS, AlignOptions(consistency_floor=0.5))
+    assert with_floor.aligned_LEC.all()
+
+
+def test_expert_that_no_client_routed_to_is_unchanged():
+    glob = _global()
+    clients = [_perturbed(glob, 0.1, s) for s in range(C)]
+    n = torch.full((C, E), 5.0)
+    n[:, 2] = 0
+    res = fedalign_aggregate(glob, clients, torch.ones(C), _stats(n_CE=n), LAYERS, AlignOptions())
+    for name in ("experts.up", "experts.down"):
+        assert torch.equal(res.state[name][2], glob[name][2])
+        assert not torch.equal(res.state[name][0], glob[name][0])
+
+
+def _reply(state, stats_LE, pid, n=10):
+    meta = Metadata(run_id=1, message_id=f"m{pid}", src_node_id=pid + 1, dst_node_id=0, reply_to_message_id="x",
+                    group_id="1", created_at=0.0, ttl=60.0, message_type="train")
+    metrics = MetricRecord({keys.NUM_EXAMPLES: n, keys.PARTITION_ID: pid})
+    return Message(content=RecordDict({keys.ARRAYS: ArrayRecord(state), keys.METRICS: metrics,
+                                       fedalign.STATS: ArrayRecord(stats_LE)}), metadata=meta)
+
+
+def test_strategy_matches_flower_fedavg_on_identical_clients_and_checks_replies():
+    glob = _global()
+    client = _perturbed(glob, 0.1, 3)
+    stats = {k: v[0] for k, v in _stats().items()}
+    strategy = fedalign.FedAlignMoE(LAYOUT, FedAlignConfig(reg_lambda=0.0))
+    strategy.global_state = glob
+    replies = [_reply(client, stats, pid) for pid in range(C)]
+    ours, _ = strategy.aggregate_train(1, replies)
+    plain = [Message(content=RecordDict({keys.ARRAYS: ArrayRecord(client), keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 10})}),
+                     metadata=r.metadata) for r in replies]
+    theirs, _ = FedAvg().aggregate_train(1, plain)
+    for name, value in theirs.to_torch_state_dict().items():
+        assert torch.allclose(ours.to_torch_state_dict()[name], value, atol=1e-6)
+    diag = strategy.diagnostics()
+    assert diag["clients"] == [0, 1, 2] and len(diag["aligned"][0]) == E
+    bad = _reply(client, {"p": torch.ones(2, 2)}, 0)
+    with pytest.raises(fedalign.ReplyError):
+        strategy.aggregate_train(2, [bad])
+
+
+def test_ablation_rungs_switch_components():
+    cfg = load_config("tiny", overrides={"federation": {"strategy": "fedalign-uniform"}})
+    eff = cfg.effective_fedalign()
+    assert eff.gate_aggregation == "uniform" and not eff.adaptive_alpha and eff.expert_aggregation == "fedavg"
+    full = load_config("tiny", overrides={"federation": {"strategy": "fedalign"}, "fedalign": {"beta": 2.0}}).effective_fedalign()
+    assert full.expert_aggregation == "semantic" and full.adaptive_alpha and full.beta == 2.0
+
+
+def test_fedalign_through_flower_end_to_end(tmp_path):
+    from fedalign_moe.experiment import run_experiment
+
+    cfg = load_config("tiny", overrides={"out_dir": str(tmp_path), "federation": {"strategy": "fedalign"}})
+    summary = run_experiment(cfg)
+    assert summary["strategy"] == "fedalign" and len(summary["accuracy_per_round"]) == 2
+    diags = [json.loads(l) for l in (tmp_path / "diagnostics.jsonl").read_text().splitlines()]
+    assert [d["round"] for d in diags] == [1, 2]
+    for d in diags:
+        assert sorted(d["clients"]) == [0, 1, 2]
+        assert len(d["p_g"]) == 2 and abs(sum(d["p_g"][0]) - 1) < 1e-5
+        assert d["stats_uplink_bytes"] > 0 and d["reg_loss"] is not None and d["reg_loss"] >= 0
+    rounds = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["stats_uplink_bytes"] == d["stats_uplink_bytes"] for r, d in zip(rounds, diags))
