@@ -22,7 +22,7 @@ FEDALIGN_RUNGS = {
     "fedalign-adaptive": dict(gate_aggregation="consistency", gate_regulariser=True, adaptive_alpha=True, expert_aggregation="fedavg"),
     "fedalign": {},  # the full method: the FedAlignConfig defaults, or whatever the user set
 }
-STRATEGIES = ("fedavg", "fedprox", "local", "centralised", *FEDALIGN_RUNGS)
+STRATEGIES = ("fedavg", "fedprox", "fedmoe", "local", "centralised", *FEDALIGN_RUNGS)
 FAMILY_BACKBONES = ("tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-olmoe")
 
 
@@ -95,6 +95,7 @@ class FederationConfig(_Section):
     fraction_train: float = Field(1.0, gt=0, le=1)
     client_cpus: float = Field(1.0, gt=0)  # simulation: CPU cores reserved per client actor
     client_gpus: float = Field(0.0, ge=0)
+    fedmoe_coverage: float = Field(0.9, gt=0, le=1)  # FedMoE: share of selections a sub-MoE covers [ours]
 
     @field_validator("strategy")
     @classmethod

@@ -9,8 +9,9 @@ from ..config import FEDALIGN_RUNGS, Config
 from ..models.base import MoELayout
 from . import keys
 from .fedalign import FedAlignMoE
+from .fedmoe import FedMoE
 
-FEDERATED = ("fedavg", "fedprox", *FEDALIGN_RUNGS)
+FEDERATED = ("fedavg", "fedprox", "fedmoe", *FEDALIGN_RUNGS)
 
 
 def make_strategy(cfg: Config, layout: MoELayout | None = None) -> Strategy:
@@ -31,8 +32,10 @@ def make_strategy(cfg: Config, layout: MoELayout | None = None) -> Strategy:
         return FedAvg(**common)
     if name == "fedprox":
         return FedProx(**common, proximal_mu=cfg.train.proximal_mu)
+    if layout is None:
+        raise ValueError(f"{name} needs the model's MoE layout")
+    if name == "fedmoe":
+        return FedMoE(layout, cfg.federation.fedmoe_coverage, **common)
     if name in FEDALIGN_RUNGS:
-        if layout is None:
-            raise ValueError("FedAlign-MoE needs the model's MoE layout")
         return FedAlignMoE(layout, cfg.effective_fedalign(), **common)
     raise ValueError(f"{name!r} is not a federated strategy; federated ones: {', '.join(FEDERATED)}")

@@ -1,0 +1,55 @@
+"""The FedMoE baseline's aggregation (Mei et al. 2024, arXiv 2408.11304), as far as its public text allows.
+
+FedMoE gives each client a sub-MoE chosen from its expert activation pattern and aggregates module by
+module: an expert is averaged over the clients whose sub-MoE holds it. What is implemented here:
+- sub-MoE of client i in layer l: the fewest experts that cover ``coverage`` of its top-k selections
+  in the round (at least k), from the routed-token counts n_i(e) of its training passes;
+- expert e = average over the clients whose sub-MoE holds e, weighted by the tokens they routed to
+  e; held by nobody: unchanged; router row e: the same weights; other parameters: FedAvg.
+Approximated: FedMoE's clients train only their sub-MoE (saving memory); here every client trains the
+full model and the sub-MoE decides what the server takes from it. The "global expert recommendation"
+that adjusts sub-MoEs over rounds is the per-round re-selection from fresh activation counts.
+Shapes: C clients, L MoE layers, E experts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .aggregate import LayerNames, fedavg_tensor
+
+
+def sub_moe(n_E: torch.Tensor, coverage: float, top_k: int) -> torch.Tensor:
+    """Boolean [E]: the most-used experts covering ``coverage`` of the selections (at least ``top_k``)."""
+    total = float(n_E.sum())
+    if total <= 0:
+        return torch.zeros_like(n_E, dtype=torch.bool)
+    order = torch.argsort(n_E, descending=True)
+    share = torch.cumsum(n_E[order], 0) / total
+    keep = int(torch.searchsorted(share, torch.tensor(coverage, dtype=share.dtype)).item()) + 1
+    keep = min(max(keep, top_k), n_E.numel())
+    mask = torch.zeros_like(n_E, dtype=torch.bool)
+    mask[order[:keep]] = True
+    return mask
+
+
+def fedmoe_aggregate(global_state: dict[str, torch.Tensor], client_states: list[dict[str, torch.Tensor]],
+                     examples_C: torch.Tensor, n_CLE: torch.Tensor, layers: list[LayerNames], coverage: float,
+                     top_k: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """New global state and the sub-MoE masks [C, L, E] that decided it."""
+    C, L, E = n_CLE.shape
+    held_CLE = torch.stack([torch.stack([sub_moe(n_CLE[c, l], coverage, top_k) for l in range(L)]) for c in range(C)])
+    moe_names = {n for layer in layers for n in (layer.router, *layer.experts)}
+    fedavg_C = examples_C.double() / examples_C.sum()
+    state = {n: (t.clone() if n in moe_names else fedavg_tensor([cs[n] for cs in client_states], fedavg_C))
+             for n, t in global_state.items()}
+    for l, layer in enumerate(layers):
+        mass_CE = torch.where(held_CLE[:, l], n_CLE[:, l].double(), torch.zeros(C, E, dtype=torch.float64))
+        for name in (layer.router, *layer.experts):
+            if name not in global_state:
+                continue  # frozen: does not travel
+            for e in range(E):
+                if mass_CE[:, e].sum() > 0:
+                    w_C = mass_CE[:, e] / mass_CE[:, e].sum()
+                    state[name][e] = fedavg_tensor([cs[name][e] for cs in client_states], w_C)
+    return state, held_CLE

@@ -1,0 +1,68 @@
+"""The FedMoE baseline as a Flower strategy.
+
+Paper: Mei, Cai, Zhou, Wang, Xu, "FedMoE: Personalized Federated Learning via Heterogeneous Mixture
+of Experts", arXiv 2408.11304 (2024). What is implemented and what is approximated: ``core.fedmoe``
+and docs/baselines.md. Glue only: the clients' routed-token counts (``routing-n``, sent by every
+client) choose each client's sub-MoE; ``core.fedmoe.fedmoe_aggregate`` does the arithmetic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from ..core.aggregate import LayerNames
+from ..core.fedmoe import fedmoe_aggregate
+from ..models.base import MoELayout
+from . import keys
+
+
+class FedMoE(FedAvg):
+    """Module-wise aggregation over activation-chosen sub-MoEs.
+
+    Parameters
+    ----------
+    layout : MoELayout
+        Names of every router and stacked expert tensor.
+    coverage : float
+        Share of a client's top-k selections its sub-MoE must cover.
+    **fedavg_kwargs
+        Passed to ``FedAvg``.
+    """
+
+    def __init__(self, layout: MoELayout, coverage: float = 0.9, **fedavg_kwargs):
+        super().__init__(**fedavg_kwargs)
+        self.layout, self.coverage = layout, coverage
+        self.global_state: dict[str, torch.Tensor] = {}
+        self.held_CLE: torch.Tensor | None = None
+        self.last_partition_ids: list[int] = []
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self.global_state = arrays.to_torch_state_dict()
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        if not valid:
+            return None, None
+        contents = [m.content for m in valid]
+        L, E = len(self.layout.layers), self.layout.num_experts
+        n_CLE = torch.tensor([list(c[keys.METRICS][keys.ROUTING_N]) for c in contents], dtype=torch.float64).reshape(-1, L, E)
+        examples_C = torch.tensor([float(c[keys.METRICS][keys.NUM_EXAMPLES]) for c in contents])
+        layers = [LayerNames(l.router, l.experts) for l in self.layout.layers]
+        state, self.held_CLE = fedmoe_aggregate(self.global_state, [c[self.arrayrecord_key].to_torch_state_dict() for c in contents],
+                                                examples_C, n_CLE, layers, self.coverage, self.layout.top_k)
+        self.last_partition_ids = [int(c[keys.METRICS][keys.PARTITION_ID]) for c in contents]
+        return ArrayRecord(state), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+
+    def diagnostics(self) -> dict:
+        """Each client's sub-MoE (expert indices per layer) in the last round."""
+        if self.held_CLE is None:
+            return {}
+        subs = {str(pid): [torch.nonzero(self.held_CLE[c, l]).flatten().tolist() for l in range(self.held_CLE.shape[1])]
+                for c, pid in enumerate(self.last_partition_ids)}
+        return {"clients": self.last_partition_ids, "sub_moe": subs}
