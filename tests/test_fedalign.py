@@ -146,3 +146,5 @@ def test_fedalign_through_flower_end_to_end(tmp_path):
         assert d["stats_uplink_bytes"] > 0 and d["reg_loss"] is not None and d["reg_loss"] >= 0
     rounds = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(r["stats_uplink_bytes"] == d["stats_uplink_bytes"] for r, d in zip(rounds, diags))
+    for png in ("fedalign_omega.png", "fedalign_aligned.png", "fedalign_p_g.png", "fedalign_gamma.png"):
+        assert (tmp_path / png).stat().st_size > 1000, png

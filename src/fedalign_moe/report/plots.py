@@ -12,6 +12,8 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
+from .diagnostics import draw_fedalign
+
 
 def read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
@@ -95,4 +97,5 @@ def draw_run(run_dir: str | Path) -> list[Path]:
         last = routing[-1]
         written.append(plot_routing(last["clients"], out / "routing.png",
                                     f"Mean router probability per client, round {last['round']}\n({label})", last.get("layers")))
+    written += draw_fedalign(read_jsonl(out / "diagnostics.jsonl"), out)
     return written
