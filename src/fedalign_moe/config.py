@@ -95,6 +95,7 @@ class FederationConfig(_Section):
     fraction_train: float = Field(1.0, gt=0, le=1)
     client_cpus: float = Field(1.0, gt=0)  # simulation: CPU cores reserved per client actor
     client_gpus: float = Field(0.0, ge=0)
+    round_timeout: float | None = Field(None, gt=0)  # seconds to wait for replies; missing ones count as failures
     fedmoe_coverage: float = Field(0.9, gt=0, le=1)  # FedMoE: share of selections a sub-MoE covers [ours]
 
     @field_validator("strategy")

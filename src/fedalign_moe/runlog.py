@@ -15,6 +15,7 @@ import numpy as np
 from .config import Config
 
 ROUND_KEYS = ("round", "accuracy", "loss", "uplink_bytes", "downlink_bytes", "seconds")
+RUN_FILES = ("metrics.jsonl", "routing.jsonl", "diagnostics.jsonl", "summary.json")  # a new run starts them afresh
 
 
 class RunLog:
@@ -25,6 +26,8 @@ class RunLog:
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.json").write_text(cfg.model_dump_json(indent=2))
+        for name in RUN_FILES:
+            (self.out / name).unlink(missing_ok=True)
         self.metrics_path = self.out / "metrics.jsonl"
         self.metrics_path.write_text("")
         self.rounds: list[dict] = []

@@ -83,7 +83,7 @@ def run_federation(grid: Grid, ws: Workspace, log: RunLog,
         config = ConfigRecord({keys.RUN_CONFIG: cfg.to_json()})
         messages = list(strategy.configure_train(server_round, arrays, config, grid))
         downlink = sum(record_bytes(m.content) for m in messages)
-        replies = list(grid.send_and_receive(messages))
+        replies = list(grid.send_and_receive(messages, timeout=cfg.federation.round_timeout))
         uplink = sum(record_bytes(m.content) for m in replies if not m.has_error())
         stats_uplink = sum(record_bytes(m.content) - _array_bytes(m.content, keys.ARRAYS) for m in replies if not m.has_error())
         new_arrays, _ = strategy.aggregate_train(server_round, replies)
@@ -97,7 +97,7 @@ def run_federation(grid: Grid, ws: Workspace, log: RunLog,
             "local_accuracy": _weighted_local_accuracy(rows),
             "train_loss": sum(r["train_loss"] * r["num_examples"] for r in rows) / max(sum(r["num_examples"] for r in rows), 1),
             "uplink_bytes": uplink, "downlink_bytes": downlink, "stats_uplink_bytes": stats_uplink,
-            "failures": len(replies) - len(rows),
+            "failures": len(messages) - len(rows),
             "seconds": round(time.perf_counter() - t0, 3), "clients": rows,
         }
         log.add_round(record)
@@ -117,7 +117,7 @@ def _final_evaluation(grid: Grid, strategy, arrays: ArrayRecord, cfg: Config, lo
     """The final global model on every client's own test split; then the summary."""
     config = ConfigRecord({keys.RUN_CONFIG: cfg.to_json()})
     messages = list(strategy.configure_evaluate(cfg.federation.rounds, arrays, config, grid))
-    replies = [m for m in grid.send_and_receive(messages) if not m.has_error()]
+    replies = [m for m in grid.send_and_receive(messages, timeout=cfg.federation.round_timeout) if not m.has_error()]
     per_client = {
         str(int(m.content[keys.METRICS][keys.PARTITION_ID])): float(m.content[keys.METRICS][keys.EVAL_ACCURACY])
         for m in replies

@@ -12,7 +12,10 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+from logging import INFO
+
 from flwr.app import Context
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from ..config import Config, load_config, parse_overrides
@@ -35,10 +38,16 @@ def _main(grid: Grid, cfg: Config, on_round: Callable[[dict], None] | None, hold
 app = ServerApp()
 
 
+def log_round(record: dict) -> None:
+    """One line a round in the ServerApp's log (what ``flwr log`` streams)."""
+    log(INFO, "round %d: accuracy %.4f, loss %.4f, %d clients, %d failures, %.1fs", record["round"],
+        record["accuracy"], record["loss"], len(record.get("clients", [])), record.get("failures", 0), record["seconds"])
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run`` and deployments."""
-    _main(grid, config_from_run_config(dict(context.run_config)), None, {})
+    _main(grid, config_from_run_config(dict(context.run_config)), log_round, {})
 
 
 def make_server_app(cfg: Config, on_round: Callable[[dict], None] | None, holder: dict) -> ServerApp:
