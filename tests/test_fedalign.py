@@ -148,3 +148,35 @@ def test_fedalign_through_flower_end_to_end(tmp_path):
     assert all(r["stats_uplink_bytes"] == d["stats_uplink_bytes"] for r, d in zip(rounds, diags))
     for png in ("fedalign_omega.png", "fedalign_aligned.png", "fedalign_p_g.png", "fedalign_gamma.png"):
         assert (tmp_path / png).stat().st_size > 1000, png
+
+
+def test_client_aligner_statistics_and_their_noise():
+    from fedalign_moe.config import ModelConfig
+    from fedalign_moe.models.build import build_model
+    from fedalign_moe.training.alignment import ClientAligner
+
+    built = build_model(ModelConfig(backbone="tiny-mixtral"), ["a", "b"], "classification", 0)
+    ids = torch.randint(5, 500, (4, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    L, E = 2, 4
+    clean = ClientAligner(built.adapter, torch.full((L, E), 0.25), torch.ones(L, E), 0.1)
+    noisy = ClientAligner(built.adapter, torch.full((L, E), 0.25), torch.ones(L, E), 0.1, stats_noise_sigma=0.5, seed=1)
+    with built.adapter.recorder() as rec:
+        built.model(ids, mask)
+    keep = mask.reshape(-1).bool()
+    for aligner in (clean, noisy):
+        aligner.observe(rec.records, keep)
+    a, b = clean.statistics(), noisy.statistics()
+    assert a["n"].sum(-1).tolist() == [48.0, 48.0]  # 24 tokens x top-2 per layer
+    assert torch.allclose(a["p"].sum(-1), torch.ones(L)) and torch.allclose(b["p"].sum(-1), torch.ones(L))
+    assert not torch.allclose(a["mu"], b["mu"]) and not torch.allclose(a["p"], b["p"])
+    for key in ("o", "m"):
+        assert b[key].min() >= 0 and b[key].max() <= 1
+    assert b["n"].min() >= 0 and torch.equal(b["n"], b["n"].round())
+    # a second forward through the loss adds lambda * regulariser with gradient to the routers only
+    with built.adapter.recorder() as rec:
+        built.model(ids, mask)
+    reg = clean.loss(rec.records, keep)
+    reg.backward()
+    assert built.adapter.router_weight(0).grad is not None
+    assert all(p.grad is None for n, p in built.model.named_parameters() if "experts" in n)
