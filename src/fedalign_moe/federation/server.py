@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from ..config import Config
 from ..runlog import RunLog
-from ..training.local import evaluate, load_state, trainable_state
+from ..training.local import evaluate, load_state, release_memory, trainable_state
 from ..training.setup import Workspace
 from . import keys
 from .strategies import make_strategy
@@ -90,6 +90,7 @@ def run_federation(grid: Grid, ws: Workspace, log: RunLog,
         if new_arrays is not None:
             arrays = new_arrays
         load_state(model, arrays.to_torch_state_dict())
+        release_memory()
         result = evaluate(model, test, cfg.train.eval_batch_size, ws.device)
         rows = client_rows(replies)
         record = {

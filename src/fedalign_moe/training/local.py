@@ -5,6 +5,8 @@ Shape legend: N examples, B batch, S sequence, H hidden, L MoE layers, E experts
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -50,6 +52,20 @@ def cache_prefix(model: nn.Module, data: ClientTensors, batch_size: int, device:
         idx = torch.arange(start, min(start + batch_size, len(data)))
         chunks.append(model.encode_prefix(data.input_ids_NS[idx].to(device), data.attention_mask_NS[idx].to(device)).cpu())
     return ClientTensors(data.input_ids_NS, data.attention_mask_NS, data.labels_N, torch.cat(chunks))
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Each round allocates and frees optimiser states and parameter copies of tens of MB; glibc keeps
+    the freed pages and fragments, and a client process grew by ~0.5 GB a round without this
+    (benchmarks/memory_growth.py measures it).
+    """
+    name = ctypes.util.find_library("c")
+    if name:
+        libc = ctypes.CDLL(name)
+        if hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
 
 
 def trainable_state(model: nn.Module, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -149,6 +165,8 @@ def train_local(model: nn.Module, adapter: MoEAdapter, data: ClientTensors, name
             loss_sum, seen, step = loss_sum + float(loss.detach()) * len(idx), seen + len(idx), step + 1
             if on_step is not None:
                 on_step(step, float(loss.detach()))
+    del optimizer, anchor
+    release_memory()
     return TrainResult(loss=loss_sum / max(seen, 1), num_examples=len(data), steps=step, routing=tally)
 
 
