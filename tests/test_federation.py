@@ -87,3 +87,10 @@ def test_flower_simulation_end_to_end(tmp_path):
     ws = open_workspace(cfg)
     load_state(ws.built.model, load_file(out / "global_trainable.safetensors"))
     assert evaluate(ws.built.model, ws.global_test(), 64)["accuracy"] == pytest.approx(summary["final_accuracy"])
+
+
+def test_replies_are_aggregated_in_partition_order():
+    from fedalign_moe.federation.server import _reply_order
+
+    replies = [_reply({"w": torch.zeros(1)}, 1, pid) for pid in (2, 0, 1)]
+    assert [int(m.content[keys.METRICS][keys.PARTITION_ID]) for m in sorted(replies, key=_reply_order)] == [0, 1, 2]

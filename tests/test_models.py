@@ -117,3 +117,21 @@ def test_top1_router_still_learns():
     ids, mask = _batch(vocab=20000)
     built.model(ids, mask).sum().backward()
     assert built.adapter.router_weight(0).grad.abs().sum() > 0
+
+
+def test_local_training_is_reproducible_whatever_ran_before():
+    """Dropout draws from torch's global generator; train_local seeds it, so history does not matter."""
+    from fedalign_moe.config import TrainConfig
+    from fedalign_moe.training.local import ClientTensors, load_state, train_local, trainable_state
+
+    built = build_model(ModelConfig(backbone="minilm", moe_layers=(5,)), ["a", "b"], "classification", 0)
+    ids, mask = _batch(vocab=20000)
+    data = ClientTensors(ids, mask, torch.tensor([0, 1, 0]))
+    start = trainable_state(built.model, built.trainable)
+    results = []
+    for burn in (0, 1000):
+        torch.rand(burn)  # another client's work in the same process
+        load_state(built.model, start)
+        train_local(built.model, built.adapter, data, built.trainable, TrainConfig(batch_size=2), seed=7)
+        results.append(trainable_state(built.model, built.trainable))
+    assert all(torch.equal(results[0][n], results[1][n]) for n in built.trainable)

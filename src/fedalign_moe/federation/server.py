@@ -56,6 +56,13 @@ def routing_by_client(replies: Iterable[Message], num_layers: int) -> dict[str, 
     return out
 
 
+def _reply_order(msg: Message) -> tuple[int, int]:
+    """Aggregate in partition order, not arrival order, so a seeded run gives the same floats every time."""
+    if msg.has_error():
+        return (1, 0)
+    return (0, int(msg.content[keys.METRICS][keys.PARTITION_ID]))
+
+
 def _array_bytes(content: RecordDict, key: str) -> int:
     return sum(len(a.data) for a in content.array_records[key].values()) if key in content.array_records else 0
 
@@ -83,7 +90,7 @@ def run_federation(grid: Grid, ws: Workspace, log: RunLog,
         config = ConfigRecord({keys.RUN_CONFIG: cfg.to_json()})
         messages = list(strategy.configure_train(server_round, arrays, config, grid))
         downlink = sum(record_bytes(m.content) for m in messages)
-        replies = list(grid.send_and_receive(messages, timeout=cfg.federation.round_timeout))
+        replies = sorted(grid.send_and_receive(messages, timeout=cfg.federation.round_timeout), key=_reply_order)
         uplink = sum(record_bytes(m.content) for m in replies if not m.has_error())
         stats_uplink = sum(record_bytes(m.content) - _array_bytes(m.content, keys.ARRAYS) for m in replies if not m.has_error())
         new_arrays, _ = strategy.aggregate_train(server_round, replies)

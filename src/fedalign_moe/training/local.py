@@ -139,6 +139,7 @@ def train_local(model: nn.Module, adapter: MoEAdapter, data: ClientTensors, name
     optimizer = torch.optim.AdamW([params[n] for n in names], lr=cfg.lr, weight_decay=cfg.weight_decay)
     anchor = {n: params[n].detach().clone() for n in names} if proximal_mu > 0 else None
     gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout draws from the global generator: same seed, same masks, whatever ran before
     steps_per_epoch = -(-len(data) // cfg.batch_size)
     total = cfg.local_steps if cfg.local_steps is not None else cfg.local_epochs * steps_per_epoch
     tally = RoutingTally.empty(len(adapter.layout.layers), adapter.num_experts)
