@@ -135,3 +135,36 @@ def test_local_training_is_reproducible_whatever_ran_before():
         train_local(built.model, built.adapter, data, built.trainable, TrainConfig(batch_size=2), seed=7)
         results.append(trainable_state(built.model, built.trainable))
     assert all(torch.equal(results[0][n], results[1][n]) for n in built.trainable)
+
+
+def test_prefix_disk_cache_matches_fresh_and_keys_on_the_frozen_weights(tmp_path):
+    """The on-disk prefix cache returns what encode_prefix computes, and never serves other weights."""
+    from datasets import Dataset
+
+    from fedalign_moe.config import Config
+    from fedalign_moe.training.setup import to_tensors
+
+    cfg = Config.model_validate({"data": {"max_length": 12}, "model": {"backbone": "minilm", "num_experts": 4, "top_k": 1,
+                                                                     "moe_layers": [5], "prefix_cache_dir": str(tmp_path)}})
+    built = build_model(cfg.model, ["a", "b"], "classification", 0)
+    ds = Dataset.from_dict({"text": ["the cat sat", "a longer sentence about physics and atoms"], "label": [0, 1]})
+    fp = built.model.prefix_fingerprint()
+    cpu = torch.device("cpu")
+    first = to_tensors(built, ds, cfg, cpu, fp)
+    (cached_file,) = tmp_path.glob("*.pt")
+    again = to_tensors(built, ds, cfg, cpu, fp)  # served from disk
+    fresh = built.model.encode_prefix(first.input_ids_NS, first.attention_mask_NS)
+    assert torch.equal(again.prefix_hidden_NSH, fresh) and torch.equal(first.prefix_hidden_NSH, fresh)
+    original = built.model.embeddings.word_embeddings.weight.detach().clone()
+    with torch.no_grad():
+        built.model.embeddings.word_embeddings.weight.mul_(1.5)  # other frozen weights
+    fp2 = built.model.prefix_fingerprint()
+    assert fp2 != fp
+    other = to_tensors(built, ds, cfg, cpu, fp2)
+    assert len(list(tmp_path.glob("*.pt"))) == 2
+    assert not torch.allclose(other.prefix_hidden_NSH, fresh)
+    cached_file.write_bytes(b"truncated")  # a broken file is recomputed, not trusted
+    with torch.no_grad():
+        built.model.embeddings.word_embeddings.weight.copy_(original)
+    assert torch.equal(to_tensors(built, ds, cfg, cpu, fp).prefix_hidden_NSH, fresh)
+    assert cached_file.stat().st_size > 100  # rewritten

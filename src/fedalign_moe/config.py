@@ -69,6 +69,8 @@ class ModelConfig(_Section):
     lora_rank: int = Field(8, ge=1)
     lora_alpha: float = Field(16.0, gt=0)
     cache_frozen_prefix: bool = True  # encoder: cache outputs of the frozen layers below the MoE
+    # ...and keep them on disk, keyed by the frozen weights and the token ids (None: memory only)
+    prefix_cache_dir: str | None = "~/.cache/fedalign-moe/prefix"
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @model_validator(mode="after")

@@ -7,8 +7,11 @@ nothing has to be shipped between processes but the config.
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -61,10 +64,35 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def to_tensors(built: BuiltModel, ds, cfg: Config, device: torch.device) -> ClientTensors:
-    """Tokenise a split and, for encoders with a frozen bottom, cache the frozen layers' output."""
+def to_tensors(built: BuiltModel, ds, cfg: Config, device: torch.device, fingerprint: str | None = None) -> ClientTensors:
+    """Tokenise a split and, for encoders with a frozen bottom, cache the frozen layers' output.
+
+    With ``model.prefix_cache_dir`` set and a ``fingerprint`` of the frozen weights, the cached
+    output is also kept on disk under a key of (fingerprint, device, batch size, token ids, mask):
+    every run, seed and strategy over the same examples then computes it once.
+    """
     data = tokenize(built.tokenizer, list(ds["text"]), list(ds["label"]), cfg.data.max_length)
-    return cache_prefix(built.model, data, cfg.train.eval_batch_size, device)
+    cache_dir = cfg.model.prefix_cache_dir
+    if getattr(built.model, "frozen_prefix", 0) == 0 or len(data) == 0 or cache_dir is None or fingerprint is None:
+        return cache_prefix(built.model, data, cfg.train.eval_batch_size, device)
+    digest = hashlib.sha256(f"{fingerprint}/{device.type}/{cfg.train.eval_batch_size}".encode())
+    for t in (data.input_ids_NS, data.attention_mask_NS):
+        digest.update(str(tuple(t.shape)).encode())
+        digest.update(t.contiguous().numpy().tobytes())
+    path = Path(cache_dir).expanduser() / f"{digest.hexdigest()}.pt"
+    if path.exists():
+        try:
+            prefix_NSH = torch.load(path, weights_only=True)
+            if prefix_NSH.shape[:2] == data.input_ids_NS.shape:
+                return ClientTensors(data.input_ids_NS, data.attention_mask_NS, data.labels_N, prefix_NSH)
+        except Exception:  # noqa: BLE001 - torch.load raises many types on a damaged file
+            pass  # unreadable or partial file: recompute and overwrite
+    data = cache_prefix(built.model, data, cfg.train.eval_batch_size, device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    torch.save(data.prefix_hidden_NSH, tmp)
+    os.replace(tmp, path)  # atomic: concurrent client processes never see a half-written file
+    return data
 
 
 @dataclass(eq=False)  # hashed by identity: the caches below key on it
@@ -75,6 +103,12 @@ class Workspace:
     data: FederatedData
     built: BuiltModel
     device: torch.device
+
+    @cached_property
+    def prefix_fingerprint(self) -> str | None:
+        """Fingerprint of the model's frozen bottom (None when nothing is cached)."""
+        model = self.built.model
+        return model.prefix_fingerprint() if getattr(model, "frozen_prefix", 0) else None
 
     def client(self, partition_id: int) -> tuple[ClientTensors, ClientTensors]:
         return _client_tensors(self, partition_id)
@@ -96,13 +130,13 @@ def open_workspace(cfg: Config, client_process: bool = False) -> Workspace:
 
 @lru_cache(maxsize=16)
 def _client_tensors(ws: Workspace, partition_id: int) -> tuple[ClientTensors, ClientTensors]:
-    return (to_tensors(ws.built, ws.data.client_train[partition_id], ws.cfg, ws.device),
-            to_tensors(ws.built, ws.data.client_test[partition_id], ws.cfg, ws.device))
+    return (to_tensors(ws.built, ws.data.client_train[partition_id], ws.cfg, ws.device, ws.prefix_fingerprint),
+            to_tensors(ws.built, ws.data.client_test[partition_id], ws.cfg, ws.device, ws.prefix_fingerprint))
 
 
 @lru_cache(maxsize=2)
 def _global_test(ws: Workspace) -> ClientTensors:
-    return to_tensors(ws.built, ws.data.global_test, ws.cfg, ws.device)
+    return to_tensors(ws.built, ws.data.global_test, ws.cfg, ws.device, ws.prefix_fingerprint)
 
 
 @lru_cache(maxsize=2)
