@@ -147,14 +147,23 @@ def compare(
 
 
 @app.command()
-def report(run_dir: Annotated[Path, typer.Argument(help="a run directory (with metrics.jsonl)")]) -> None:
-    """Redraw the plots of a finished run."""
+def report(run_dir: Annotated[Path, typer.Argument(help="a run directory, or a comparison directory")]) -> None:
+    """Redraw the plots of a finished run, or the tables and figures of a comparison (finished runs so far)."""
+    from .report.evidence import collect_summaries, write_evidence
     from .report.plots import draw_run
+    from .report.tables import draw_comparison, write_results_table
 
-    if not (run_dir / "metrics.jsonl").exists():
-        _fail(f"{run_dir} is not a run directory (no metrics.jsonl)")
-    for path in draw_run(run_dir):
-        console.print(str(path), markup=False)
+    if (run_dir / "metrics.jsonl").exists():
+        for path in draw_run(run_dir):
+            console.print(str(path), markup=False)
+        return
+    summaries = collect_summaries(run_dir)
+    if not summaries:
+        _fail(f"{run_dir} is neither a run directory (no metrics.jsonl) nor a comparison (no */summary.json)")
+    write_results_table(summaries, run_dir / "results.md")
+    draw_comparison(summaries, run_dir)
+    path = write_evidence(run_dir, summaries)
+    console.print(path.read_text(), markup=False)
 
 
 @app.command()

@@ -8,14 +8,25 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+# No "best round" column: picking the best round on the test split would be tuning on it.
 COLUMNS = (
     ("final_accuracy", "global acc (final)"),
     ("last5_accuracy", "global acc (last 5)"),
-    ("best_accuracy", "global acc (best)"),
     ("final_local_accuracy", "client acc, own test (final)"),
+    ("last5_local_accuracy", "client acc, own test (last 5)"),
     ("uplink_bytes_total", "uplink MB"),
     ("wall_seconds", "wall s"),
 )
+
+
+STRATEGY_ORDER = ("centralised", "local", "fedavg", "fedprox", "fedmoe", "fedalign-uniform", "fedalign-consistency",
+                  "fedalign-adaptive", "fedalign")  # floor and ceiling first, then the ablation ladder upwards
+
+
+def cell_order(key: tuple[float, str]) -> tuple:
+    """Sort key of an (alpha, strategy) cell: alpha descending, then ``STRATEGY_ORDER``."""
+    order = {name: i for i, name in enumerate(STRATEGY_ORDER)}
+    return (-key[0], order.get(key[1], len(order)), key[1])
 
 
 def _cells(summaries: list[dict]) -> dict[tuple[float, str], list[dict]]:
@@ -38,7 +49,7 @@ def results_table(summaries: list[dict]) -> str:
     """Markdown table, one row per (alpha, strategy), mean ± sample std over seeds."""
     head = "| alpha | strategy | seeds | " + " | ".join(name for _, name in COLUMNS) + " |"
     lines = [head, "|" + "---|" * (3 + len(COLUMNS))]
-    for (alpha, strategy), runs in sorted(_cells(summaries).items(), key=lambda kv: (-kv[0][0], kv[0][1])):
+    for (alpha, strategy), runs in sorted(_cells(summaries).items(), key=lambda kv: cell_order(kv[0])):
         cols = []
         for key, _ in COLUMNS:
             if key == "uplink_bytes_total":

@@ -1,0 +1,273 @@
+"""The evidence report of a comparison grid: accuracy, convergence, communication and routing diagnostics.
+
+Everything here reads the files a comparison wrote (``results.json`` and each run's directory) and
+returns plain rows or figures, so ``fedalign-moe report <comparison dir>`` can redraw it at any time.
+
+Shape legend: C clients, E experts, L MoE layers, R rounds.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from .plots import read_jsonl
+from .tables import cell_order, mean_std, results_table
+
+def rounds_to_reach(curve: list[float], target: float) -> int | None:
+    """First round (1-based) whose accuracy is at least ``target``; None if it never gets there."""
+    for r, acc in enumerate(curve, start=1):
+        if acc >= target - 1e-12:
+            return r
+    return None
+
+
+def run_dir(summary: dict) -> Path:
+    """Where a run's files are: where its summary was found, else its configured ``out_dir``."""
+    if "run_dir" in summary:
+        return Path(summary["run_dir"])
+    return Path(json.loads(summary["config_json"])["out_dir"])
+
+
+def collect_summaries(out: Path) -> list[dict]:
+    """Every finished run under ``out`` (one ``summary.json`` per run directory), wherever ``out`` now lives."""
+    found = []
+    for path in sorted(out.glob("*/summary.json")):
+        summary = json.loads(path.read_text())
+        summary["run_dir"] = str(path.parent)
+        found.append(summary)
+    return found
+
+
+def _by_cell(summaries: list[dict]) -> dict[tuple[float, str], list[dict]]:
+    cells: dict[tuple[float, str], list[dict]] = defaultdict(list)
+    for s in summaries:
+        cells[(s["alpha"], s["strategy"])].append(s)
+    return cells
+
+
+def _ordered(cells: dict) -> list:
+    return sorted(cells, key=cell_order)
+
+
+def convergence_rows(summaries: list[dict], reference: str = "fedavg") -> list[dict]:
+    """Rounds each strategy needs to reach the reference's final accuracy (mean over its seeds), per alpha.
+
+    A seed that never reaches the target is counted in ``reached`` but not in the mean; the ratio is
+    the reference's mean rounds over the strategy's (above 1: faster than the reference).
+    """
+    cells = _by_cell(summaries)
+    rows = []
+    for alpha in sorted({a for a, _ in cells}, reverse=True):
+        ref = cells.get((alpha, reference))
+        if not ref:
+            continue
+        target = float(np.mean([r["final_accuracy"] for r in ref]))
+        ref_rounds = [rounds_to_reach(r["accuracy_per_round"], target) for r in ref]
+        ref_mean = np.mean([x for x in ref_rounds if x is not None]) if any(x is not None for x in ref_rounds) else None
+        for key in _ordered(cells):
+            if key[0] != alpha or key[1] in ("local", "centralised"):
+                continue
+            got = [rounds_to_reach(r["accuracy_per_round"], target) for r in cells[key]]
+            hit = [x for x in got if x is not None]
+            rows.append({"alpha": alpha, "strategy": key[1], "target": target, "rounds": hit,
+                         "reached": f"{len(hit)}/{len(got)}",
+                         "speedup": (ref_mean / np.mean(hit)) if hit and ref_mean else None})
+    return rows
+
+
+def convergence_table(rows: list[dict]) -> str:
+    lines = ["| alpha | strategy | target (FedAvg final) | rounds to target | seeds reaching | speed vs FedAvg |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        speed = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
+        lines.append(f"| {r['alpha']:g} | {r['strategy']} | {r['target']:.3f} | {mean_std(r['rounds'], digits=1)} | "
+                     f"{r['reached']} | {speed} |")
+    return "\n".join(lines) + "\n"
+
+
+def communication_rows(summaries: list[dict]) -> list[dict]:
+    """Bytes per round per strategy (all clients together), from each run's metrics.jsonl."""
+    cells = _by_cell(summaries)
+    rows = []
+    for key in _ordered(cells):
+        if key[1] in ("local", "centralised"):
+            continue
+        up, down, stats, clients = [], [], [], []
+        for s in cells[key]:
+            for rec in read_jsonl(run_dir(s) / "metrics.jsonl"):
+                up.append(rec["uplink_bytes"])
+                down.append(rec["downlink_bytes"])
+                stats.append(rec.get("stats_uplink_bytes", 0))
+                clients.append(len(rec.get("clients", [])) or s["num_clients"])
+        if not up:
+            continue
+        rows.append({"alpha": key[0], "strategy": key[1], "uplink_mb": np.mean(up) / 1e6, "downlink_mb": np.mean(down) / 1e6,
+                     "stats_bytes_per_client": float(np.mean(np.array(stats) / np.array(clients))),
+                     "stats_share": float(np.sum(stats) / np.sum(up)) if np.sum(up) else 0.0})
+    return rows
+
+
+def communication_table(rows: list[dict]) -> str:
+    lines = ["| alpha | strategy | uplink MB / round | downlink MB / round | statistics bytes / client / round | statistics share of uplink |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['alpha']:g} | {r['strategy']} | {r['uplink_mb']:.1f} | {r['downlink_mb']:.1f} | "
+                     f"{r['stats_bytes_per_client']:,.0f} | {100 * r['stats_share']:.3f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def routing_spread(clients: dict[str, list]) -> float:
+    """Mean pairwise Jensen-Shannon divergence (nats) between clients' routing distributions.
+
+    ``clients`` maps a client to its routing distribution [L][E]; the divergence is averaged over
+    layers. 0 means every client routes its tokens alike; ln 2 is the maximum (disjoint experts).
+    """
+    p_CLE = np.array(list(clients.values()), dtype=float)
+    p_CLE = p_CLE / p_CLE.sum(-1, keepdims=True)
+    C = p_CLE.shape[0]
+    if C < 2:
+        return 0.0
+
+    def kl(a, b):
+        return np.sum(np.where(a > 0, a * np.log(np.where(a > 0, a, 1) / np.where(b > 0, b, 1)), 0.0), axis=-1)
+
+    vals = []
+    for i in range(C):
+        for j in range(i + 1, C):
+            m = (p_CLE[i] + p_CLE[j]) / 2
+            vals.append(np.mean(0.5 * kl(p_CLE[i], m) + 0.5 * kl(p_CLE[j], m)))
+    return float(np.mean(vals))
+
+
+def aligned_fraction(diags: list[dict], num_clients: int) -> list[float]:
+    """Per round: mean over layers and experts of |A(e)| / clients of the round (1 = everyone merged)."""
+    out = []
+    for d in diags:
+        n = len(d.get("clients") or []) or num_clients
+        out.append(float(np.mean([[len(a) / n for a in layer] for layer in d["aligned"]])))
+    return out
+
+
+def _mean_curves(curves: list[list[float]]) -> tuple[np.ndarray, np.ndarray]:
+    R = min(len(c) for c in curves)
+    arr = np.array([c[:R] for c in curves])
+    return arr.mean(0), arr.std(0)
+
+
+def draw_routing_spread(summaries: list[dict], path: Path) -> Path | None:
+    """Routing spread between clients per round, one panel per alpha, mean over seeds per strategy."""
+    cells = _by_cell(summaries)
+    alphas = sorted({a for a, _ in cells}, reverse=True)
+    fig = Figure(figsize=(5.5 * len(alphas), 4))
+    drawn = False
+    for i, alpha in enumerate(alphas):
+        ax = fig.add_subplot(1, len(alphas), i + 1)
+        for key in _ordered(cells):
+            if key[0] != alpha:
+                continue
+            curves = [[routing_spread(r["clients"]) for r in read_jsonl(run_dir(s) / "routing.jsonl") if r["clients"]]
+                      for s in cells[key]]
+            curves = [c for c in curves if c]
+            if not curves:
+                continue
+            mu, sd = _mean_curves(curves)
+            x = np.arange(1, len(mu) + 1)
+            ax.plot(x, mu, label=key[1])
+            ax.fill_between(x, mu - sd, mu + sd, alpha=0.15)
+            drawn = True
+        ax.set(title=f"routing spread between clients, alpha = {alpha:g}", xlabel="round", ylabel="mean pairwise JS (nats)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if not drawn:
+        return None
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def draw_routing_heatmaps(summaries: list[dict], path: Path, alpha: float, seed: int,
+                          strategies: tuple[str, ...] = ("fedavg", "fedalign")) -> Path | None:
+    """Clients x experts routing distribution of the first MoE layer, first and last round, per strategy."""
+    runs = {s["strategy"]: s for s in summaries if s["alpha"] == alpha and s["seed"] == seed and s["strategy"] in strategies}
+    panels = []
+    for name in strategies:
+        if name not in runs:
+            continue
+        rec = [r for r in read_jsonl(run_dir(runs[name]) / "routing.jsonl") if r["clients"]]
+        if rec:
+            panels += [(name, rec[0]), (name, rec[-1])]
+    if not panels:
+        return None
+    fig = Figure(figsize=(3.6 * len(panels), 3.8))
+    vmax = max(max(max(p[0]) for p in r["clients"].values()) for _, r in panels)
+    for i, (name, r) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        ids = sorted(r["clients"], key=int)
+        p_CE = np.array([r["clients"][c][0] for c in ids])
+        im = ax.imshow(p_CE, cmap="viridis", aspect="auto", vmin=0, vmax=vmax)
+        ax.set(title=f"{name}, round {r['round']}\nspread {routing_spread(r['clients']):.3f}", xlabel="expert", ylabel="client")
+        ax.set_yticks(range(len(ids)), ids)
+        ax.set_xticks(range(p_CE.shape[1]))
+    fig.colorbar(im, ax=fig.axes, fraction=0.02)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def draw_aligned_fraction(summaries: list[dict], path: Path) -> Path | None:
+    """Mean aligned-set size |A(e)| / clients per round for every strategy that runs semantic aggregation."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    drawn = False
+    cells = _by_cell(summaries)
+    for key in _ordered(cells):
+        curves = [aligned_fraction(read_jsonl(run_dir(s) / "diagnostics.jsonl"), s["num_clients"]) for s in cells[key]]
+        curves = [c for c in curves if c]
+        if not curves or key[1] in ("fedalign-uniform", "fedalign-consistency", "fedalign-adaptive"):
+            continue  # rungs below semantic aggregation merge every client
+        mu, sd = _mean_curves(curves)
+        x = np.arange(1, len(mu) + 1)
+        ax.plot(x, mu, marker=".", label=f"{key[1]}, alpha {key[0]:g}")
+        ax.fill_between(x, mu - sd, mu + sd, alpha=0.15)
+        drawn = True
+    if not drawn:
+        return None
+    ax.set(title="aligned-set size |A(e)| / clients (mean over experts)", xlabel="round", ylabel="fraction of clients merged",
+           ylim=(0, 1.05))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def write_evidence(out: Path, summaries: list[dict] | None = None) -> Path:
+    """Write ``out/evidence.md`` and its figures from the runs under ``out`` (or the given summaries)."""
+    summaries = collect_summaries(out) if summaries is None else summaries
+    figures = {
+        "accuracy_by_strategy.png": "global test accuracy per round (mean over seeds, band = std)",
+        "routing_spread.png": "how differently clients route (mean pairwise Jensen-Shannon divergence) per round",
+        "aligned_fraction.png": "FedAlign-MoE aligned-set sizes per round",
+    }
+    draw_routing_spread(summaries, out / "routing_spread.png")
+    draw_aligned_fraction(summaries, out / "aligned_fraction.png")
+    alphas = sorted({s["alpha"] for s in summaries})
+    seeds = sorted({s["seed"] for s in summaries})
+    for alpha in alphas:
+        name = f"routing_heatmap_alpha{alpha:g}.png"
+        if draw_routing_heatmaps(summaries, out / name, alpha, seeds[0]):
+            figures[name] = f"routing distribution per client, first and last round, alpha {alpha:g}, seed {seeds[0]}"
+    parts = ["# Comparison evidence", "",
+             f"{len(summaries)} runs; seeds {', '.join(map(str, seeds))}. Mean ± sample std over seeds.", "",
+             "## Accuracy", "", results_table(summaries),
+             "## Convergence", "", convergence_table(convergence_rows(summaries)),
+             "## Communication", "", communication_table(communication_rows(summaries)),
+             "## Figures", ""]
+    parts += [f"- `{name}`: {what}" for name, what in figures.items() if (out / name).exists()]
+    path = out / "evidence.md"
+    path.write_text("\n".join(parts) + "\n")
+    return path

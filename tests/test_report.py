@@ -1,0 +1,77 @@
+"""The evidence report: convergence, communication and routing diagnostics on hand-built runs."""
+
+import json
+import math
+
+import pytest
+
+from fedalign_moe.report.evidence import (aligned_fraction, collect_summaries, communication_rows, convergence_rows,
+                                          rounds_to_reach, routing_spread, write_evidence)
+
+
+def test_rounds_to_reach():
+    assert rounds_to_reach([0.1, 0.5, 0.7, 0.6], 0.6) == 3
+    assert rounds_to_reach([0.1, 0.5], 0.6) is None
+    assert rounds_to_reach([0.6], 0.6) == 1
+
+
+def _summary(strategy, seed, curve, alpha=0.1):
+    return {"strategy": strategy, "seed": seed, "alpha": alpha, "num_clients": 2, "accuracy_per_round": curve,
+            "final_accuracy": curve[-1], "uplink_bytes_total": 0, "wall_seconds": 1.0}
+
+
+def test_convergence_counts_rounds_to_the_fedavg_final_mean():
+    summaries = [_summary("fedavg", 0, [0.2, 0.4, 0.6]), _summary("fedavg", 1, [0.2, 0.5, 0.8]),  # target 0.7
+                 _summary("fedalign", 0, [0.7, 0.7, 0.7]), _summary("fedalign", 1, [0.3, 0.3, 0.3]),
+                 _summary("local", 0, [0.9, 0.9, 0.9])]
+    rows = {r["strategy"]: r for r in convergence_rows(summaries)}
+    assert set(rows) == {"fedavg", "fedalign"}  # no federation, no convergence row
+    assert rows["fedavg"]["target"] == pytest.approx(0.7)
+    assert rows["fedavg"]["rounds"] == [3] and rows["fedavg"]["reached"] == "1/2"
+    assert rows["fedalign"]["rounds"] == [1] and rows["fedalign"]["speedup"] == pytest.approx(3.0)
+
+
+def test_routing_spread_is_zero_for_equal_and_ln2_for_disjoint_routing():
+    assert routing_spread({"0": [[0.5, 0.5]], "1": [[0.5, 0.5]]}) == pytest.approx(0.0)
+    assert routing_spread({"0": [[1.0, 0.0]], "1": [[0.0, 1.0]]}) == pytest.approx(math.log(2))
+    # averaged over pairs and layers: one identical pair, two disjoint pairs in layer 0; layer 1 all equal
+    three = {"0": [[1, 0], [0.5, 0.5]], "1": [[1, 0], [0.5, 0.5]], "2": [[0, 1], [0.5, 0.5]]}
+    assert routing_spread(three) == pytest.approx((2 / 3) * math.log(2) / 2)
+
+
+def test_aligned_fraction_per_round():
+    diags = [{"clients": [0, 1, 2, 3], "aligned": [[[0, 1, 2, 3], [0, 1]]]},
+             {"clients": [0, 1], "aligned": [[[0], []]]}]
+    assert aligned_fraction(diags, 4) == [pytest.approx(0.75), pytest.approx(0.25)]
+
+
+def _write_run(root, strategy, seed, up, stats):
+    d = root / f"{strategy}-alpha0.1-seed{seed}"
+    d.mkdir(parents=True)
+    s = _summary(strategy, seed, [0.5, 0.6])
+    s["config_json"] = json.dumps({"out_dir": "/elsewhere/now"})  # the comparison was moved since
+    (d / "summary.json").write_text(json.dumps(s))
+    rows = [{"round": r, "uplink_bytes": up, "downlink_bytes": up, "stats_uplink_bytes": stats,
+             "clients": [{}, {}]} for r in (1, 2)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    routing = [{"round": r, "clients": {"0": [[0.9, 0.1]], "1": [[0.1 * r, 1 - 0.1 * r]]}} for r in (1, 2)]
+    (d / "routing.jsonl").write_text("".join(json.dumps(r) + "\n" for r in routing))
+    if strategy == "fedalign":
+        diags = [{"round": r, "clients": [0, 1], "aligned": [[[0, 1], [1]]]} for r in (1, 2)]
+        (d / "diagnostics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in diags))
+
+
+def test_evidence_report_from_moved_run_directories(tmp_path):
+    for seed in (0, 1):
+        _write_run(tmp_path, "fedavg", seed, up=1_000_000, stats=0)
+        _write_run(tmp_path, "fedalign", seed, up=1_000_100, stats=100)
+    summaries = collect_summaries(tmp_path)
+    assert len(summaries) == 4 and all(s["run_dir"].startswith(str(tmp_path)) for s in summaries)
+    comm = {r["strategy"]: r for r in communication_rows(summaries)}
+    assert comm["fedalign"]["stats_bytes_per_client"] == pytest.approx(50)
+    assert comm["fedalign"]["stats_share"] == pytest.approx(100 / 1_000_100)
+    assert comm["fedavg"]["stats_share"] == 0
+    text = write_evidence(tmp_path).read_text()
+    assert "| 0.1 | fedalign | 2 |" in text and "## Convergence" in text and "0.010%" in text
+    for name in ("routing_spread.png", "aligned_fraction.png", "routing_heatmap_alpha0.1.png"):
+        assert (tmp_path / name).stat().st_size > 1000, name
