@@ -85,6 +85,13 @@ def test_compare_writes_a_mean_std_table(tmp_path):
     assert "| 1 | centralised | 2 |" in table and "±" in table
     assert (out / "accuracy_by_strategy.png").stat().st_size > 1000
     assert "## Accuracy" in (out / "evidence.md").read_text()
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    before = {p: p.stat().st_mtime_ns for p in moved.glob("*/summary.json")}
+    res = _cli("compare", "--preset", "tiny", "--strategies", "local,centralised", "--alphas", "1.0",
+               "--seeds", "0,1", "--rounds", "1", "--out", str(moved))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in moved.glob("*/summary.json")} == before  # finished cells are kept
 
 
 def test_compare_federated_grid_writes_the_evidence_report(tmp_path):

@@ -142,6 +142,13 @@ class Config(_Section):
     def to_json(self) -> str:
         return self.model_dump_json()
 
+    def result_key(self) -> dict[str, Any]:
+        """Everything that can change a run's numbers: the config minus where files go."""
+        raw = self.model_dump(mode="json")
+        raw.pop("out_dir")
+        raw["model"].pop("prefix_cache_dir")
+        return raw
+
     @classmethod
     def from_json(cls, text: str) -> "Config":
         return cls.model_validate_json(text)

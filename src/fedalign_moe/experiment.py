@@ -49,6 +49,14 @@ def grid_configs(base: Config, strategies: list[str], alphas: list[float], seeds
     return configs
 
 
+def _same_result(summary: dict, cfg: Config) -> bool:
+    """A finished run counts if its config differs at most in where files went (the folder may have moved)."""
+    try:
+        return Config.from_json(summary["config_json"]).result_key() == cfg.result_key()
+    except (KeyError, ValueError):
+        return False
+
+
 def run_comparison(configs: list[Config], out: Path, on_run: Callable[[Config], None] | None = None,
                    on_round: Callable[[dict], None] | None = None) -> list[dict]:
     """Run every config (skipping finished ones), then write results.json, results.md and plots."""
@@ -58,7 +66,7 @@ def run_comparison(configs: list[Config], out: Path, on_run: Callable[[Config], 
         done = Path(cfg.out_dir) / "summary.json"
         if on_run:
             on_run(cfg)
-        if done.exists() and json.loads(done.read_text()).get("config_json") == cfg.to_json():
+        if done.exists() and _same_result(json.loads(done.read_text()), cfg):
             summaries.append(json.loads(done.read_text()))  # finished before an interruption
             continue
         summary = run_experiment(cfg, on_round)
