@@ -110,3 +110,4 @@ def test_compare_federated_grid_writes_the_evidence_report(tmp_path):
     out.rename(moved)  # the report reads the run folders where they are now
     res = _cli("report", str(moved))
     assert res.returncode == 0 and "## Convergence" in res.stdout, res.stderr[-3000:]
+    assert len(json.loads((moved / "results.json").read_text())) == 2

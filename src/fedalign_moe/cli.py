@@ -5,6 +5,7 @@ Bad input ends with one ``error:`` line on stderr and exit code 2, never a trace
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -160,6 +161,8 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory, or a c
     summaries = collect_summaries(run_dir)
     if not summaries:
         _fail(f"{run_dir} is neither a run directory (no metrics.jsonl) nor a comparison (no */summary.json)")
+    portable = [{k: v for k, v in s.items() if k != "run_dir"} for s in summaries]
+    (run_dir / "results.json").write_text(json.dumps(portable, indent=2))
     write_results_table(summaries, run_dir / "results.md")
     draw_comparison(summaries, run_dir)
     path = write_evidence(run_dir, summaries)

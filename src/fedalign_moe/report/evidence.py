@@ -182,7 +182,8 @@ def draw_routing_spread(summaries: list[dict], path: Path) -> Path | None:
             drawn = True
         ax.set(title=f"routing spread between clients, alpha = {alpha:g}", xlabel="round", ylabel="mean pairwise JS (nats)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     if not drawn:
         return None
     fig.tight_layout()
