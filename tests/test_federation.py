@@ -48,6 +48,7 @@ def test_record_bytes_counts_every_array_payload():
     b = _reply({"w": torch.zeros(200, dtype=torch.float32)}, 1, 0)
     assert record_bytes(b.content) - record_bytes(a.content) == 400  # 100 more float32 values
     assert record_bytes(a.content) >= 400
+    assert record_bytes(b.content, "no-such-record") == 0
 
 
 def test_client_rows_skip_failed_replies():

@@ -22,9 +22,14 @@ from . import keys
 from .strategies import make_strategy
 
 
-def record_bytes(content: RecordDict) -> int:
-    """Payload bytes of the arrays in a message (Flower serialises each as one numpy buffer)."""
-    return sum(len(array.data) for rec in content.array_records.values() for array in rec.values())
+def record_bytes(content: RecordDict, key: str | None = None) -> int:
+    """Payload bytes of the arrays in a message, or in its array record ``key`` only.
+
+    Flower serialises each array as one numpy buffer; a missing ``key`` counts 0.
+    """
+    records = content.array_records
+    chosen = records.values() if key is None else [records[key]] if key in records else []
+    return sum(len(array.data) for rec in chosen for array in rec.values())
 
 
 def client_rows(replies: Iterable[Message]) -> list[dict]:
@@ -63,10 +68,6 @@ def _reply_order(msg: Message) -> tuple[int, int]:
     return (0, int(msg.content[keys.METRICS][keys.PARTITION_ID]))
 
 
-def _array_bytes(content: RecordDict, key: str) -> int:
-    return sum(len(a.data) for a in content.array_records[key].values()) if key in content.array_records else 0
-
-
 def _mean_metric(replies: list[Message], key: str) -> float | None:
     values = [float(m.content[keys.METRICS][key]) for m in replies if not m.has_error() and key in m.content[keys.METRICS]]
     return sum(values) / len(values) if values else None
@@ -91,8 +92,9 @@ def run_federation(grid: Grid, ws: Workspace, log: RunLog,
         messages = list(strategy.configure_train(server_round, arrays, config, grid))
         downlink = sum(record_bytes(m.content) for m in messages)
         replies = sorted(grid.send_and_receive(messages, timeout=cfg.federation.round_timeout), key=_reply_order)
-        uplink = sum(record_bytes(m.content) for m in replies if not m.has_error())
-        stats_uplink = sum(record_bytes(m.content) - _array_bytes(m.content, keys.ARRAYS) for m in replies if not m.has_error())
+        sizes = [(record_bytes(m.content), record_bytes(m.content, keys.ARRAYS)) for m in replies if not m.has_error()]
+        uplink = sum(total for total, _ in sizes)
+        stats_uplink = sum(total - model for total, model in sizes)  # everything beside the model update
         new_arrays, _ = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
             arrays = new_arrays
