@@ -57,7 +57,8 @@ def _write_run(root, strategy, seed, up, stats):
     routing = [{"round": r, "clients": {"0": [[0.9, 0.1]], "1": [[0.1 * r, 1 - 0.1 * r]]}} for r in (1, 2)]
     (d / "routing.jsonl").write_text("".join(json.dumps(r) + "\n" for r in routing))
     if strategy == "fedalign":
-        diags = [{"round": r, "clients": [0, 1], "aligned": [[[0, 1], [1]]]} for r in (1, 2)]
+        diags = [{"round": r, "clients": [0, 1], "aligned": [[[0, 1], [1]]], "p_g": [[0.5, 0.5]], "alpha": [[1.0, 1.0]],
+                  "reg_loss": 0.01} for r in (1, 2)]
         (d / "diagnostics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in diags))
 
 
@@ -73,5 +74,30 @@ def test_evidence_report_from_moved_run_directories(tmp_path):
     assert comm["fedavg"]["stats_share"] == 0
     text = write_evidence(tmp_path).read_text()
     assert "| 0.1 | fedalign | 2 |" in text and "## Convergence" in text and "0.010%" in text
+    assert "Every client reply of every round arrived." in text
+    assert "| 0.1 | fedalign | 0.500-0.500 | 1.00-1.00 | 0.0100 | 0.75 | 50% | 50% |" in text
     for name in ("routing_spread.png", "aligned_fraction.png", "routing_heatmap_alpha0.1.png"):
         assert (tmp_path / name).stat().st_size > 1000, name
+
+
+def test_alignment_summary_in_plain_numbers():
+    from fedalign_moe.report.evidence import alignment_summary
+
+    diags = [{"clients": [0, 1, 2, 3], "aligned": [[[0, 1, 2, 3], [0, 1]]], "p_g": [[0.7, 0.3]], "alpha": [[0.9, 0.5]],
+              "reg_loss": 0.02},
+             {"clients": [0, 1, 2, 3], "aligned": [[[0, 1, 2], [0, 1, 2, 3]]], "p_g": [[0.6, 0.4]], "alpha": [[1.0, 0.8]],
+              "reg_loss": 0.04}]
+    s = alignment_summary(diags, 4)
+    assert (s["p_g_min"], s["p_g_max"], s["alpha_min"], s["alpha_max"]) == (0.3, 0.7, 0.5, 1.0)
+    assert s["reg"] == pytest.approx(0.03) and s["merged"] == pytest.approx((1 + 0.5 + 0.75 + 1) / 4)
+    assert s["all_merged"] == pytest.approx(0.5) and s["half_or_less"] == pytest.approx(0.25)
+
+
+def test_runs_with_failed_clients_are_named(tmp_path):
+    _write_run(tmp_path, "fedavg", 0, up=1_000_000, stats=0)
+    path = tmp_path / "fedavg-alpha0.1-seed0" / "metrics.jsonl"
+    rows = [json.loads(l) for l in path.read_text().splitlines()]
+    rows[1]["failures"] = 3
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = write_evidence(tmp_path).read_text()
+    assert "fedavg, alpha 0.1, seed 0: failed replies (round 2: 3)" in text

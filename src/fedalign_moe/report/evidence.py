@@ -153,6 +153,50 @@ def aligned_fraction(diags: list[dict], num_clients: int) -> list[float]:
     return out
 
 
+def alignment_summary(diags: list[dict], num_clients: int) -> dict[str, float]:
+    """One run's FedAlign-MoE decisions over all rounds, layers and experts, in plain numbers.
+
+    ``p_g_min``/``p_g_max``: range of the global routing distribution (uniform is 1/E);
+    ``alpha_min``/``alpha_max``: range of the adaptive regulariser weights; ``reg``: mean client
+    regulariser value (before lambda); ``merged``: mean |A(e)| / clients; ``all_merged`` and
+    ``half_or_less``: shares of (round, layer, expert) whose aligned set holds every client, or at most
+    half of them.
+    """
+    sizes, p_g, alpha, reg = [], [], [], []
+    for d in diags:
+        n = len(d.get("clients") or []) or num_clients
+        sizes += [len(a) / n for layer in d.get("aligned", []) for a in layer]
+        p_g += [v for layer in d.get("p_g", []) for v in layer]
+        alpha += [v for layer in d.get("alpha", []) for v in layer]
+        if d.get("reg_loss") is not None:
+            reg.append(d["reg_loss"])
+    def stat(values, fn):
+        return float(fn(values)) if values else float("nan")
+    return {"p_g_min": stat(p_g, np.min), "p_g_max": stat(p_g, np.max), "alpha_min": stat(alpha, np.min),
+            "alpha_max": stat(alpha, np.max), "reg": stat(reg, np.mean), "merged": stat(sizes, np.mean),
+            "all_merged": stat([x >= 1 - 1e-9 for x in sizes], np.mean),
+            "half_or_less": stat([x <= 0.5 for x in sizes], np.mean)}
+
+
+def alignment_table(summaries: list[dict]) -> str:
+    """``alignment_summary`` per (alpha, strategy) of the FedAlign-MoE rungs, mean over seeds."""
+    cells = _by_cell(summaries)
+    lines = ["| alpha | strategy | p_g range | alpha(e) range | regulariser | mean |A(e)|/N | all merged | half or fewer merged |",
+             "|---|---|---|---|---|---|---|---|"]
+    for key in _ordered(cells):
+        if not key[1].startswith("fedalign"):
+            continue
+        runs = [alignment_summary(read_jsonl(run_dir(s) / "diagnostics.jsonl"), s["num_clients"]) for s in cells[key]]
+        runs = [r for r in runs if not np.isnan(r["p_g_min"])]
+        if not runs:
+            continue
+        m = {k: float(np.nanmean([r[k] for r in runs])) for k in runs[0]}
+        merged = "-" if np.isnan(m["merged"]) else f"{m['merged']:.2f}"
+        lines.append(f"| {key[0]:g} | {key[1]} | {m['p_g_min']:.3f}-{m['p_g_max']:.3f} | {m['alpha_min']:.2f}-{m['alpha_max']:.2f} | "
+                     f"{m['reg']:.4f} | {merged} | {100 * m['all_merged']:.0f}% | {100 * m['half_or_less']:.0f}% |")
+    return "\n".join(lines) + "\n"
+
+
 def _mean_curves(curves: list[list[float]]) -> tuple[np.ndarray, np.ndarray]:
     R = min(len(c) for c in curves)
     arr = np.array([c[:R] for c in curves])
@@ -246,6 +290,17 @@ def draw_aligned_fraction(summaries: list[dict], path: Path) -> Path | None:
     return path
 
 
+def failed_replies(summaries: list[dict]) -> list[str]:
+    """Runs in which some client replies failed, with the rounds: their numbers are not comparable."""
+    out = []
+    for s in summaries:
+        bad = [(r["round"], r["failures"]) for r in read_jsonl(run_dir(s) / "metrics.jsonl") if r.get("failures")]
+        if bad:
+            rounds = ", ".join(f"round {r}: {n}" for r, n in bad)
+            out.append(f"{s['strategy']}, alpha {s['alpha']:g}, seed {s['seed']}: failed replies ({rounds})")
+    return out
+
+
 def write_evidence(out: Path, summaries: list[dict] | None = None) -> Path:
     """Write ``out/evidence.md`` and its figures from the runs under ``out`` (or the given summaries)."""
     summaries = collect_summaries(out) if summaries is None else summaries
@@ -262,11 +317,15 @@ def write_evidence(out: Path, summaries: list[dict] | None = None) -> Path:
         name = f"routing_heatmap_alpha{alpha:g}.png"
         if draw_routing_heatmaps(summaries, out / name, alpha, seeds[0]):
             figures[name] = f"routing distribution per client, first and last round, alpha {alpha:g}, seed {seeds[0]}"
+    failures = failed_replies(summaries)
     parts = ["# Comparison evidence", "",
              f"{len(summaries)} runs; seeds {', '.join(map(str, seeds))}. Mean ± sample std over seeds.", "",
+             *([f"**Runs with failed clients** (rerun them: delete their folders and compare again): {'; '.join(failures)}", ""]
+               if failures else ["Every client reply of every round arrived.", ""]),
              "## Accuracy", "", results_table(summaries),
              "## Convergence", "", convergence_table(convergence_rows(summaries)),
              "## Communication", "", communication_table(communication_rows(summaries)),
+             "## FedAlign-MoE's decisions (diagnostics.jsonl, mean over seeds)", "", alignment_table(summaries),
              "## Figures", ""]
     parts += [f"- `{name}`: {what}" for name, what in figures.items() if (out / name).exists()]
     path = out / "evidence.md"
