@@ -101,3 +101,12 @@ def test_runs_with_failed_clients_are_named(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = write_evidence(tmp_path).read_text()
     assert "fedavg, alpha 0.1, seed 0: failed replies (round 2: 3)" in text
+
+
+def test_routing_concentration_detects_collapse():
+    from fedalign_moe.report.evidence import routing_concentration
+
+    share, entropy = routing_concentration({"0": [[0.25, 0.25, 0.25, 0.25]], "1": [[0.25, 0.25, 0.25, 0.25]]})
+    assert share == pytest.approx(0.25) and entropy == pytest.approx(1.0)
+    share, entropy = routing_concentration({"0": [[1.0, 0.0, 0.0, 0.0]], "1": [[0.0, 0.0, 0.0, 1.0]]})
+    assert share == pytest.approx(1.0) and entropy == pytest.approx(0.0)

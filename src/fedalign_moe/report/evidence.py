@@ -144,6 +144,39 @@ def routing_spread(clients: dict[str, list]) -> float:
     return float(np.mean(vals))
 
 
+def routing_concentration(clients: dict[str, list]) -> tuple[float, float]:
+    """(largest expert share, entropy / ln E) of each client's routing, averaged over clients and layers.
+
+    A share near 1 and an entropy near 0 mean the router sends almost every token to one expert
+    (routing collapse); 1/E and 1 mean tokens spread evenly.
+    """
+    p_CLE = np.array(list(clients.values()), dtype=float)
+    p_CLE = p_CLE / p_CLE.sum(-1, keepdims=True)
+    E = p_CLE.shape[-1]
+    entropy_CL = -np.sum(np.where(p_CLE > 0, p_CLE * np.log(np.where(p_CLE > 0, p_CLE, 1)), 0.0), axis=-1)
+    return float(p_CLE.max(-1).mean()), float((entropy_CL / np.log(E)).mean()) if E > 1 else 0.0
+
+
+def routing_table(summaries: list[dict]) -> str:
+    """Last round's routing per (alpha, strategy): spread between clients and concentration on experts."""
+    cells = _by_cell(summaries)
+    lines = ["| alpha | strategy | spread between clients (JS, nats) | largest expert share | normalised entropy |",
+             "|---|---|---|---|---|"]
+    for key in _ordered(cells):
+        spread, share, entropy = [], [], []
+        for s in cells[key]:
+            rec = [r for r in read_jsonl(run_dir(s) / "routing.jsonl") if r["clients"]]
+            if rec:
+                spread.append(routing_spread(rec[-1]["clients"]))
+                top, h = routing_concentration(rec[-1]["clients"])
+                share.append(top)
+                entropy.append(h)
+        if spread:
+            lines.append(f"| {key[0]:g} | {key[1]} | {mean_std(spread, digits=4)} | {mean_std(share, digits=2)} | "
+                         f"{mean_std(entropy, digits=2)} |")
+    return "\n".join(lines) + "\n"
+
+
 def aligned_fraction(diags: list[dict], num_clients: int) -> list[float]:
     """Per round: mean over layers and experts of |A(e)| / clients of the round (1 = everyone merged)."""
     out = []
@@ -325,6 +358,7 @@ def write_evidence(out: Path, summaries: list[dict] | None = None) -> Path:
              "## Accuracy", "", results_table(summaries),
              "## Convergence", "", convergence_table(convergence_rows(summaries)),
              "## Communication", "", communication_table(communication_rows(summaries)),
+             "## Routing at the last round (routing.jsonl)", "", routing_table(summaries),
              "## FedAlign-MoE's decisions (diagnostics.jsonl, mean over seeds)", "", alignment_table(summaries),
              "## Figures", ""]
     parts += [f"- `{name}`: {what}" for name, what in figures.items() if (out / name).exists()]
