@@ -95,3 +95,45 @@ def test_replies_are_aggregated_in_partition_order():
 
     replies = [_reply({"w": torch.zeros(1)}, 1, pid) for pid in (2, 0, 1)]
     assert [int(m.content[keys.METRICS][keys.PARTITION_ID]) for m in sorted(replies, key=_reply_order)] == [0, 1, 2]
+
+
+class _DeadGrid:
+    """A Flower Grid whose every client process has died: each message comes back as an error."""
+
+    def __init__(self):
+        self.rounds_sent = 0
+
+    def get_node_ids(self):
+        return [1, 2, 3]
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import Error
+
+        self.rounds_sent += 1
+        return [Message(Error(code=0, reason="actor died"), reply_to=m) for m in messages]
+
+
+def test_a_run_whose_clients_all_died_stops_and_says_so(tmp_path, monkeypatch):
+    """Flower's simulation does not bring dead client actors back; the server stops instead of idling."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedalign_moe.experiment import _same_result
+
+    for name in ("_run_id", "_node_id", "_task_id"):  # what Flower sets in a ServerApp process
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    from fedalign_moe.federation.server import run_federation
+    from fedalign_moe.training.setup import open_log, open_workspace
+
+    cfg = load_config("tiny", overrides={"out_dir": str(tmp_path), "federation": {"rounds": 6}})
+    ws = open_workspace(cfg)
+    grid = _DeadGrid()
+    summary = run_federation(grid, ws, open_log(ws))
+    assert "stopped after round 2" in summary["stopped_early"]
+    assert len(summary["accuracy_per_round"]) == 2 and grid.rounds_sent == 3  # two rounds and the final evaluation
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["failures"] for r in rows] == [3, 3]
+    summary["config_json"] = cfg.to_json()
+    assert not _same_result(summary, cfg)  # compare runs it again next time

@@ -29,9 +29,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return (ConfigError, DataError, ModelLoadError, RunSetupError)
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2) -> None:
+    """One ``error:`` line; exit 2 for bad input, 1 for a run that did not complete."""
     err_console.print(f"error: {message}", markup=False, soft_wrap=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
 def _format_bytes(n: int) -> str:
@@ -101,6 +102,8 @@ def run(
         _fail(str(err))
     console.print(f"final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f}) "
                   f"in {summary['wall_seconds']:.0f}s; results in {cfg.out_dir}/", markup=False)
+    if summary.get("stopped_early"):
+        _fail(f"the run {summary['stopped_early']}", code=1)
 
 
 def _csv(text: str, cast, what: str) -> list:

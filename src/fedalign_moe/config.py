@@ -98,6 +98,9 @@ class FederationConfig(_Section):
     client_cpus: float = Field(1.0, gt=0)  # simulation: CPU cores reserved per client actor
     client_gpus: float = Field(0.0, ge=0)
     round_timeout: float | None = Field(None, gt=0)  # seconds to wait for replies; missing ones count as failures
+    # stop the run after this many consecutive rounds in which no client replied (dead client
+    # processes do not come back in Flower's simulation); the summary then says so. None: never stop.
+    stop_after_silent_rounds: int | None = Field(2, ge=1)
     fedmoe_coverage: float = Field(0.9, gt=0, le=1)  # FedMoE: share of selections a sub-MoE covers [ours]
 
     @field_validator("strategy")

@@ -51,6 +51,8 @@ def grid_configs(base: Config, strategies: list[str], alphas: list[float], seeds
 
 def _same_result(summary: dict, cfg: Config) -> bool:
     """A finished run counts if its config differs at most in where files went (the folder may have moved)."""
+    if summary.get("stopped_early"):
+        return False  # an interrupted run is run again
     try:
         return Config.from_json(summary["config_json"]).result_key() == cfg.result_key()
     except (KeyError, ValueError):

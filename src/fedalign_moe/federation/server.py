@@ -86,6 +86,7 @@ def run_federation(grid: Grid, ws: Workspace, log: RunLog,
     model, names = ws.built.model, ws.built.trainable
     arrays = ArrayRecord(trainable_state(model, names))
     test = ws.global_test()
+    silent, stopped = 0, None
     for server_round in range(1, cfg.federation.rounds + 1):
         t0 = time.perf_counter()
         config = ConfigRecord({keys.RUN_CONFIG: cfg.to_json()})
@@ -119,11 +120,17 @@ def run_federation(grid: Grid, ws: Workspace, log: RunLog,
                                                 "stats_uplink_bytes": stats_uplink, **strategy.diagnostics()})
         if on_round is not None:
             on_round(record)
+        silent = silent + 1 if not rows else 0
+        limit = cfg.federation.stop_after_silent_rounds
+        if limit is not None and silent >= limit:
+            stopped = (f"stopped after round {server_round}: no client replied in the last {silent} rounds "
+                       "(client processes died? see the log)")
+            break
     save_file({n: t.contiguous() for n, t in arrays.to_torch_state_dict().items()}, str(log.out / "global_trainable.safetensors"))
-    return _final_evaluation(grid, strategy, arrays, cfg, log)
+    return _final_evaluation(grid, strategy, arrays, cfg, log, stopped)
 
 
-def _final_evaluation(grid: Grid, strategy, arrays: ArrayRecord, cfg: Config, log: RunLog) -> dict:
+def _final_evaluation(grid: Grid, strategy, arrays: ArrayRecord, cfg: Config, log: RunLog, stopped: str | None) -> dict:
     """The final global model on every client's own test split; then the summary."""
     config = ConfigRecord({keys.RUN_CONFIG: cfg.to_json()})
     messages = list(strategy.configure_evaluate(cfg.federation.rounds, arrays, config, grid))
@@ -133,4 +140,5 @@ def _final_evaluation(grid: Grid, strategy, arrays: ArrayRecord, cfg: Config, lo
         for m in replies
     }
     mean = sum(per_client.values()) / len(per_client) if per_client else None
-    return log.summary(global_model_on_client_tests=mean, global_model_on_client_tests_by_client=per_client)
+    return log.summary(global_model_on_client_tests=mean, global_model_on_client_tests_by_client=per_client,
+                       stopped_early=stopped)
