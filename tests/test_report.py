@@ -43,6 +43,7 @@ def test_aligned_fraction_per_round():
     diags = [{"clients": [0, 1, 2, 3], "aligned": [[[0, 1, 2, 3], [0, 1]]]},
              {"clients": [0, 1], "aligned": [[[0], []]]}]
     assert aligned_fraction(diags, 4) == [pytest.approx(0.75), pytest.approx(0.25)]
+    assert aligned_fraction([{"round": 1, "sub_moe": {"0": [[1, 2]]}}], 4) == []  # FedMoE's diagnostics
 
 
 def _write_run(root, strategy, seed, up, stats):

@@ -181,6 +181,8 @@ def aligned_fraction(diags: list[dict], num_clients: int) -> list[float]:
     """Per round: mean over layers and experts of |A(e)| / clients of the round (1 = everyone merged)."""
     out = []
     for d in diags:
+        if "aligned" not in d:  # another strategy's diagnostics (FedMoE's sub-MoEs)
+            continue
         n = len(d.get("clients") or []) or num_clients
         out.append(float(np.mean([[len(a) / n for a in layer] for layer in d["aligned"]])))
     return out
