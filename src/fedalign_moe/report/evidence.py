@@ -58,7 +58,8 @@ def convergence_rows(summaries: list[dict], reference: str = "fedavg") -> list[d
     """Rounds each strategy needs to reach the reference's final accuracy (mean over its seeds), per alpha.
 
     A seed that never reaches the target is counted in ``reached`` but not in the mean; the ratio is
-    the reference's mean rounds over the strategy's (above 1: faster than the reference).
+    the reference's mean rounds over the strategy's (above 1: faster than the reference), given only
+    when every seed of both reached the target (otherwise it would compare the lucky seeds).
     """
     cells = _by_cell(summaries)
     rows = []
@@ -68,7 +69,7 @@ def convergence_rows(summaries: list[dict], reference: str = "fedavg") -> list[d
             continue
         target = float(np.mean([r["final_accuracy"] for r in ref]))
         ref_rounds = [rounds_to_reach(r["accuracy_per_round"], target) for r in ref]
-        ref_mean = np.mean([x for x in ref_rounds if x is not None]) if any(x is not None for x in ref_rounds) else None
+        ref_mean = np.mean(ref_rounds) if all(x is not None for x in ref_rounds) else None
         for key in _ordered(cells):
             if key[0] != alpha or key[1] in ("local", "centralised"):
                 continue
@@ -76,7 +77,7 @@ def convergence_rows(summaries: list[dict], reference: str = "fedavg") -> list[d
             hit = [x for x in got if x is not None]
             rows.append({"alpha": alpha, "strategy": key[1], "target": target, "rounds": hit,
                          "reached": f"{len(hit)}/{len(got)}",
-                         "speedup": (ref_mean / np.mean(hit)) if hit and ref_mean else None})
+                         "speedup": (ref_mean / np.mean(hit)) if ref_mean and len(hit) == len(got) else None})
     return rows
 
 
