@@ -35,8 +35,9 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PIP=("$VENV/bin/python" -m pip install --quiet --no-index --find-links "$BUNDLE/wheels" --no-cache-dir)
 WHEEL="$(ls "$BUNDLE"/wheels/fedalign_moe-*.whl)"
-# The project's own requirements, except torch and transformers (the host's are used) and Ray
-# (the deployment engine does not need it); pip installs only what the environment lacks.
+# The project's own (exactly pinned) requirements, except torch and transformers (the host's are
+# used) and Ray (the deployment engine does not need it); a pinned version the host does not have goes
+# into the venv, in front of the host's copy.
 REQS="$("$PY" - "$WHEEL" <<'PY'
 import re, sys, zipfile
 with zipfile.ZipFile(sys.argv[1]) as z:

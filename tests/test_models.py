@@ -152,7 +152,17 @@ def test_prefix_disk_cache_matches_fresh_and_keys_on_the_frozen_weights(tmp_path
     cpu = torch.device("cpu")
     first = to_tensors(built, ds, cfg, cpu, fp)
     (cached_file,) = tmp_path.glob("*.pt")
-    again = to_tensors(built, ds, cfg, cpu, fp)  # served from disk
+    import fedalign_moe.training.setup as setup_module
+
+    def no_recompute(*args, **kwargs):
+        raise AssertionError("recomputed although the file was on disk")
+
+    real_cache_prefix = setup_module.cache_prefix
+    setup_module.cache_prefix = no_recompute
+    try:
+        again = to_tensors(built, ds, cfg, cpu, fp)  # served from disk
+    finally:
+        setup_module.cache_prefix = real_cache_prefix
     fresh = built.model.encode_prefix(first.input_ids_NS, first.attention_mask_NS)
     assert torch.equal(again.prefix_hidden_NSH, fresh) and torch.equal(first.prefix_hidden_NSH, fresh)
     original = built.model.embeddings.word_embeddings.weight.detach().clone()
@@ -168,3 +178,5 @@ def test_prefix_disk_cache_matches_fresh_and_keys_on_the_frozen_weights(tmp_path
         built.model.embeddings.word_embeddings.weight.copy_(original)
     assert torch.equal(to_tensors(built, ds, cfg, cpu, fp).prefix_hidden_NSH, fresh)
     assert cached_file.stat().st_size > 100  # rewritten
+    readonly = cfg.model_copy(update={"model": cfg.model.model_copy(update={"prefix_cache_dir": "/proc/no-such-dir"})})
+    assert torch.equal(to_tensors(built, ds, readonly, cpu, fp).prefix_hidden_NSH, fresh)  # unwritable: still works

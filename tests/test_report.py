@@ -115,3 +115,17 @@ def test_routing_concentration_detects_collapse():
     assert share == pytest.approx(0.25) and entropy == pytest.approx(1.0)
     share, entropy = routing_concentration({"0": [[1.0, 0.0, 0.0, 0.0]], "1": [[0.0, 0.0, 0.0, 1.0]]})
     assert share == pytest.approx(1.0) and entropy == pytest.approx(0.0)
+
+
+def test_a_stopped_run_is_named_and_left_out(tmp_path):
+    for seed in (0, 1):
+        _write_run(tmp_path, "fedavg", seed, up=1_000_000, stats=0)
+    path = tmp_path / "fedavg-alpha0.1-seed1" / "summary.json"
+    s = json.loads(path.read_text())
+    s.update(stopped_early="stopped after round 1: no client replied", accuracy_per_round=[0.5], final_accuracy=0.5)
+    path.write_text(json.dumps(s))
+    text = write_evidence(tmp_path).read_text()
+    assert "fedavg, alpha 0.1, seed 1: stopped after round 1" in text
+    assert "| 0.1 | fedavg | 1 |" in text  # only the complete run is in the tables
+    from fedalign_moe.report.tables import draw_comparison
+    assert draw_comparison(collect_summaries(tmp_path), tmp_path)[0].stat().st_size > 1000  # curves of unequal length

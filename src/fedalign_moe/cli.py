@@ -153,7 +153,7 @@ def compare(
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a run directory, or a comparison directory")]) -> None:
     """Redraw the plots of a finished run, or the tables and figures of a comparison (finished runs so far)."""
-    from .report.evidence import collect_summaries, write_evidence
+    from .report.evidence import collect_summaries, complete_runs, write_evidence
     from .report.plots import draw_run
     from .report.tables import draw_comparison, write_results_table
 
@@ -166,7 +166,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory, or a c
         _fail(f"{run_dir} is neither a run directory (no metrics.jsonl) nor a comparison (no */summary.json)")
     portable = [{k: v for k, v in s.items() if k != "run_dir"} for s in summaries]
     (run_dir / "results.json").write_text(json.dumps(portable, indent=2))
-    write_results_table(summaries, run_dir / "results.md")
+    write_results_table(complete_runs(summaries), run_dir / "results.md")
     draw_comparison(summaries, run_dir)
     path = write_evidence(run_dir, summaries)
     console.print(path.read_text(), markup=False)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .config import Config
 from .federation.strategies import FEDERATED
-from .report.evidence import write_evidence
+from .report.evidence import complete_runs, write_evidence
 from .report.plots import draw_run
 from .report.tables import draw_comparison, write_results_table
 from .training.setup import open_log, open_workspace
@@ -76,7 +76,7 @@ def run_comparison(configs: list[Config], out: Path, on_run: Callable[[Config], 
         done.write_text(json.dumps(summary, indent=2))
         summaries.append(summary)
     (out / "results.json").write_text(json.dumps(summaries, indent=2))
-    write_results_table(summaries, out / "results.md")
+    write_results_table(complete_runs(summaries), out / "results.md")
     draw_comparison(summaries, out)
     write_evidence(out)
     return summaries

@@ -115,7 +115,7 @@ def run_federation(grid: Grid, ws: Workspace, log: RunLog,
         layers = [layer.index for layer in ws.built.layout.layers]
         log.add_jsonl("routing.jsonl", {"round": server_round, "layers": layers,
                                         "clients": routing_by_client(replies, len(layers))})
-        if hasattr(strategy, "diagnostics"):
+        if hasattr(strategy, "diagnostics") and rows:  # no reply, no decision: do not repeat the last one
             log.add_jsonl("diagnostics.jsonl", {"round": server_round, "reg_loss": _mean_metric(replies, "reg-loss"),
                                                 "stats_uplink_bytes": stats_uplink, **strategy.diagnostics()})
         if on_round is not None:

@@ -33,6 +33,11 @@ def run_dir(summary: dict) -> Path:
     return Path(json.loads(summary["config_json"])["out_dir"])
 
 
+def complete_runs(summaries: list[dict]) -> list[dict]:
+    """The runs that ran all their rounds (a run stopped early has a shorter curve and is run again)."""
+    return [s for s in summaries if not s.get("stopped_early")]
+
+
 def collect_summaries(out: Path) -> list[dict]:
     """Every finished run under ``out`` (one ``summary.json`` per run directory), wherever ``out`` now lives."""
     found = []
@@ -234,9 +239,12 @@ def alignment_table(summaries: list[dict]) -> str:
 
 
 def _mean_curves(curves: list[list[float]]) -> tuple[np.ndarray, np.ndarray]:
-    R = min(len(c) for c in curves)
-    arr = np.array([c[:R] for c in curves])
-    return arr.mean(0), arr.std(0)
+    """Mean and std per round over curves of possibly different lengths (missing rounds ignored)."""
+    R = max(len(c) for c in curves)
+    arr = np.full((len(curves), R), np.nan)
+    for i, c in enumerate(curves):
+        arr[i, :len(c)] = c
+    return np.nanmean(arr, 0), np.nanstd(arr, 0)
 
 
 def draw_routing_spread(summaries: list[dict], path: Path) -> Path | None:
@@ -340,6 +348,8 @@ def failed_replies(summaries: list[dict]) -> list[str]:
 def write_evidence(out: Path, summaries: list[dict] | None = None) -> Path:
     """Write ``out/evidence.md`` and its figures from the runs under ``out`` (or the given summaries)."""
     summaries = collect_summaries(out) if summaries is None else summaries
+    stopped = [s for s in summaries if s.get("stopped_early")]
+    summaries = complete_runs(summaries)
     figures = {
         "accuracy_by_strategy.png": "global test accuracy per round (mean over seeds, band = std)",
         "routing_spread.png": "how differently clients route (mean pairwise Jensen-Shannon divergence) per round",
@@ -353,7 +363,8 @@ def write_evidence(out: Path, summaries: list[dict] | None = None) -> Path:
         name = f"routing_heatmap_alpha{alpha:g}.png"
         if draw_routing_heatmaps(summaries, out / name, alpha, seeds[0]):
             figures[name] = f"routing distribution per client, first and last round, alpha {alpha:g}, seed {seeds[0]}"
-    failures = failed_replies(summaries)
+    failures = failed_replies(summaries) + [
+        f"{s['strategy']}, alpha {s['alpha']:g}, seed {s['seed']}: {s['stopped_early']} (left out of every table)" for s in stopped]
     parts = ["# Comparison evidence", "",
              f"{len(summaries)} runs; seeds {', '.join(map(str, seeds))}. Mean ± sample std over seeds.", "",
              *([f"**Runs with failed clients** (rerun them: delete their folders and compare again): {'; '.join(failures)}", ""]

@@ -80,10 +80,13 @@ def draw_comparison(summaries: list[dict], out: Path) -> list[Path]:
         for (a, strategy), runs in sorted(cells.items()):
             if a != alpha:
                 continue
-            curves = np.array([r["accuracy_per_round"] for r in runs if r["accuracy_per_round"]])
-            if curves.size == 0:
+            curves = [r["accuracy_per_round"] for r in runs if r["accuracy_per_round"] and not r.get("stopped_early")]
+            if not curves:
                 continue
-            mu, sd = curves.mean(0), curves.std(0)
+            padded = np.full((len(curves), max(map(len, curves))), np.nan)
+            for j, c in enumerate(curves):
+                padded[j, :len(c)] = c
+            mu, sd = np.nanmean(padded, 0), np.nanstd(padded, 0)
             x = np.arange(1, len(mu) + 1)
             ax.plot(x, mu, label=strategy)
             ax.fill_between(x, mu - sd, mu + sd, alpha=0.15)

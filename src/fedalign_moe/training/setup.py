@@ -15,12 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
 
 from ..config import Config
 from ..data import LabeledText, label_counts, load_source, partition, skew_summary, split_client, train_test_split
 from ..models.build import BuiltModel, build_model
 from ..runlog import RunLog
 from .local import ClientTensors, cache_prefix, tokenize
+
+
+PREFIX_CACHE_FORMAT = 1  # bump when encode_prefix changes what it computes
 
 
 class RunSetupError(ValueError):
@@ -75,7 +79,9 @@ def to_tensors(built: BuiltModel, ds, cfg: Config, device: torch.device, fingerp
     cache_dir = cfg.model.prefix_cache_dir
     if getattr(built.model, "frozen_prefix", 0) == 0 or len(data) == 0 or cache_dir is None or fingerprint is None:
         return cache_prefix(built.model, data, cfg.train.eval_batch_size, device)
-    digest = hashlib.sha256(f"{fingerprint}/{device.type}/{cfg.train.eval_batch_size}".encode())
+    versions = f"torch {torch.__version__}/transformers {transformers.__version__}/{PREFIX_CACHE_FORMAT}"
+    digest = hashlib.sha256(f"{fingerprint}/{versions}/{device.type}/{cfg.train.eval_batch_size}".encode())
+    digest.update(built.model.config.to_json_string().encode())  # attention implementation and the like
     for t in (data.input_ids_NS, data.attention_mask_NS):
         digest.update(str(tuple(t.shape)).encode())
         digest.update(t.contiguous().numpy().tobytes())
@@ -88,10 +94,13 @@ def to_tensors(built: BuiltModel, ds, cfg: Config, device: torch.device, fingerp
         except Exception:  # noqa: BLE001 - torch.load raises many types on a damaged file
             pass  # unreadable or partial file: recompute and overwrite
     data = cache_prefix(built.model, data, cfg.train.eval_batch_size, device)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save(data.prefix_hidden_NSH, tmp)
-    os.replace(tmp, path)  # atomic: concurrent client processes never see a half-written file
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(data.prefix_hidden_NSH, tmp)
+        os.replace(tmp, path)  # atomic: concurrent client processes never see a half-written file
+    except OSError:  # full or read-only disk: the run goes on with the tensors in memory
+        tmp.unlink(missing_ok=True)
     return data
 
 
