@@ -71,6 +71,9 @@ for f in "$WORK"/wheels/* "$WORK/source.tar.gz"; do
   fi
 done
 cp "$WORK/SHA256SUMS" "$OUT/SHA256SUMS"
+if [ -f "$OUT/parts/SPLIT" ]; then  # per part too, so a damaged copy names the piece to copy again
+  (cd "$OUT/parts" && sha256sum ./*.part[0-9][0-9][0-9] > PARTSUMS)
+fi
 cp "$ROOT/scripts/airgap_install.sh" "$OUT/install.sh"
 largest="$(find "$OUT" -type f -printf '%s %P\n' | sort -n | tail -1)"
 echo "bundle: $OUT ($(du -sh "$OUT" | cut -f1), $(find "$OUT" -type f | wc -l) files, largest ${largest%% *} B: ${largest#* })"

@@ -16,6 +16,10 @@ cd "$BUNDLE"
 
 # 1. put split files back together, then check every file against the bundle's checksums
 if [ -f parts/SPLIT ]; then
+  if [ -f parts/PARTSUMS ]; then
+    (cd parts && sha256sum --quiet -c PARTSUMS) \
+      || { echo "error: the parts marked FAILED above were damaged in transit: copy them again" >&2; exit 1; }
+  fi
   while read -r rel; do
     [ -n "$rel" ] || continue
     cat "parts/$(basename "$rel").part"* > "$rel.tmp" && mv "$rel.tmp" "$rel"
@@ -30,7 +34,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
   # The host's interpreter may itself be a virtual environment (venv --system-site-packages would
   # then see the base Python, not it): a .pth file appends its site-packages after the new ones.
-  "$PY" -c 'import sysconfig; p = sysconfig.get_paths(); print("\n".join(dict.fromkeys([p["purelib"], p["platlib"]])))' \
+  "$PY" -c 'import os, site, sysconfig, torch; p = sysconfig.get_paths()
+print("\n".join(dict.fromkeys([p["purelib"], p["platlib"], os.path.dirname(os.path.dirname(torch.__file__)),
+                                site.getusersitepackages()])))' \
     > "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_host_site_packages.pth"
 fi
 PIP=("$VENV/bin/python" -m pip install --quiet --no-index --find-links "$BUNDLE/wheels" --no-cache-dir)

@@ -20,6 +20,8 @@ def _bundle(tmp_path: Path) -> Path:
     for i, start in enumerate(range(0, len(payload), 4096)):
         (bundle / "parts" / f"big-1.0-py3-none-any.whl.part{i:03d}").write_bytes(payload[start:start + 4096])
     (bundle / "parts" / "SPLIT").write_text("wheels/big-1.0-py3-none-any.whl\n")
+    sums = "".join(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  ./{p.name}\n" for p in sorted((bundle / "parts").glob("*.part*")))
+    (bundle / "parts" / "PARTSUMS").write_text(sums)
     shutil.copy(ROOT / "scripts" / "airgap_install.sh", bundle / "install.sh")
     return bundle
 
@@ -42,5 +44,8 @@ def test_split_files_are_reassembled_and_checked(tmp_path):
 
     part = bundle / "parts" / "big-1.0-py3-none-any.whl.part001"
     part.write_bytes(b"x" + part.read_bytes()[1:])  # one damaged byte in transit
+    res = _install(bundle, sys.executable)
+    assert res.returncode == 1 and "copy them again" in res.stderr and "part001: FAILED" in res.stdout, res.stderr
+    (bundle / "parts" / "PARTSUMS").unlink()  # an older bundle: the whole-file checksum still catches it
     res = _install(bundle, sys.executable)
     assert res.returncode == 1 and "checksum mismatch" in res.stderr, res.stderr
