@@ -9,14 +9,13 @@ Shape legend: C clients, E experts, L MoE layers, R rounds.
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 
 from .plots import read_jsonl
-from .tables import cell_order, mean_std, results_table
+from .tables import cell_order, group_cells, mean_curves, mean_std, results_table
 
 def rounds_to_reach(curve: list[float], target: float) -> int | None:
     """First round (1-based) whose accuracy is at least ``target``; None if it never gets there."""
@@ -48,13 +47,6 @@ def collect_summaries(out: Path) -> list[dict]:
     return found
 
 
-def _by_cell(summaries: list[dict]) -> dict[tuple[float, str], list[dict]]:
-    cells: dict[tuple[float, str], list[dict]] = defaultdict(list)
-    for s in summaries:
-        cells[(s["alpha"], s["strategy"])].append(s)
-    return cells
-
-
 def _ordered(cells: dict) -> list:
     return sorted(cells, key=cell_order)
 
@@ -66,7 +58,7 @@ def convergence_rows(summaries: list[dict], reference: str = "fedavg") -> list[d
     the reference's mean rounds over the strategy's (above 1: faster than the reference), given only
     when every seed of both reached the target (otherwise it would compare the lucky seeds).
     """
-    cells = _by_cell(summaries)
+    cells = group_cells(summaries)
     rows = []
     for alpha in sorted({a for a, _ in cells}, reverse=True):
         ref = cells.get((alpha, reference))
@@ -98,7 +90,7 @@ def convergence_table(rows: list[dict]) -> str:
 
 def communication_rows(summaries: list[dict]) -> list[dict]:
     """Bytes per round per strategy (all clients together), from each run's metrics.jsonl."""
-    cells = _by_cell(summaries)
+    cells = group_cells(summaries)
     rows = []
     for key in _ordered(cells):
         if key[1] in ("local", "centralised"):
@@ -165,7 +157,7 @@ def routing_concentration(clients: dict[str, list]) -> tuple[float, float]:
 
 def routing_table(summaries: list[dict]) -> str:
     """Last round's routing per (alpha, strategy): spread between clients and concentration on experts."""
-    cells = _by_cell(summaries)
+    cells = group_cells(summaries)
     lines = ["| alpha | strategy | spread between clients (JS, nats) | largest expert share | normalised entropy |",
              "|---|---|---|---|---|"]
     for key in _ordered(cells):
@@ -221,7 +213,7 @@ def alignment_summary(diags: list[dict], num_clients: int) -> dict[str, float]:
 
 def alignment_table(summaries: list[dict]) -> str:
     """``alignment_summary`` per (alpha, strategy) of the FedAlign-MoE rungs, mean over seeds."""
-    cells = _by_cell(summaries)
+    cells = group_cells(summaries)
     lines = ["| alpha | strategy | p_g range | alpha(e) range | regulariser | mean |A(e)|/N | all merged | half or fewer merged |",
              "|---|---|---|---|---|---|---|---|"]
     for key in _ordered(cells):
@@ -238,18 +230,9 @@ def alignment_table(summaries: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _mean_curves(curves: list[list[float]]) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std per round over curves of possibly different lengths (missing rounds ignored)."""
-    R = max(len(c) for c in curves)
-    arr = np.full((len(curves), R), np.nan)
-    for i, c in enumerate(curves):
-        arr[i, :len(c)] = c
-    return np.nanmean(arr, 0), np.nanstd(arr, 0)
-
-
 def draw_routing_spread(summaries: list[dict], path: Path) -> Path | None:
     """Routing spread between clients per round, one panel per alpha, mean over seeds per strategy."""
-    cells = _by_cell(summaries)
+    cells = group_cells(summaries)
     alphas = sorted({a for a, _ in cells}, reverse=True)
     fig = Figure(figsize=(5.5 * len(alphas), 4))
     drawn = False
@@ -263,7 +246,7 @@ def draw_routing_spread(summaries: list[dict], path: Path) -> Path | None:
             curves = [c for c in curves if c]
             if not curves:
                 continue
-            mu, sd = _mean_curves(curves)
+            mu, sd = mean_curves(curves)
             x = np.arange(1, len(mu) + 1)
             ax.plot(x, mu, label=key[1])
             ax.fill_between(x, mu - sd, mu + sd, alpha=0.15)
@@ -312,13 +295,13 @@ def draw_aligned_fraction(summaries: list[dict], path: Path) -> Path | None:
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
     drawn = False
-    cells = _by_cell(summaries)
+    cells = group_cells(summaries)
     for key in _ordered(cells):
         curves = [aligned_fraction(read_jsonl(run_dir(s) / "diagnostics.jsonl"), s["num_clients"]) for s in cells[key]]
         curves = [c for c in curves if c]
         if not curves or key[1] in ("fedalign-uniform", "fedalign-consistency", "fedalign-adaptive"):
             continue  # rungs below semantic aggregation merge every client
-        mu, sd = _mean_curves(curves)
+        mu, sd = mean_curves(curves)
         x = np.arange(1, len(mu) + 1)
         ax.plot(x, mu, marker=".", label=f"{key[1]}, alpha {key[0]:g}")
         ax.fill_between(x, mu - sd, mu + sd, alpha=0.15)

@@ -29,11 +29,20 @@ def cell_order(key: tuple[float, str]) -> tuple:
     return (-key[0], order.get(key[1], len(order)), key[1])
 
 
-def _cells(summaries: list[dict]) -> dict[tuple[float, str], list[dict]]:
+def group_cells(summaries: list[dict]) -> dict[tuple[float, str], list[dict]]:
+    """Runs grouped by (alpha, strategy): one cell of every table, its seeds inside."""
     cells: dict[tuple[float, str], list[dict]] = defaultdict(list)
     for s in summaries:
         cells[(s["alpha"], s["strategy"])].append(s)
     return cells
+
+
+def mean_curves(curves: list[list[float]]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std per round over curves of possibly different lengths (missing rounds ignored)."""
+    arr = np.full((len(curves), max(len(c) for c in curves)), np.nan)
+    for i, c in enumerate(curves):
+        arr[i, :len(c)] = c
+    return np.nanmean(arr, 0), np.nanstd(arr, 0)
 
 
 def mean_std(values: list[float | None], scale: float = 1.0, digits: int = 3) -> str:
@@ -49,7 +58,7 @@ def results_table(summaries: list[dict]) -> str:
     """Markdown table, one row per (alpha, strategy), mean ± sample std over seeds."""
     head = "| alpha | strategy | seeds | " + " | ".join(name for _, name in COLUMNS) + " |"
     lines = [head, "|" + "---|" * (3 + len(COLUMNS))]
-    for (alpha, strategy), runs in sorted(_cells(summaries).items(), key=lambda kv: cell_order(kv[0])):
+    for (alpha, strategy), runs in sorted(group_cells(summaries).items(), key=lambda kv: cell_order(kv[0])):
         cols = []
         for key, _ in COLUMNS:
             if key == "uplink_bytes_total":
@@ -72,7 +81,7 @@ def write_results_table(summaries: list[dict], path: Path) -> Path:
 def draw_comparison(summaries: list[dict], out: Path) -> list[Path]:
     """Accuracy per round, one panel per alpha, one line (mean over seeds, band = std) per strategy."""
     written = []
-    cells = _cells(summaries)
+    cells = group_cells(summaries)
     alphas = sorted({a for a, _ in cells}, reverse=True)
     fig = Figure(figsize=(5.5 * len(alphas), 4))
     for i, alpha in enumerate(alphas):
@@ -83,10 +92,7 @@ def draw_comparison(summaries: list[dict], out: Path) -> list[Path]:
             curves = [r["accuracy_per_round"] for r in runs if r["accuracy_per_round"] and not r.get("stopped_early")]
             if not curves:
                 continue
-            padded = np.full((len(curves), max(map(len, curves))), np.nan)
-            for j, c in enumerate(curves):
-                padded[j, :len(c)] = c
-            mu, sd = np.nanmean(padded, 0), np.nanstd(padded, 0)
+            mu, sd = mean_curves(curves)
             x = np.arange(1, len(mu) + 1)
             ax.plot(x, mu, label=strategy)
             ax.fill_between(x, mu - sd, mu + sd, alpha=0.15)
