@@ -317,3 +317,21 @@ def test_plot_partition_writes_png(tmp_path: Path) -> None:
         out = plot_partition(rng.integers(0, 50, (10, classes)), [f"c{i}" for i in range(classes)],
                              tmp_path / "plots" / f"p{classes}.png", f"{classes} classes")
         assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+
+
+def test_validation_holdout_is_carved_from_the_training_pool() -> None:
+    from fedalign_moe.config import load_config
+    from fedalign_moe.training.setup import prepare_data
+
+    def texts(parts) -> Counter:
+        return Counter(t for part in parts for t in part["text"])
+
+    test_mode = prepare_data(load_config("tiny"))
+    val_mode = prepare_data(load_config("tiny", overrides={"data": {"holdout": "validation"}}))
+    pool = texts(test_mode.client_train + test_mode.client_test)  # the training pool of a reported run
+    assert texts(val_mode.client_train + val_mode.client_test + [val_mode.global_test]) == pool
+    # validation_fraction 0.2 of the pool, stratified by subject (small subjects give at least one each)
+    assert 0.2 <= len(val_mode.global_test) / sum(pool.values()) < 0.3
+    test_texts = set(test_mode.global_test["text"])
+    assert not test_texts & set(val_mode.global_test["text"]) - set(pool)  # the test split is never read
+    assert sum(texts(val_mode.client_test).values()) > 0

@@ -129,3 +129,27 @@ def test_a_stopped_run_is_named_and_left_out(tmp_path):
     assert "| 0.1 | fedavg | 1 |" in text  # only the complete run is in the tables
     from fedalign_moe.report.tables import draw_comparison
     assert draw_comparison(collect_summaries(tmp_path), tmp_path)[0].stat().st_size > 1000  # curves of unequal length
+
+
+def _configured(strategy, seed, **data):
+    s = _summary(strategy, seed, [0.5, 0.6])
+    s["config_json"] = json.dumps({"seed": seed, "out_dir": f"runs/{seed}", "data": data, "model": {"prefix_cache_dir": None}})
+    return s
+
+
+def test_a_cell_never_averages_different_setups():
+    from fedalign_moe.report.tables import MixedCellError, group_cells
+
+    same = [_configured("fedavg", 0, max_length=48), _configured("fedavg", 1, max_length=48)]
+    assert len(group_cells(same)[(0.1, "fedavg")]) == 2  # seeds and output folders may differ
+    with pytest.raises(MixedCellError, match="data.max_length"):
+        group_cells([_configured("fedavg", 0, max_length=48), _configured("fedavg", 1, max_length=64)])
+
+
+def test_tuning_runs_are_labelled_as_validation(tmp_path):
+    from fedalign_moe.report.tables import write_results_table
+
+    text = write_results_table([_configured("fedavg", 0, holdout="validation")], tmp_path / "r.md").read_text()
+    assert "global validation split" in text and "test split was not read" in text
+    text = write_results_table([_configured("fedavg", 0)], tmp_path / "r.md").read_text()
+    assert "global test split" in text and "validation" not in text

@@ -24,9 +24,10 @@ err_console = Console(stderr=True, highlight=False)
 def _user_errors() -> tuple[type[Exception], ...]:
     from .data import DataError
     from .models.build import ModelLoadError
+    from .report.tables import MixedCellError
     from .training.setup import RunSetupError
 
-    return (ConfigError, DataError, ModelLoadError, RunSetupError)
+    return (ConfigError, DataError, MixedCellError, ModelLoadError, RunSetupError)
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -155,7 +156,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory, or a c
     """Redraw the plots of a finished run, or the tables and figures of a comparison (finished runs so far)."""
     from .report.evidence import collect_summaries, complete_runs, write_evidence
     from .report.plots import draw_run
-    from .report.tables import draw_comparison, write_results_table
+    from .report.tables import MixedCellError, draw_comparison, group_cells, write_results_table
 
     if (run_dir / "metrics.jsonl").exists():
         for path in draw_run(run_dir):
@@ -164,6 +165,10 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory, or a c
     summaries = collect_summaries(run_dir)
     if not summaries:
         _fail(f"{run_dir} is neither a run directory (no metrics.jsonl) nor a comparison (no */summary.json)")
+    try:
+        group_cells(summaries)
+    except MixedCellError as err:
+        _fail(str(err))
     portable = [{k: v for k, v in s.items() if k != "run_dir"} for s in summaries]
     (run_dir / "results.json").write_text(json.dumps(portable, indent=2))
     write_results_table(complete_runs(summaries), run_dir / "results.md")

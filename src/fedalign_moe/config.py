@@ -45,6 +45,11 @@ class DataConfig(_Section):
     max_train: int | None = Field(None, ge=1)  # cap on the training pool (seeded subsample)
     max_test: int | None = Field(None, ge=1)
     local_test_fraction: float = Field(0.2, ge=0, lt=1)  # each client's own test split
+    # "test": evaluate on the held-out test splits (reported results). "validation": for tuning; a
+    # stratified validation_fraction of the training pool becomes the global evaluation set, each
+    # client's own evaluation split is carved from what is left, and the test split is never read.
+    holdout: Literal["test", "validation"] = "test"
+    validation_fraction: float = Field(0.2, gt=0, lt=1)
 
 
 class PartitionConfig(_Section):

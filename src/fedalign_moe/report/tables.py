@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+
+from ..config import Config
 
 # No "best round" column: picking the best round on the test split would be tuning on it.
 COLUMNS = (
@@ -29,11 +32,51 @@ def cell_order(key: tuple[float, str]) -> tuple:
     return (-key[0], order.get(key[1], len(order)), key[1])
 
 
+class MixedCellError(ValueError):
+    """Runs that would share a table cell were configured differently; one line for the user."""
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+_PER_SEED = {"seed", "out_dir", "model.prefix_cache_dir"}  # may differ between the seeds of one cell
+
+
+def _setup(config_json: str) -> dict[str, object]:
+    """A run's config with defaults filled in (runs written before a field existed used its default)."""
+    try:
+        return _flat(Config.from_json(config_json).model_dump(mode="json"))
+    except ValueError:
+        return _flat(json.loads(config_json))
+
+
+def _check_same_setup(cell: tuple[float, str], runs: list[dict]) -> None:
+    configs = [_setup(r["config_json"]) for r in runs if "config_json" in r]
+    for other in configs[1:]:
+        differ = sorted(k for k in configs[0].keys() | other.keys()
+                        if k not in _PER_SEED and configs[0].get(k) != other.get(k))
+        if differ:
+            raise MixedCellError(f"runs of {cell[1]} at alpha {cell[0]:g} differ in {', '.join(differ[:4])}: "
+                                 f"a table cell would average different setups; keep each setup in its own folder")
+
+
 def group_cells(summaries: list[dict]) -> dict[tuple[float, str], list[dict]]:
-    """Runs grouped by (alpha, strategy): one cell of every table, its seeds inside."""
+    """Runs grouped by (alpha, strategy): one cell of every table, its seeds inside.
+
+    Raises ``MixedCellError`` when the runs of one cell differ in anything but the seed.
+    """
     cells: dict[tuple[float, str], list[dict]] = defaultdict(list)
     for s in summaries:
         cells[(s["alpha"], s["strategy"])].append(s)
+    for cell, runs in cells.items():
+        _check_same_setup(cell, runs)
     return cells
 
 
@@ -71,9 +114,17 @@ def results_table(summaries: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def holdouts(summaries: list[dict]) -> set[str]:
+    """The evaluation splits of these runs: ``"test"``, or ``"validation"`` for tuning runs."""
+    return {json.loads(s["config_json"])["data"].get("holdout", "test") for s in summaries if "config_json" in s}
+
+
 def write_results_table(summaries: list[dict], path: Path) -> Path:
-    path.write_text("# Results\n\nMean ± std over seeds (sample std). Accuracy of the global model on the "
-                    "global test split, and of each client's own model on its own test split.\n\n"
+    split = "/".join(sorted(holdouts(summaries))) or "test"
+    note = ("\n\nTuning runs: the evaluation splits are validation splits carved from the training pool "
+            "(`data.holdout = \"validation\"`); the test split was not read." if "validation" in split else "")
+    path.write_text(f"# Results\n\nMean ± std over seeds (sample std). Accuracy of the global model on the "
+                    f"global {split} split, and of each client's own model on its own {split} split.{note}\n\n"
                     + results_table(summaries))
     return path
 

@@ -44,11 +44,17 @@ class FederatedData:
 
 
 def prepare_data(cfg: Config) -> FederatedData:
-    """Load, split (global test held out), partition over clients, split each client train/test."""
+    """Load, split (global test held out), partition over clients, split each client train/test.
+
+    With ``data.holdout = "validation"`` the global and the clients' evaluation splits are validation
+    splits carved from the training pool, and the test split is set aside unread.
+    """
     d, p = cfg.data, cfg.partition
     source = load_source(d.source, path=d.path, text_column=d.text_column, label_column=d.label_column,
                          wordnet_dir=d.wordnet_dir, seed=cfg.seed)
     train, test = train_test_split(source, d.test_fraction, seed=cfg.seed, max_train=d.max_train, max_test=d.max_test)
+    if d.holdout == "validation":  # tuning: evaluate on data carved from the training pool only
+        train, test = train_test_split(train, d.validation_fraction, seed=cfg.seed + 1)
     if p.num_clients > len(train.dataset):
         raise RunSetupError(f"{p.num_clients} clients but only {len(train.dataset)} training examples")
     parts = partition(train, p.scheme, p.num_clients, alpha=p.alpha, classes_per_client=p.classes_per_client,
