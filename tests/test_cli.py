@@ -95,11 +95,13 @@ def test_compare_writes_a_mean_std_table(tmp_path):
 
 
 def test_compare_federated_grid_writes_the_evidence_report(tmp_path):
-    """The issue-4 machinery end to end on a tiny grid: FedAvg vs FedAlign-MoE, then `report` on the folder."""
+    """The issue-4 machinery end to end on a tiny grid: FedAvg vs FedAlign-MoE and FedMoE, then `report`."""
     out = tmp_path / "cmp"
-    res = _cli("compare", "--preset", "tiny", "--strategies", "fedavg,fedalign", "--alphas", "0.5",
-               "--seeds", "0", "--rounds", "2", "--out", str(out))
+    res = _cli("compare", "--preset", "tiny", "--strategies", "fedavg,fedalign,fedmoe", "--alphas", "0.5",
+               "--seeds", "0", "--rounds", "2", "--out", str(out), "--set", "federation.fedmoe_coverage=0.5")
     assert res.returncode == 0, res.stderr[-3000:]
+    up = {s["strategy"]: s["uplink_bytes_total"] for s in json.loads((out / "results.json").read_text())}
+    assert up["fedmoe"] < up["fedavg"] < up["fedalign"]  # FedMoE's clients send their sub-MoE only
     text = (out / "evidence.md").read_text()
     assert "| 0.5 | fedalign | 1 |" in text and "| 0.5 | fedavg | 1 |" in text
     comm = [l for l in text.splitlines() if l.startswith("| 0.5 | fedalign |") and "%" in l]
@@ -110,4 +112,4 @@ def test_compare_federated_grid_writes_the_evidence_report(tmp_path):
     out.rename(moved)  # the report reads the run folders where they are now
     res = _cli("report", str(moved))
     assert res.returncode == 0 and "## Convergence" in res.stdout, res.stderr[-3000:]
-    assert len(json.loads((moved / "results.json").read_text())) == 2
+    assert len(json.loads((moved / "results.json").read_text())) == 3

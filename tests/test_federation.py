@@ -13,11 +13,12 @@ from fedalign_moe.federation.server import client_rows, record_bytes
 from fedalign_moe.federation.strategies import make_strategy
 
 
-def _reply(tensors: dict, n: int, pid: int) -> Message:
+def _reply(tensors: dict | ArrayRecord, n: int, pid: int, routing_n: list[float] | None = None) -> Message:
     metrics = MetricRecord({keys.NUM_EXAMPLES: n, keys.PARTITION_ID: pid, keys.TRAIN_LOSS: 1.0 + pid,
                             keys.LOCAL_ACCURACY: 0.5, keys.LOCAL_TEST_EXAMPLES: 4,
-                            keys.ROUTING_P: [0.25] * 4, keys.ROUTING_N: [1.0] * 4})
-    content = RecordDict({keys.ARRAYS: ArrayRecord(tensors), keys.METRICS: metrics})
+                            keys.ROUTING_P: [0.25] * 4, keys.ROUTING_N: routing_n or [1.0] * 4})
+    arrays = tensors if isinstance(tensors, ArrayRecord) else ArrayRecord(tensors)
+    content = RecordDict({keys.ARRAYS: arrays, keys.METRICS: metrics})
     meta = Metadata(run_id=1, message_id=f"m{pid}", src_node_id=pid + 1, dst_node_id=0, reply_to_message_id="x",
                     group_id="1", created_at=0.0, ttl=60.0, message_type="train")
     return Message(content=content, metadata=meta)
@@ -36,6 +37,31 @@ def test_aggregation_is_the_example_weighted_average(strategy):
         # by hand: (10 w0 + 30 w1 + 60 w2) / 100
         expected = (10 * updates[0][name] + 30 * updates[1][name] + 60 * updates[2][name]) / 100
         assert torch.allclose(got[name], expected, atol=1e-6)
+
+
+def test_fedmoe_clients_upload_their_sub_moe_only_and_the_server_aggregates_the_same():
+    from fedalign_moe.core.aggregate import LayerNames
+    from fedalign_moe.core.fedmoe import fedmoe_aggregate
+    from fedalign_moe.federation.fedmoe import FedMoE, pack_update
+    from fedalign_moe.models.base import MoELayerLayout, MoELayout
+
+    layout = MoELayout(num_experts=4, top_k=1, layers=(MoELayerLayout(0, "r", ("x",)),))
+    g = torch.Generator().manual_seed(0)
+    glob = {"r": torch.randn(4, 3, generator=g), "x": torch.randn(4, 2, 5, generator=g), "head": torch.randn(6, generator=g)}
+    states = [{k: v + torch.randn(v.shape, generator=g) for k, v in glob.items()} for _ in range(3)]
+    counts = [[50.0, 50.0, 0.0, 0.0], [0.0, 0.0, 80.0, 20.0], [97.0, 1.0, 1.0, 1.0]]  # sub-MoEs at coverage 0.9:
+    strategy = FedMoE(layout, coverage=0.9)                                            # {0,1}, {2,3}, {0}
+    strategy.global_state = glob
+    packed = [pack_update(s, layout, torch.tensor([n]), 0.9) for s, n in zip(states, counts)]
+    assert [tuple(a["x"].shape) for a in packed] == [(2, 2, 5), (2, 2, 5), (1, 2, 5)]
+    full_bytes = record_bytes(RecordDict({"a": ArrayRecord(states[2])}))
+    assert record_bytes(RecordDict({"a": packed[2]})) < full_bytes  # three of four experts stay home
+    arrays, _ = strategy.aggregate_train(1, [_reply(a, 10, i, n) for i, (a, n) in enumerate(zip(packed, counts))])
+    expected, _ = fedmoe_aggregate(glob, states, torch.tensor([10.0] * 3), torch.tensor(counts).reshape(3, 1, 4),
+                                   [LayerNames("r", ("x",))], 0.9, 1)
+    got = arrays.to_torch_state_dict()
+    for name in glob:
+        assert torch.allclose(got[name], expected[name].float(), atol=1e-6)
 
 
 def test_fedprox_sends_its_mu_to_clients():

@@ -7,7 +7,7 @@ module: an expert is averaged over the clients whose sub-MoE holds it. What is i
 - expert e = average over the clients whose sub-MoE holds e, weighted by the tokens they routed to
   e; held by nobody: unchanged; router row e: the same weights; other parameters: FedAvg.
 Approximated: FedMoE's clients train only their sub-MoE (saving memory); here every client trains the
-full model and the sub-MoE decides what the server takes from it. The "global expert recommendation"
+full model, then chooses its sub-MoE and uploads only those experts (and router rows) with the rest. The "global expert recommendation"
 that adjusts sub-MoEs over rounds is the per-round re-selection from fresh activation counts.
 Shapes: C clients, L MoE layers, E experts.
 """
@@ -33,12 +33,41 @@ def sub_moe(n_E: torch.Tensor, coverage: float, top_k: int) -> torch.Tensor:
     return mask
 
 
+def sub_moe_LE(n_LE: torch.Tensor, coverage: float, top_k: int) -> torch.Tensor:
+    """Boolean [L, E]: one client's sub-MoE in every MoE layer, from its routed-token counts [L, E]."""
+    return torch.stack([sub_moe(n_E, coverage, top_k) for n_E in n_LE])
+
+
+def keep_rows(state: dict[str, torch.Tensor], layers: list[LayerNames], held_LE: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What a client uploads: its state with router and expert tensors cut to the held experts' rows."""
+    out = dict(state)
+    for layer, held_E in zip(layers, held_LE):
+        for name in (layer.router, *layer.experts):
+            if name in out:
+                out[name] = out[name][held_E]
+    return out
+
+
+def restore_rows(sent: dict[str, torch.Tensor], global_state: dict[str, torch.Tensor], layers: list[LayerNames],
+                 held_LE: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Inverse of ``keep_rows`` on the server: rows of experts the client does not hold take the global value
+    (``fedmoe_aggregate`` never reads them)."""
+    out = dict(sent)
+    for layer, held_E in zip(layers, held_LE):
+        for name in (layer.router, *layer.experts):
+            if name in out:
+                full = global_state[name].clone()
+                full[held_E] = out[name]
+                out[name] = full
+    return out
+
+
 def fedmoe_aggregate(global_state: dict[str, torch.Tensor], client_states: list[dict[str, torch.Tensor]],
                      examples_C: torch.Tensor, n_CLE: torch.Tensor, layers: list[LayerNames], coverage: float,
                      top_k: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """New global state and the sub-MoE masks [C, L, E] that decided it."""
     C, L, E = n_CLE.shape
-    held_CLE = torch.stack([torch.stack([sub_moe(n_CLE[c, l], coverage, top_k) for l in range(L)]) for c in range(C)])
+    held_CLE = torch.stack([sub_moe_LE(n_CLE[c], coverage, top_k) for c in range(C)])
     moe_names = {n for layer in layers for n in (layer.router, *layer.experts)}
     fedavg_C = examples_C.double() / examples_C.sum()
     state = {n: (t.clone() if n in moe_names else fedavg_tensor([cs[n] for cs in client_states], fedavg_C))

@@ -14,7 +14,7 @@ from flwr.clientapp import ClientApp
 from ..training.alignment import ClientAligner
 from ..training.local import evaluate, load_state, train_local, trainable_state
 from ..training.setup import Workspace, cached_workspace
-from . import fedalign, keys
+from . import fedalign, fedmoe, keys
 
 app = ClientApp()
 
@@ -58,7 +58,13 @@ def train(msg: Message, context: Context) -> Message:
         keys.ROUTING_P: result.routing.distribution_LE().reshape(-1).tolist(),
         keys.ROUTING_N: result.routing.topk_count_LE.reshape(-1).tolist(),
     })
-    content = RecordDict({keys.ARRAYS: ArrayRecord(trainable_state(ws.built.model, ws.built.trainable)), keys.METRICS: metrics})
+    state = trainable_state(ws.built.model, ws.built.trainable)
+    if ws.cfg.federation.strategy == "fedmoe":  # FedMoE uploads its sub-MoE only
+        update = fedmoe.pack_update(state, ws.built.adapter.layout, result.routing.topk_count_LE,
+                                    ws.cfg.federation.fedmoe_coverage)
+    else:
+        update = ArrayRecord(state)
+    content = RecordDict({keys.ARRAYS: update, keys.METRICS: metrics})
     if aligner is not None:
         metrics[fedalign.REG_VALUE] = aligner.mean_regulariser()
         content[fedalign.STATS] = ArrayRecord(aligner.statistics())

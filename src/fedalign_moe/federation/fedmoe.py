@@ -3,7 +3,9 @@
 Paper: Mei, Cai, Zhou, Wang, Xu, "FedMoE: Personalized Federated Learning via Heterogeneous Mixture
 of Experts", arXiv 2408.11304 (2024). What is implemented and what is approximated: ``core.fedmoe``
 and docs/baselines.md. Glue only: the clients' routed-token counts (``routing-n``, sent by every
-client) choose each client's sub-MoE; ``core.fedmoe.fedmoe_aggregate`` does the arithmetic.
+client) choose each client's sub-MoE; the client uploads only the router rows and experts of its
+sub-MoE (``pack_update``), the server puts them back in place (``FedMoE.aggregate_train``) and
+``core.fedmoe.fedmoe_aggregate`` does the arithmetic.
 """
 
 from __future__ import annotations
@@ -16,9 +18,18 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from ..core.aggregate import LayerNames
-from ..core.fedmoe import fedmoe_aggregate
+from ..core.fedmoe import fedmoe_aggregate, keep_rows, restore_rows, sub_moe_LE
 from ..models.base import MoELayout
 from . import keys
+
+
+def _layers(layout: MoELayout) -> list[LayerNames]:
+    return [LayerNames(l.router, l.experts) for l in layout.layers]
+
+
+def pack_update(state: dict[str, torch.Tensor], layout: MoELayout, n_LE: torch.Tensor, coverage: float) -> ArrayRecord:
+    """Client side: the trainable state with MoE tensors cut to the sub-MoE chosen by the counts ``n_LE``."""
+    return ArrayRecord(keep_rows(state, _layers(layout), sub_moe_LE(n_LE.double(), coverage, layout.top_k)))
 
 
 class FedMoE(FedAvg):
@@ -53,9 +64,11 @@ class FedMoE(FedAvg):
         L, E = len(self.layout.layers), self.layout.num_experts
         n_CLE = torch.tensor([list(c[keys.METRICS][keys.ROUTING_N]) for c in contents], dtype=torch.float64).reshape(-1, L, E)
         examples_C = torch.tensor([float(c[keys.METRICS][keys.NUM_EXAMPLES]) for c in contents])
-        layers = [LayerNames(l.router, l.experts) for l in self.layout.layers]
-        state, self.held_CLE = fedmoe_aggregate(self.global_state, [c[self.arrayrecord_key].to_torch_state_dict() for c in contents],
-                                                examples_C, n_CLE, layers, self.coverage, self.layout.top_k)
+        layers = _layers(self.layout)
+        states = [restore_rows(c[self.arrayrecord_key].to_torch_state_dict(), self.global_state, layers,
+                               sub_moe_LE(n_LE, self.coverage, self.layout.top_k)) for c, n_LE in zip(contents, n_CLE)]
+        state, self.held_CLE = fedmoe_aggregate(self.global_state, states, examples_C, n_CLE, layers,
+                                                self.coverage, self.layout.top_k)
         self.last_partition_ids = [int(c[keys.METRICS][keys.PARTITION_ID]) for c in contents]
         return ArrayRecord(state), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
