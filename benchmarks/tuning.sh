@@ -15,7 +15,6 @@ setups=(  # folder | strategy | extra settings
   "fedalign|fedalign|"
   "fedprox-mu0.1|fedprox|train.proximal_mu=0.1"
   "fedprox|fedprox|"
-  "fedavg|fedavg|"
 )
 for seed in ${seeds//,/ }; do  # seed by seed: a partial sweep still covers every setup
   for setup in "${setups[@]}"; do
