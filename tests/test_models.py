@@ -82,6 +82,13 @@ def test_multiple_choice_scores_the_answer_letters():
     last = mask.sum(1) - 1
     full = out.logits[torch.arange(3), last][:, built.model.label_token_ids]
     assert torch.allclose(scores, full, atol=1e-4)
+    # a prompt longer than max_length loses its beginning, never the "Answer:" cue the letters follow
+    from fedalign_moe.training.local import tokenize
+
+    long = "word " * 200 + "\nA. x\nB. y\nC. z\nD. w\nAnswer:"
+    ids = tokenize(built.tokenizer, [long], [0], max_length=16).input_ids_NS[0]
+    text = built.tokenizer.decode(ids, skip_special_tokens=True).lower().replace(" ", "")
+    assert text.endswith("d.wanswer:") and text.count("word") < 10
 
 
 def test_minilm_upcycling_preserves_the_dense_encoder():

@@ -107,6 +107,8 @@ def _backbone(cfg: ModelConfig, label_names: list[str], task: str, seed: int):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
+    if task == "multiple-choice":  # the answer is read after the prompt's last token ("Answer:"): keep the end
+        tok.truncation_side = "left"
     model = _causal_task_model(lm, tok, label_names, task)
     return model, tok, HFMoEAdapter.from_model(model, lm.config)
 
