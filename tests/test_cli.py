@@ -64,6 +64,7 @@ def test_overrides_and_files_merge_in_order(tmp_path):
 
 
 def test_local_and_centralised_runs_write_the_contract(tmp_path):
+    tokens = {}
     for strategy in ("local", "centralised"):
         out = tmp_path / strategy
         res = _cli("run", "--preset", "tiny", "--strategy", strategy, "--rounds", "2", "--out", str(out))
@@ -72,6 +73,8 @@ def test_local_and_centralised_runs_write_the_contract(tmp_path):
         assert summary["strategy"] == strategy and len(summary["accuracy_per_round"]) == 2
         assert summary["uplink_bytes_total"] == 0
         assert (out / "accuracy.png").exists() and (out / "partition.png").exists()
+        tokens[strategy] = summary["train_tokens_total"]
+    assert tokens["local"] == tokens["centralised"] > 0  # both pass over every client's split once a round
 
 
 def test_compare_writes_a_mean_std_table(tmp_path):

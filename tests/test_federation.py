@@ -80,7 +80,8 @@ def test_record_bytes_counts_every_array_payload():
 def test_client_rows_skip_failed_replies():
     ok = _reply({"w": torch.zeros(1)}, 5, 2)
     rows = client_rows([ok])
-    assert rows == [{"partition_id": 2, "num_examples": 5, "train_loss": 3.0, "local_accuracy": 0.5, "local_test_examples": 4}]
+    assert rows == [{"partition_id": 2, "num_examples": 5, "train_loss": 3.0, "local_accuracy": 0.5, "local_test_examples": 4,
+                     "train_tokens": 0, "train_seconds": 0.0}]  # a reply without throughput figures counts none
 
 
 def test_flower_simulation_end_to_end(tmp_path):
@@ -114,6 +115,10 @@ def test_flower_simulation_end_to_end(tmp_path):
     ws = open_workspace(cfg)
     load_state(ws.built.model, load_file(out / "global_trainable.safetensors"))
     assert evaluate(ws.built.model, ws.global_test(), 64)["accuracy"] == pytest.approx(summary["final_accuracy"])
+    # throughput: every client trains one epoch over its split each round, so every real token once a round
+    tokens_per_round = sum(int(ws.client(pid)[0].attention_mask_NS.sum()) for pid in range(3))
+    assert [r["train_tokens"] for r in rounds] == [tokens_per_round] * 2
+    assert summary["train_tokens_total"] == 2 * tokens_per_round and summary["train_tokens_per_second"] > 0
 
 
 def test_replies_are_aggregated_in_partition_order():

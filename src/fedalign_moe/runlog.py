@@ -73,7 +73,23 @@ class RunLog:
             "uplink_bytes_total": int(sum(r["uplink_bytes"] for r in self.rounds)),
             "downlink_bytes_total": int(sum(r["downlink_bytes"] for r in self.rounds)),
             "wall_seconds": round(time.perf_counter() - self.started, 2),
+            **_throughput(self.rounds),
         }
         summary.update(extra)
         self.write_json("summary.json", summary)
         return summary
+
+
+def _throughput(rounds: list[dict]) -> dict:
+    """Training tokens of the run, and tokens per second of one training process (summed tokens over
+    summed per-client training seconds: what one client process sustains, whatever ran in parallel)."""
+    tokens = int(sum(r.get("train_tokens", 0) for r in rounds))
+    seconds = sum(r.get("train_seconds", 0.0) for r in rounds)
+    return {"train_tokens_total": tokens,
+            "train_tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None}
+
+
+def training_totals(rows: list[dict]) -> dict:
+    """A round's training tokens, and its training seconds summed over clients (process-seconds)."""
+    return {"train_tokens": sum(r.get("train_tokens", 0) for r in rows),
+            "train_seconds": round(sum(r.get("train_seconds", 0.0) for r in rows), 3)}

@@ -52,6 +52,8 @@ def train(msg: Message, context: Context) -> Message:
         keys.PARTITION_ID: pid,
         keys.TRAIN_LOSS: result.loss,
         keys.TRAIN_STEPS: result.steps,
+        keys.TRAIN_TOKENS: result.tokens,
+        keys.TRAIN_SECONDS: result.seconds,
         keys.LOCAL_ACCURACY: local["accuracy"],
         keys.LOCAL_LOSS: local["loss"],
         keys.LOCAL_TEST_EXAMPLES: local["num-examples"],

@@ -15,7 +15,7 @@ from flwr.serverapp import Grid
 from safetensors.torch import save_file
 
 from ..config import Config
-from ..runlog import RunLog
+from ..runlog import RunLog, training_totals
 from ..training.local import evaluate, load_state, release_memory, trainable_state
 from ..training.setup import Workspace
 from . import keys
@@ -45,6 +45,8 @@ def client_rows(replies: Iterable[Message]) -> list[dict]:
             "train_loss": float(m[keys.TRAIN_LOSS]),
             "local_accuracy": float(m[keys.LOCAL_ACCURACY]),
             "local_test_examples": int(m[keys.LOCAL_TEST_EXAMPLES]),
+            "train_tokens": int(m[keys.TRAIN_TOKENS]) if keys.TRAIN_TOKENS in m else 0,
+            "train_seconds": float(m[keys.TRAIN_SECONDS]) if keys.TRAIN_SECONDS in m else 0.0,
         })
     return sorted(rows, key=lambda r: r["partition_id"])
 
@@ -108,7 +110,7 @@ def run_federation(grid: Grid, ws: Workspace, log: RunLog,
             "local_accuracy": _weighted_local_accuracy(rows),
             "train_loss": sum(r["train_loss"] * r["num_examples"] for r in rows) / max(sum(r["num_examples"] for r in rows), 1),
             "uplink_bytes": uplink, "downlink_bytes": downlink, "stats_uplink_bytes": stats_uplink,
-            "failures": len(messages) - len(rows),
+            "failures": len(messages) - len(rows), **training_totals(rows),
             "seconds": round(time.perf_counter() - t0, 3), "clients": rows,
         }
         log.add_round(record)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -118,6 +119,8 @@ class TrainResult:
     num_examples: int
     steps: int
     routing: RoutingTally
+    tokens: int = 0  # non-padding tokens trained on (forward and backward)
+    seconds: float = 0.0  # wall time of the local training loop
 
 
 def _proximal_term(model: nn.Module, anchor: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -145,6 +148,7 @@ def train_local(model: nn.Module, adapter: MoEAdapter, data: ClientTensors, name
     tally = RoutingTally.empty(len(adapter.layout.layers), adapter.num_experts)
     model.train()
     loss_sum, seen, step, order = 0.0, 0, 0, torch.empty(0, dtype=torch.long)
+    tokens, t0 = 0, time.perf_counter()
     with adapter.recorder(keep_grad=False) as rec:
         while step < total and len(data) > 0:
             if order.numel() == 0:
@@ -164,11 +168,14 @@ def train_local(model: nn.Module, adapter: MoEAdapter, data: ClientTensors, name
             optimizer.step()
             tally.add(rec.records, batch["attention_mask_BS"], adapter.top_k)
             loss_sum, seen, step = loss_sum + float(loss.detach()) * len(idx), seen + len(idx), step + 1
+            tokens += int(batch["attention_mask_BS"].sum())
             if on_step is not None:
                 on_step(step, float(loss.detach()))
+    seconds = time.perf_counter() - t0
     del optimizer, anchor
     release_memory()
-    return TrainResult(loss=loss_sum / max(seen, 1), num_examples=len(data), steps=step, routing=tally)
+    return TrainResult(loss=loss_sum / max(seen, 1), num_examples=len(data), steps=step, routing=tally,
+                       tokens=tokens, seconds=seconds)
 
 
 @torch.no_grad()

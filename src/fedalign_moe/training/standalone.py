@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..runlog import RunLog
+from ..runlog import RunLog, training_totals
 from .local import ClientTensors, evaluate, load_state, train_local, trainable_state
 from .setup import Workspace
 
@@ -49,13 +49,14 @@ def run_local(ws: Workspace, log: RunLog, on_round: Callable[[dict], None] | Non
             g, o = evaluate(model, test, cfg.train.eval_batch_size, ws.device), evaluate(model, own_test, cfg.train.eval_batch_size, ws.device)
             glob.append(g), loc.append(o)
             rows.append({"partition_id": pid, "num_examples": len(train), "train_loss": res.loss,
-                         "local_accuracy": o["accuracy"], "local_test_examples": len(own_test)})
+                         "local_accuracy": o["accuracy"], "local_test_examples": len(own_test),
+                         "train_tokens": res.tokens, "train_seconds": round(res.seconds, 3)})
         record = {
             "round": rnd, "accuracy": sum(g["accuracy"] for g in glob) / n, "loss": sum(g["loss"] for g in glob) / n,
             "local_accuracy": _weighted_mean([o["accuracy"] for o in loc], [len(ws.client(p)[1]) for p in range(n)]),
             "train_loss": _weighted_mean([r["train_loss"] for r in rows], [r["num_examples"] for r in rows]),
-            "uplink_bytes": 0, "downlink_bytes": 0, "failures": 0, "seconds": round(time.perf_counter() - t0, 3),
-            "clients": rows,
+            "uplink_bytes": 0, "downlink_bytes": 0, "failures": 0, **training_totals(rows),
+            "seconds": round(time.perf_counter() - t0, 3), "clients": rows,
         }
         log.add_round(record)
         if on_round:
@@ -81,7 +82,9 @@ def run_centralised(ws: Workspace, log: RunLog, on_round: Callable[[dict], None]
         record = {
             "round": rnd, "accuracy": g["accuracy"], "loss": g["loss"],
             "local_accuracy": _weighted_mean(own, [len(t) for t in own_tests]), "train_loss": res.loss,
-            "uplink_bytes": 0, "downlink_bytes": 0, "failures": 0, "seconds": round(time.perf_counter() - t0, 3),
+            "uplink_bytes": 0, "downlink_bytes": 0, "failures": 0,
+            "train_tokens": res.tokens, "train_seconds": round(res.seconds, 3),
+            "seconds": round(time.perf_counter() - t0, 3),
         }
         log.add_round(record)
         if on_round:
