@@ -116,3 +116,13 @@ def test_compare_federated_grid_writes_the_evidence_report(tmp_path):
     res = _cli("report", str(moved))
     assert res.returncode == 0 and "## Convergence" in res.stdout, res.stderr[-3000:]
     assert len(json.loads((moved / "results.json").read_text())) == 3
+
+
+def test_a_run_of_an_older_strategy_revision_is_run_again():
+    from fedalign_moe.experiment import _same_result
+
+    fedmoe = load_config("tiny", overrides={"federation": {"strategy": "fedmoe"}})
+    assert _same_result({"config_json": fedmoe.to_json(), "strategy_revision": 2}, fedmoe)
+    assert not _same_result({"config_json": fedmoe.to_json()}, fedmoe)  # FedMoE before sub-MoE uploads
+    fedavg = load_config("tiny")
+    assert _same_result({"config_json": fedavg.to_json()}, fedavg)  # unchanged strategies keep their runs

@@ -52,16 +52,24 @@ def test_fedmoe_clients_upload_their_sub_moe_only_and_the_server_aggregates_the_
     counts = [[50.0, 50.0, 0.0, 0.0], [0.0, 0.0, 80.0, 20.0], [97.0, 1.0, 1.0, 1.0]]  # sub-MoEs at coverage 0.9:
     strategy = FedMoE(layout, coverage=0.9)                                            # {0,1}, {2,3}, {0}
     strategy.global_state = glob
-    packed = [pack_update(s, layout, torch.tensor([n]), 0.9) for s, n in zip(states, counts)]
+    packed, held = zip(*(pack_update(s, layout, torch.tensor([n]), 0.9) for s, n in zip(states, counts)))
     assert [tuple(a["x"].shape) for a in packed] == [(2, 2, 5), (2, 2, 5), (1, 2, 5)]
+    assert list(held) == [[1, 1, 0, 0], [0, 0, 1, 1], [1, 0, 0, 0]]
     full_bytes = record_bytes(RecordDict({"a": ArrayRecord(states[2])}))
     assert record_bytes(RecordDict({"a": packed[2]})) < full_bytes  # three of four experts stay home
-    arrays, _ = strategy.aggregate_train(1, [_reply(a, 10, i, n) for i, (a, n) in enumerate(zip(packed, counts))])
+    replies = [_reply(a, 10, i, n) for i, (a, n) in enumerate(zip(packed, counts))]
+    for reply, h in zip(replies, held):
+        reply.content[keys.METRICS][keys.FEDMOE_HELD] = h
+    arrays, _ = strategy.aggregate_train(1, replies)
     expected, _ = fedmoe_aggregate(glob, states, torch.tensor([10.0] * 3), torch.tensor(counts).reshape(3, 1, 4),
                                    [LayerNames("r", ("x",))], 0.9, 1)
     got = arrays.to_torch_state_dict()
-    for name in glob:
-        assert torch.allclose(got[name], expected[name].float(), atol=1e-6)
+    for name in glob:  # the rows a client kept home had weight 0 anyway: the same aggregate, bit for bit
+        assert torch.equal(got[name], expected[name].float())
+    # an upload whose rows do not match its reported sub-MoE is dropped, not aggregated and not fatal
+    replies[2].content[keys.METRICS][keys.FEDMOE_HELD] = [1, 1, 0, 0]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert strategy.last_partition_ids == [0, 1]
 
 
 def test_fedprox_sends_its_mu_to_clients():

@@ -12,6 +12,7 @@ def test_sub_moe_covers_the_requested_share_with_the_fewest_experts():
     assert sub_moe(n, 0.9, top_k=1).tolist() == [True, True, True, False]
     assert sub_moe(n, 0.4, top_k=2).tolist() == [True, True, False, False]  # at least k
     assert not sub_moe(torch.zeros(4), 0.9, top_k=1).any()
+    assert sub_moe(torch.tensor([10.0, 40.0, 40.0, 10.0]), 0.4, top_k=1).tolist() == [False, True, False, False]  # tie: lower index
 
 
 def test_module_wise_aggregation():

@@ -144,6 +144,12 @@ def test_a_cell_never_averages_different_setups():
     assert len(group_cells(same)[(0.1, "fedavg")]) == 2  # seeds and output folders may differ
     with pytest.raises(MixedCellError, match="data.max_length"):
         group_cells([_configured("fedavg", 0, max_length=48), _configured("fedavg", 1, max_length=64)])
+    older = _configured("fedavg", 1, max_length=48)
+    older["strategy_revision"] = 0  # measured by an older version of the strategy
+    with pytest.raises(MixedCellError, match="strategy_revision"):
+        group_cells([same[0], older])
+    with pytest.raises(MixedCellError, match="data.holdout"):  # across cells too: the tables name one split
+        group_cells([_configured("fedavg", 0, holdout="validation"), _configured("fedprox", 0)])
 
 
 def test_tuning_runs_are_labelled_as_validation(tmp_path):

@@ -23,6 +23,15 @@ FEDALIGN_RUNGS = {
     "fedalign": {},  # the full method: the FedAlignConfig defaults, or whatever the user set
 }
 STRATEGIES = ("fedavg", "fedprox", "fedmoe", "local", "centralised", *FEDALIGN_RUNGS)
+# Bumped when a strategy's code changes what its runs measure: `compare` runs a finished cell of an older
+# revision again, and no table averages two revisions. fedmoe 2: clients upload their sub-MoE only.
+STRATEGY_REVISIONS = {"fedmoe": 2}
+
+
+def strategy_revision(strategy: str) -> int:
+    return STRATEGY_REVISIONS.get(strategy, 1)
+
+
 FAMILY_BACKBONES = ("tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-olmoe")
 
 

@@ -10,7 +10,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import Config
+from .config import Config, strategy_revision
 from .federation.strategies import FEDERATED
 from .report.evidence import complete_runs, write_evidence
 from .report.plots import draw_run
@@ -53,6 +53,8 @@ def _same_result(summary: dict, cfg: Config) -> bool:
     """A finished run counts if its config differs at most in where files went (the folder may have moved)."""
     if summary.get("stopped_early"):
         return False  # an interrupted run is run again
+    if summary.get("strategy_revision", 1) != strategy_revision(cfg.federation.strategy):
+        return False  # measured by an older version of the strategy
     try:
         return Config.from_json(summary["config_json"]).result_key() == cfg.result_key()
     except (KeyError, ValueError):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config
+from .config import Config, strategy_revision
 
 ROUND_KEYS = ("round", "accuracy", "loss", "uplink_bytes", "downlink_bytes", "seconds")
 RUN_FILES = ("metrics.jsonl", "routing.jsonl", "diagnostics.jsonl", "summary.json")  # a new run starts them afresh
@@ -56,6 +56,7 @@ class RunLog:
         local = [r["local_accuracy"] for r in self.rounds if r.get("local_accuracy") is not None]
         summary = {
             "strategy": self.cfg.federation.strategy,
+            "strategy_revision": strategy_revision(self.cfg.federation.strategy),
             "preset": self.cfg.preset,
             "dataset": self.cfg.data.source,
             "backbone": self.cfg.model.backbone,

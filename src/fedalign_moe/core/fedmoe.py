@@ -24,7 +24,7 @@ def sub_moe(n_E: torch.Tensor, coverage: float, top_k: int) -> torch.Tensor:
     total = float(n_E.sum())
     if total <= 0:
         return torch.zeros_like(n_E, dtype=torch.bool)
-    order = torch.argsort(n_E, descending=True)
+    order = torch.argsort(n_E, descending=True, stable=True)  # ties: the lower expert index first
     share = torch.cumsum(n_E[order], 0) / total
     keep = int(torch.searchsorted(share, torch.tensor(coverage, dtype=share.dtype)).item()) + 1
     keep = min(max(keep, top_k), n_E.numel())
@@ -51,11 +51,13 @@ def keep_rows(state: dict[str, torch.Tensor], layers: list[LayerNames], held_LE:
 def restore_rows(sent: dict[str, torch.Tensor], global_state: dict[str, torch.Tensor], layers: list[LayerNames],
                  held_LE: torch.Tensor) -> dict[str, torch.Tensor]:
     """Inverse of ``keep_rows`` on the server: rows of experts the client does not hold take the global value
-    (``fedmoe_aggregate`` never reads them)."""
+    (``fedmoe_aggregate`` gives them weight 0). Raises ``ValueError`` when a tensor's rows do not match the mask."""
     out = dict(sent)
     for layer, held_E in zip(layers, held_LE):
         for name in (layer.router, *layer.experts):
             if name in out:
+                if out[name].shape[0] != int(held_E.sum()):
+                    raise ValueError(f"{name}: {out[name].shape[0]} rows sent for {int(held_E.sum())} held experts")
                 full = global_state[name].clone()
                 full[held_E] = out[name]
                 out[name] = full
@@ -64,10 +66,12 @@ def restore_rows(sent: dict[str, torch.Tensor], global_state: dict[str, torch.Te
 
 def fedmoe_aggregate(global_state: dict[str, torch.Tensor], client_states: list[dict[str, torch.Tensor]],
                      examples_C: torch.Tensor, n_CLE: torch.Tensor, layers: list[LayerNames], coverage: float,
-                     top_k: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """New global state and the sub-MoE masks [C, L, E] that decided it."""
+                     top_k: int, held_CLE: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """New global state and the sub-MoE masks [C, L, E] that decided it (``held_CLE``: the masks the
+    clients chose and reported; by default chosen here from the counts)."""
     C, L, E = n_CLE.shape
-    held_CLE = torch.stack([sub_moe_LE(n_CLE[c], coverage, top_k) for c in range(C)])
+    if held_CLE is None:
+        held_CLE = torch.stack([sub_moe_LE(n_CLE[c], coverage, top_k) for c in range(C)])
     moe_names = {n for layer in layers for n in (layer.router, *layer.experts)}
     fedavg_C = examples_C.double() / examples_C.sum()
     state = {n: (t.clone() if n in moe_names else fedavg_tensor([cs[n] for cs in client_states], fedavg_C))

@@ -62,8 +62,8 @@ def train(msg: Message, context: Context) -> Message:
     })
     state = trainable_state(ws.built.model, ws.built.trainable)
     if ws.cfg.federation.strategy == "fedmoe":  # FedMoE uploads its sub-MoE only
-        update = fedmoe.pack_update(state, ws.built.adapter.layout, result.routing.topk_count_LE,
-                                    ws.cfg.federation.fedmoe_coverage)
+        update, metrics[keys.FEDMOE_HELD] = fedmoe.pack_update(state, ws.built.adapter.layout, result.routing.topk_count_LE,
+                                                               ws.cfg.federation.fedmoe_coverage)
     else:
         update = ArrayRecord(state)
     content = RecordDict({keys.ARRAYS: update, keys.METRICS: metrics})

@@ -11,8 +11,10 @@ sub-MoE (``pack_update``), the server puts them back in place (``FedMoE.aggregat
 from __future__ import annotations
 
 from collections.abc import Iterable
+from logging import WARNING
 
 import torch
+from flwr.common.logger import log
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -27,9 +29,12 @@ def _layers(layout: MoELayout) -> list[LayerNames]:
     return [LayerNames(l.router, l.experts) for l in layout.layers]
 
 
-def pack_update(state: dict[str, torch.Tensor], layout: MoELayout, n_LE: torch.Tensor, coverage: float) -> ArrayRecord:
-    """Client side: the trainable state with MoE tensors cut to the sub-MoE chosen by the counts ``n_LE``."""
-    return ArrayRecord(keep_rows(state, _layers(layout), sub_moe_LE(n_LE.double(), coverage, layout.top_k)))
+def pack_update(state: dict[str, torch.Tensor], layout: MoELayout, n_LE: torch.Tensor,
+                coverage: float) -> tuple[ArrayRecord, list[int]]:
+    """Client side: the trainable state with MoE tensors cut to the sub-MoE chosen by the counts ``n_LE``,
+    and that sub-MoE as the ``fedmoe-held`` metric (0/1 per layer and expert, flattened)."""
+    held_LE = sub_moe_LE(n_LE.double(), coverage, layout.top_k)
+    return ArrayRecord(keep_rows(state, _layers(layout), held_LE)), held_LE.reshape(-1).int().tolist()
 
 
 class FedMoE(FedAvg):
@@ -60,15 +65,29 @@ class FedMoE(FedAvg):
         valid, _ = self._check_and_log_replies(replies, is_train=True)
         if not valid:
             return None, None
-        contents = [m.content for m in valid]
         L, E = len(self.layout.layers), self.layout.num_experts
-        n_CLE = torch.tensor([list(c[keys.METRICS][keys.ROUTING_N]) for c in contents], dtype=torch.float64).reshape(-1, L, E)
-        examples_C = torch.tensor([float(c[keys.METRICS][keys.NUM_EXAMPLES]) for c in contents])
         layers = _layers(self.layout)
-        states = [restore_rows(c[self.arrayrecord_key].to_torch_state_dict(), self.global_state, layers,
-                               sub_moe_LE(n_LE, self.coverage, self.layout.top_k)) for c, n_LE in zip(contents, n_CLE)]
-        state, self.held_CLE = fedmoe_aggregate(self.global_state, states, examples_C, n_CLE, layers,
-                                                self.coverage, self.layout.top_k)
+        contents, states, held, counts = [], [], [], []
+        for content in (m.content for m in valid):
+            metrics = content[keys.METRICS]
+            n_LE = torch.tensor(list(metrics[keys.ROUTING_N]), dtype=torch.float64).reshape(L, E)
+            if keys.FEDMOE_HELD in metrics:  # the client sent its sub-MoE only: put the rows back in place
+                held_LE = torch.tensor(list(metrics[keys.FEDMOE_HELD])).reshape(L, E).bool()
+                try:
+                    state = restore_rows(content[self.arrayrecord_key].to_torch_state_dict(), self.global_state,
+                                         layers, held_LE)
+                except ValueError as err:
+                    log(WARNING, "FedMoE: dropping partition %s's update: %s", metrics[keys.PARTITION_ID], err)
+                    continue
+            else:  # a client that sent the full set: the server chooses its sub-MoE
+                held_LE = sub_moe_LE(n_LE, self.coverage, self.layout.top_k)
+                state = content[self.arrayrecord_key].to_torch_state_dict()
+            contents.append(content), states.append(state), held.append(held_LE), counts.append(n_LE)
+        if not contents:
+            return None, None
+        examples_C = torch.tensor([float(c[keys.METRICS][keys.NUM_EXAMPLES]) for c in contents])
+        state, self.held_CLE = fedmoe_aggregate(self.global_state, states, examples_C, torch.stack(counts), layers,
+                                                self.coverage, self.layout.top_k, torch.stack(held))
         self.last_partition_ids = [int(c[keys.METRICS][keys.PARTITION_ID]) for c in contents]
         return ArrayRecord(state), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 

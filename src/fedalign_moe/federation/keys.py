@@ -19,5 +19,6 @@ LOCAL_LOSS = "local-loss"
 LOCAL_TEST_EXAMPLES = "local-test-examples"
 ROUTING_P = "routing-p"  # mean router probability per (layer, expert), flattened [L*E]
 ROUTING_N = "routing-n"  # top-k selections per (layer, expert), flattened [L*E]
+FEDMOE_HELD = "fedmoe-held"  # FedMoE: 1 for the experts of the client's sub-MoE, flattened [L*E]
 EVAL_ACCURACY = "eval-accuracy"
 EVAL_LOSS = "eval-loss"

@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from .plots import read_jsonl
-from .tables import cell_order, group_cells, mean_curves, mean_std, results_table
+from .tables import cell_order, group_cells, mean_curves, mean_std, results_table, split_name
 
 def rounds_to_reach(curve: list[float], target: float) -> int | None:
     """First round (1-based) whose accuracy is at least ``target``; None if it never gets there."""
@@ -334,7 +334,7 @@ def write_evidence(out: Path, summaries: list[dict] | None = None) -> Path:
     stopped = [s for s in summaries if s.get("stopped_early")]
     summaries = complete_runs(summaries)
     figures = {
-        "accuracy_by_strategy.png": "global test accuracy per round (mean over seeds, band = std)",
+        "accuracy_by_strategy.png": f"global {split_name(summaries)} accuracy per round (mean over seeds, band = std)",
         "routing_spread.png": "how differently clients route (mean pairwise Jensen-Shannon divergence) per round",
         "aligned_fraction.png": "FedAlign-MoE aligned-set sizes per round",
     }
@@ -349,7 +349,8 @@ def write_evidence(out: Path, summaries: list[dict] | None = None) -> Path:
     failures = failed_replies(summaries) + [
         f"{s['strategy']}, alpha {s['alpha']:g}, seed {s['seed']}: {s['stopped_early']} (left out of every table)" for s in stopped]
     parts = ["# Comparison evidence", "",
-             f"{len(summaries)} runs; seeds {', '.join(map(str, seeds))}. Mean ± sample std over seeds.", "",
+             f"{len(summaries)} runs; seeds {', '.join(map(str, seeds))}. Mean ± sample std over seeds. "
+             f"Accuracy on the {split_name(summaries)} splits.", "",
              *([f"**Runs with failed clients** (rerun them: delete their folders and compare again): {'; '.join(failures)}", ""]
                if failures else ["Every client reply of every round arrived.", ""]),
              "## Accuracy", "", results_table(summaries),

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from ..config import Config
+from ..config import Config, deep_merge
 
 # No "best round" column: picking the best round on the test split would be tuning on it.
 COLUMNS = (
@@ -46,22 +46,28 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
-_PER_SEED = {"seed", "out_dir", "model.prefix_cache_dir"}  # may differ between the seeds of one cell
+# May differ between the runs of one cell: the seed, where files go, and the machine it ran on.
+_NOT_SETUP = {"seed", "out_dir", "preset", "model.prefix_cache_dir", "model.device", "train.torch_threads",
+              "federation.client_cpus", "federation.client_gpus", "federation.round_timeout",
+              "federation.stop_after_silent_rounds"}
 
 
-def _setup(config_json: str) -> dict[str, object]:
+def _setup(summary: dict) -> dict[str, object]:
     """A run's config with defaults filled in (runs written before a field existed used its default)."""
+    raw = json.loads(summary["config_json"])
     try:
-        return _flat(Config.from_json(config_json).model_dump(mode="json"))
-    except ValueError:
-        return _flat(json.loads(config_json))
+        tree = Config.model_validate(raw).model_dump(mode="json")
+    except ValueError:  # an older config this version cannot read: compare what it says over the defaults
+        tree = deep_merge(Config().model_dump(mode="json"), raw)
+    flat = {k: v for k, v in _flat(tree).items() if k not in _NOT_SETUP}
+    flat["strategy_revision"] = summary.get("strategy_revision", 1)
+    return flat
 
 
 def _check_same_setup(cell: tuple[float, str], runs: list[dict]) -> None:
-    configs = [_setup(r["config_json"]) for r in runs if "config_json" in r]
+    configs = [_setup(r) for r in runs if "config_json" in r]
     for other in configs[1:]:
-        differ = sorted(k for k in configs[0].keys() | other.keys()
-                        if k not in _PER_SEED and configs[0].get(k) != other.get(k))
+        differ = sorted(k for k in configs[0].keys() | other.keys() if configs[0].get(k) != other.get(k))
         if differ:
             raise MixedCellError(f"runs of {cell[1]} at alpha {cell[0]:g} differ in {', '.join(differ[:4])}: "
                                  f"a table cell would average different setups; keep each setup in its own folder")
@@ -70,8 +76,11 @@ def _check_same_setup(cell: tuple[float, str], runs: list[dict]) -> None:
 def group_cells(summaries: list[dict]) -> dict[tuple[float, str], list[dict]]:
     """Runs grouped by (alpha, strategy): one cell of every table, its seeds inside.
 
-    Raises ``MixedCellError`` when the runs of one cell differ in anything but the seed.
+    Raises ``MixedCellError`` when the runs of one cell differ in anything but the seed and the machine,
+    or when test-split and validation-split runs share a folder.
     """
+    if len(holdouts(summaries)) > 1:
+        raise MixedCellError("test-split and validation-split runs (data.holdout) share one folder; keep them apart")
     cells: dict[tuple[float, str], list[dict]] = defaultdict(list)
     for s in summaries:
         cells[(s["alpha"], s["strategy"])].append(s)
@@ -116,13 +125,18 @@ def results_table(summaries: list[dict]) -> str:
 
 def holdouts(summaries: list[dict]) -> set[str]:
     """The evaluation splits of these runs: ``"test"``, or ``"validation"`` for tuning runs."""
-    return {json.loads(s["config_json"])["data"].get("holdout", "test") for s in summaries if "config_json" in s}
+    return {json.loads(s["config_json"]).get("data", {}).get("holdout", "test") for s in summaries if "config_json" in s}
+
+
+def split_name(summaries: list[dict]) -> str:
+    """``"validation"`` for a folder of tuning runs, else ``"test"``."""
+    return "validation" if "validation" in holdouts(summaries) else "test"
 
 
 def write_results_table(summaries: list[dict], path: Path) -> Path:
-    split = "/".join(sorted(holdouts(summaries))) or "test"
+    split = split_name(summaries)
     note = ("\n\nTuning runs: the evaluation splits are validation splits carved from the training pool "
-            "(`data.holdout = \"validation\"`); the test split was not read." if "validation" in split else "")
+            "(`data.holdout = \"validation\"`); the test split was not read." if split == "validation" else "")
     path.write_text(f"# Results\n\nMean ± std over seeds (sample std). Accuracy of the global model on the "
                     f"global {split} split, and of each client's own model on its own {split} split.{note}\n\n"
                     + results_table(summaries))
@@ -147,7 +161,7 @@ def draw_comparison(summaries: list[dict], out: Path) -> list[Path]:
             x = np.arange(1, len(mu) + 1)
             ax.plot(x, mu, label=strategy)
             ax.fill_between(x, mu - sd, mu + sd, alpha=0.15)
-        ax.set(title=f"Dirichlet alpha = {alpha:g}", xlabel="round", ylabel="global test accuracy")
+        ax.set(title=f"Dirichlet alpha = {alpha:g}", xlabel="round", ylabel=f"global {split_name(summaries)} accuracy")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
