@@ -84,8 +84,8 @@ class RunLog:
 def _throughput(rounds: list[dict]) -> dict:
     """Training tokens of the run, and tokens per second of one training process (summed tokens over
     summed per-client training seconds: what one client process sustains, whatever ran in parallel)."""
-    tokens = int(sum(r.get("train_tokens", 0) for r in rounds))
-    seconds = sum(r.get("train_seconds", 0.0) for r in rounds)
+    totals = training_totals(rounds)  # a round's totals sum the same way as a client row's figures
+    tokens, seconds = int(totals["train_tokens"]), totals["train_seconds"]
     return {"train_tokens_total": tokens,
             "train_tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None}
 
