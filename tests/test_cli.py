@@ -1,16 +1,31 @@
 """The CLI contract: bad input gives one error line and a non-zero exit; good input writes the files."""
 
+import contextlib
 import json
+import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
 from fedalign_moe.config import ConfigError, load_config, parse_overrides, preset_names
 
 
-def _cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+def _process(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    """The CLI as a user starts it: its own interpreter, its real entry point."""
     return subprocess.run([sys.executable, "-m", "fedalign_moe", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def _cli(*args: str, cwd=None) -> SimpleNamespace:
+    """The same commands in this process (no interpreter start-up: 7 s of imports a call saved)."""
+    from typer.testing import CliRunner
+
+    from fedalign_moe.cli import app
+
+    with contextlib.chdir(cwd or os.getcwd()):
+        res = CliRunner().invoke(app, list(args))
+    return SimpleNamespace(returncode=res.exit_code, stdout=res.stdout, stderr=res.stderr, exception=res.exception)
 
 
 @pytest.mark.parametrize(
@@ -27,14 +42,72 @@ def _cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
         (["run", "--preset", "tiny", "--set", "model.top_k=9"], "top_k (9) cannot exceed num_experts"),
         (["compare", "--preset", "tiny", "--strategies", "fedavg,bogus"], "unknown strategy 'bogus'"),
         (["compare", "--preset", "tiny", "--alphas", "x"], "cannot read alphas"),
+        (["run", "--preset", "tiny", "--seed", str(2**64)], "invalid config value at seed"),
+        (["run", "--preset", "tiny", "--set", "federation.rounds=true"], "federation.rounds"),
+        (["run", "--preset", "tiny", "--set", "data.max_length=16.5"], "data.max_length"),
     ],
 )
 def test_bad_input_is_one_clear_line(args, needle, tmp_path):
-    res = _cli(*args, "--out", str(tmp_path / "o"), cwd=tmp_path)
+    res = (_process if args[:3] == ["run", "--preset", "nope"] else _cli)(*args, "--out", str(tmp_path / "o"), cwd=tmp_path)
     assert res.returncode == 2, res.stderr[-2000:]
     lines = [l for l in res.stderr.splitlines() if l.strip()]
     assert lines[-1].startswith("error: ") and needle in lines[-1], res.stderr[-2000:]
     assert "Traceback" not in res.stderr
+
+
+def _one_error_line(res, needle):
+    lines = [l for l in res.stderr.splitlines() if l.strip()]
+    assert res.returncode == 2 and lines and lines[-1].startswith("error: ") and needle in lines[-1], res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+
+
+def test_bad_files_and_folders_are_one_clear_line(tmp_path):
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    _one_error_line(_cli("run", "--preset", "tiny", "--config", str(listed)), "must hold a table of sections, not a list")
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes("[train]\nlr = 0.1 # caf\xe9\n".encode("latin-1"))
+    _one_error_line(_cli("run", "--preset", "tiny", "--config", str(latin)), "is not UTF-8 text")
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    _one_error_line(_cli("run", "--preset", "tiny", "--out", str(a_file)), "is an existing file, not a folder")
+    _one_error_line(_cli("run", "--preset", "tiny", "--out", str(a_file / "below")), "cannot write to the output folder")
+    _one_error_line(_cli("compare", "--preset", "tiny", "--out", str(a_file)), "is an existing file, not a folder")
+    csv = tmp_path / "d.csv"
+    csv.write_bytes("text,label\ncaf\xe9 au lait,a\n".encode("latin-1"))
+    _one_error_line(_cli("run", "--preset", "tiny", "--set", "data.source=file", "--set", f"data.path={csv}",
+                         "--out", str(tmp_path / "o")), "is not UTF-8 text (byte 14")
+    _one_error_line(_cli("resume", str(tmp_path / "nothing")), "holds no run")
+
+
+def test_an_unexpected_error_is_one_line_and_a_traceback_file(capsys):
+    from fedalign_moe.cli import _unexpected
+
+    try:
+        raise RuntimeError("something nobody foresaw\nsecond line")
+    except RuntimeError as err:
+        with pytest.raises(SystemExit) as stop:
+            _unexpected(err)
+    assert stop.value.code == 1
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("error: unexpected RuntimeError: something nobody foresaw (full traceback in ")
+    path = line.rsplit("in ", 1)[1].rstrip(")")
+    assert "Traceback" in open(path).read() and "\n" not in line
+
+
+def test_a_run_whose_model_diverges_stops_with_strict_json(tmp_path):
+    """lr = 1e10: every update is NaN, none is averaged in, the run says so and exits 1."""
+    res = _process("run", "--preset", "tiny", "--set", "train.lr=1e10", "--out", str(tmp_path))
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "no new global model in the last 2 rounds" in res.stderr.strip().splitlines()[-1]
+
+    def no_constants(name):
+        raise ValueError(f"not JSON: {name}")
+
+    rows = [json.loads(line, parse_constant=no_constants) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    json.loads((tmp_path / "summary.json").read_text(), parse_constant=no_constants)
+    assert [r["adopted"] for r in rows] == [False, False] and all(r["replied"] == 0 for r in rows)
+    assert all("NaN or Inf" in f["reason"] or "is nan" in f["reason"] for r in rows for f in r["failure_reasons"])
 
 
 def test_unreadable_checkpoint_directory(tmp_path):
@@ -97,12 +170,12 @@ def test_compare_writes_a_mean_std_table(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in moved.glob("*/summary.json")} == before  # finished cells are kept
 
 
-def test_compare_federated_grid_writes_the_evidence_report(tmp_path):
+def test_compare_federated_grid_writes_the_evidence_report(tiny_grid, tmp_path):
     """The issue-4 machinery end to end on a tiny grid: FedAvg vs FedAlign-MoE and FedMoE, then `report`."""
+    import shutil
+
     out = tmp_path / "cmp"
-    res = _cli("compare", "--preset", "tiny", "--strategies", "fedavg,fedalign,fedmoe", "--alphas", "0.5",
-               "--seeds", "0", "--rounds", "2", "--out", str(out), "--set", "federation.fedmoe_coverage=0.5")
-    assert res.returncode == 0, res.stderr[-3000:]
+    shutil.copytree(tiny_grid, out)
     up = {s["strategy"]: s["uplink_bytes_total"] for s in json.loads((out / "results.json").read_text())}
     assert up["fedmoe"] < up["fedavg"] < up["fedalign"]  # FedMoE's clients send their sub-MoE only
     text = (out / "evidence.md").read_text()

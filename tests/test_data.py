@@ -335,3 +335,14 @@ def test_validation_holdout_is_carved_from_the_training_pool() -> None:
     test_texts = set(test_mode.global_test["text"])
     assert not test_texts & set(val_mode.global_test["text"])  # the test split is never read
     assert sum(texts(val_mode.client_test).values()) > 0
+
+
+def test_a_single_class_file_is_legal_but_warned(tmp_path, caplog):
+    from fedalign_moe.data import load_source
+
+    path = tmp_path / "one.csv"
+    path.write_text("text,label\n" + "".join(f"example {i},only\n" for i in range(10)))
+    with caplog.at_level("WARNING", logger="fedalign_moe"):
+        data = load_source("file", path=str(path))
+    assert len(data.dataset) == 10
+    assert any("single class" in r.getMessage() for r in caplog.records)

@@ -5,102 +5,99 @@ import json
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, RecordDict
 
+import replies
 from fedalign_moe.config import load_config
-from fedalign_moe.federation import keys
+from fedalign_moe.federation import protocol
 from fedalign_moe.federation.server import client_rows, record_bytes
 from fedalign_moe.federation.strategies import make_strategy
 
 
-def _reply(tensors: dict | ArrayRecord, n: int, pid: int, routing_n: list[float] | None = None) -> Message:
-    metrics = MetricRecord({keys.NUM_EXAMPLES: n, keys.PARTITION_ID: pid, keys.TRAIN_LOSS: 1.0 + pid,
-                            keys.LOCAL_ACCURACY: 0.5, keys.LOCAL_TEST_EXAMPLES: 4,
-                            keys.ROUTING_P: [0.25] * 4, keys.ROUTING_N: routing_n or [1.0] * 4})
-    arrays = tensors if isinstance(tensors, ArrayRecord) else ArrayRecord(tensors)
-    content = RecordDict({keys.ARRAYS: arrays, keys.METRICS: metrics})
-    meta = Metadata(run_id=1, message_id=f"m{pid}", src_node_id=pid + 1, dst_node_id=0, reply_to_message_id="x",
-                    group_id="1", created_at=0.0, ttl=60.0, message_type="train")
-    return Message(content=content, metadata=meta)
+def _strategy(name: str, num_clients: int = 3, **over):
+    cfg = load_config("tiny", overrides={"federation": {"strategy": name, **over}, "partition": {"num_clients": num_clients}})
+    return make_strategy(cfg, replies.LAYOUT)
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedprox"])
-def test_aggregation_is_the_example_weighted_average(strategy):
-    cfg = load_config("tiny", overrides={"federation": {"strategy": strategy}})
-    g = torch.Generator().manual_seed(0)
-    updates = [{"w": torch.randn(3, 2, generator=g), "b": torch.randn(5, generator=g)} for _ in range(3)]
+def test_aggregation_is_the_example_weighted_average(strategy, server_identity):
+    glob = replies.global_state()
+    s = _strategy(strategy)
+    sent = replies.instructions(s, glob, 3)
+    updates = [replies.perturbed(glob, seed) for seed in range(3)]
     sizes = [10, 30, 60]
-    replies = [_reply(u, n, i) for i, (u, n) in enumerate(zip(updates, sizes))]
-    arrays, _ = make_strategy(cfg).aggregate_train(1, replies)
+    arrays, _ = s.aggregate_train(1, [replies.reply(m, i, u, n) for i, (m, u, n) in enumerate(zip(sent, updates, sizes))])
     got = arrays.to_torch_state_dict()
-    for name in ("w", "b"):
+    for name in glob:
         # by hand: (10 w0 + 30 w1 + 60 w2) / 100
         expected = (10 * updates[0][name] + 30 * updates[1][name] + 60 * updates[2][name]) / 100
         assert torch.allclose(got[name], expected, atol=1e-6)
 
 
-def test_fedmoe_clients_upload_their_sub_moe_only_and_the_server_aggregates_the_same():
+def test_fedmoe_clients_upload_their_sub_moe_only_and_the_server_aggregates_the_same(server_identity):
     from fedalign_moe.core.aggregate import LayerNames
     from fedalign_moe.core.fedmoe import fedmoe_aggregate
-    from fedalign_moe.federation.fedmoe import FedMoE, pack_update
-    from fedalign_moe.models.base import MoELayerLayout, MoELayout
 
-    layout = MoELayout(num_experts=4, top_k=1, layers=(MoELayerLayout(0, "r", ("x",)),))
-    g = torch.Generator().manual_seed(0)
-    glob = {"r": torch.randn(4, 3, generator=g), "x": torch.randn(4, 2, 5, generator=g), "head": torch.randn(6, generator=g)}
-    states = [{k: v + torch.randn(v.shape, generator=g) for k, v in glob.items()} for _ in range(3)]
-    counts = [[50.0, 50.0, 0.0, 0.0], [0.0, 0.0, 80.0, 20.0], [97.0, 1.0, 1.0, 1.0]]  # sub-MoEs at coverage 0.9:
-    strategy = FedMoE(layout, coverage=0.9)                                            # {0,1}, {2,3}, {0}
-    strategy.global_state = glob
-    packed, held = zip(*(pack_update(s, layout, torch.tensor([n]), 0.9) for s, n in zip(states, counts)))
-    assert [tuple(a["x"].shape) for a in packed] == [(2, 2, 5), (2, 2, 5), (1, 2, 5)]
-    assert list(held) == [[1, 1, 0, 0], [0, 0, 1, 1], [1, 0, 0, 0]]
-    full_bytes = record_bytes(RecordDict({"a": ArrayRecord(states[2])}))
-    assert record_bytes(RecordDict({"a": packed[2]})) < full_bytes  # three of four experts stay home
-    replies = [_reply(a, 10, i, n) for i, (a, n) in enumerate(zip(packed, counts))]
-    for reply, h in zip(replies, held):
-        reply.content[keys.METRICS][keys.FEDMOE_HELD] = h
-    arrays, _ = strategy.aggregate_train(1, replies)
+    glob = replies.global_state()
+    strategy = _strategy("fedmoe")
+    sent = replies.instructions(strategy, glob, 3)
+    states = [replies.perturbed(glob, seed, 1.0) for seed in range(3)]
+    counts = [[20.0, 20.0, 0.0, 0.0], [0.0, 2.0, 20.0, 18.0], [20.0, 18.0, 1.0, 1.0]]  # sub-MoEs at coverage 0.9,
+    answers = [replies.reply(m, i, s, 10, replies.routing(n)) for i, (m, s, n) in enumerate(zip(sent, states, counts))]
+    assert [tuple(a.content[protocol.ARRAYS]["x"].shape) for a in answers] == [(2, 2, 5)] * 3  # at least top-2:
+    assert [a.content[protocol.METRICS][protocol.SUB_MOE] for a in answers] == [[1, 1, 0, 0], [0, 0, 1, 1], [1, 1, 0, 0]]
+    full = RecordDict({"a": ArrayRecord(states[2])})
+    assert record_bytes(answers[2].content, protocol.ARRAYS) < record_bytes(full)  # two of four experts stay home
+    arrays, _ = strategy.aggregate_train(1, answers)
+    held = torch.tensor([[[1, 1, 0, 0]], [[0, 0, 1, 1]], [[1, 1, 0, 0]]]).bool()
     expected, _ = fedmoe_aggregate(glob, states, torch.tensor([10.0] * 3), torch.tensor(counts).reshape(3, 1, 4),
-                                   [LayerNames("r", ("x",))], 0.9, 1)
+                                   [LayerNames("r", ("x",))], 0.9, 2, held)
     got = arrays.to_torch_state_dict()
     for name in glob:  # the rows a client kept home had weight 0 anyway: the same aggregate, bit for bit
         assert torch.equal(got[name], expected[name].float())
     # an upload whose rows do not match its reported sub-MoE is dropped, not aggregated and not fatal
-    replies[2].content[keys.METRICS][keys.FEDMOE_HELD] = [1, 1, 0, 0]
-    arrays, _ = strategy.aggregate_train(1, replies)
-    assert strategy.last_partition_ids == [0, 1]
+    answers[2].content[protocol.METRICS][protocol.SUB_MOE] = [1, 1, 1, 0]
+    strategy.aggregate_train(1, answers)
+    assert [r.partition_id for r in strategy.last_replies] == [0, 1]
+    assert "array r" in strategy.last_failures[0].reason or "array x" in strategy.last_failures[0].reason
 
 
-def test_fedprox_sends_its_mu_to_clients():
+def test_fedprox_sends_its_mu_to_clients(server_identity):
     cfg = load_config("tiny", overrides={"federation": {"strategy": "fedprox"}, "train": {"proximal_mu": 0.3}})
-    assert make_strategy(cfg).proximal_mu == pytest.approx(0.3)
+    strategy = make_strategy(cfg, replies.LAYOUT)
+    sent = replies.instructions(strategy, replies.global_state(), 2)
+    assert protocol.read_instruction(sent[0].content).proximal_mu == pytest.approx(0.3)
 
 
 def test_record_bytes_counts_every_array_payload():
-    a = _reply({"w": torch.zeros(100, dtype=torch.float32)}, 1, 0)
-    b = _reply({"w": torch.zeros(200, dtype=torch.float32)}, 1, 0)
-    assert record_bytes(b.content) - record_bytes(a.content) == 400  # 100 more float32 values
-    assert record_bytes(a.content) >= 400
-    assert record_bytes(b.content, "no-such-record") == 0
+    a = RecordDict({"arrays": ArrayRecord({"w": torch.zeros(100, dtype=torch.float32)})})
+    b = RecordDict({"arrays": ArrayRecord({"w": torch.zeros(200, dtype=torch.float32)})})
+    assert record_bytes(b) - record_bytes(a) == 400  # 100 more float32 values
+    assert record_bytes(a) >= 400
+    assert record_bytes(b, "no-such-record") == 0
 
 
-def test_client_rows_skip_failed_replies():
-    ok = _reply({"w": torch.zeros(1)}, 5, 2)
-    rows = client_rows([ok])
-    assert rows == [{"partition_id": 2, "num_examples": 5, "train_loss": 3.0, "local_accuracy": 0.5, "local_test_examples": 4,
-                     "train_tokens": 0, "train_seconds": 0.0}]  # a reply without throughput figures counts none
+def test_client_rows_and_partition_order(server_identity):
+    glob = replies.global_state()
+    strategy = _strategy("fedavg")
+    sent = replies.instructions(strategy, glob, 3)
+    answers = [replies.reply(sent[i], pid, glob, 5 + pid) for i, pid in enumerate((2, 0, 1))]
+    strategy.aggregate_train(1, answers)
+    rows = client_rows(strategy.last_replies)  # aggregated in partition order, not arrival order
+    assert [r["partition_id"] for r in rows] == [0, 1, 2]
+    assert rows[2] == {"partition_id": 2, "num_examples": 7, "train_loss": 3.0, "local_accuracy": 0.5,
+                       "local_test_examples": 4, "train_tokens": replies.TOKENS, "train_seconds": 0.1}
 
 
-def test_flower_simulation_end_to_end(tmp_path):
-    """2 rounds, 3 clients, a tiny Mixtral, through Flower's simulation engine."""
-    from fedalign_moe.experiment import run_experiment
+def test_flower_simulation_end_to_end(tiny_grid):
+    """3 rounds, 3 clients, a tiny Mixtral, through Flower's simulation engine (the shared grid's FedAvg run)."""
+    from fedalign_moe.config import Config
 
-    cfg = load_config("tiny", overrides={"out_dir": str(tmp_path / "run")})
-    summary = run_experiment(cfg)
-    out = tmp_path / "run"
+    out = tiny_grid / "fedavg-alpha0.5-seed0"
+    cfg = Config.model_validate_json((out / "config.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     rounds = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rounds] == [1, 2]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
     for r in rounds:
         assert {"round", "accuracy", "loss", "uplink_bytes", "downlink_bytes", "seconds"} <= set(r)
         assert len(r["clients"]) == 3 and r["failures"] == 0
@@ -125,54 +122,31 @@ def test_flower_simulation_end_to_end(tmp_path):
     assert evaluate(ws.built.model, ws.global_test(), 64)["accuracy"] == pytest.approx(summary["final_accuracy"])
     # throughput: every client trains one epoch over its split each round, so every real token once a round
     tokens_per_round = sum(int(ws.client(pid)[0].attention_mask_NS.sum()) for pid in range(3))
-    assert [r["train_tokens"] for r in rounds] == [tokens_per_round] * 2
-    assert summary["train_tokens_total"] == 2 * tokens_per_round and summary["train_tokens_per_second"] > 0
+    assert [r["train_tokens"] for r in rounds] == [tokens_per_round] * 3
+    assert summary["train_tokens_total"] == 3 * tokens_per_round and summary["train_tokens_per_second"] > 0
 
 
-def test_replies_are_aggregated_in_partition_order():
-    from fedalign_moe.federation.server import _reply_order
+def _dead(msg):
+    """Every client process has died: each message comes back as Flower's error."""
+    from flwr.app import Error
+    from flwr.common.constant import ErrorCode
 
-    replies = [_reply({"w": torch.zeros(1)}, 1, pid) for pid in (2, 0, 1)]
-    assert [int(m.content[keys.METRICS][keys.PARTITION_ID]) for m in sorted(replies, key=_reply_order)] == [0, 1, 2]
-
-
-class _DeadGrid:
-    """A Flower Grid whose every client process has died: each message comes back as an error."""
-
-    def __init__(self):
-        self.rounds_sent = 0
-
-    def get_node_ids(self):
-        return [1, 2, 3]
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
-
-    def send_and_receive(self, messages, timeout=None):
-        from flwr.app import Error
-
-        self.rounds_sent += 1
-        return [Message(Error(code=0, reason="actor died"), reply_to=m) for m in messages]
+    return Message(Error(code=ErrorCode.CLIENT_APP_CRASHED, reason="actor died"), reply_to=msg)
 
 
-def test_a_run_whose_clients_all_died_stops_and_says_so(tmp_path, monkeypatch):
+def test_a_run_whose_clients_all_died_stops_and_says_so(tmp_path, server_identity):
     """Flower's simulation does not bring dead client actors back; the server stops instead of idling."""
-    from flwr.supercore.task_identity import TaskIdentity
-
     from fedalign_moe.experiment import _same_result
-
-    for name in ("_run_id", "_node_id", "_task_id"):  # what Flower sets in a ServerApp process
-        monkeypatch.setattr(TaskIdentity, name, 1)
     from fedalign_moe.federation.server import run_federation
     from fedalign_moe.training.setup import open_log, open_workspace
 
     cfg = load_config("tiny", overrides={"out_dir": str(tmp_path), "federation": {"rounds": 6}})
     ws = open_workspace(cfg)
-    grid = _DeadGrid()
+    grid = replies.ScriptedGrid([1, 2, 3], _dead)
     summary = run_federation(grid, ws, open_log(ws))
-    assert "stopped after round 2" in summary["stopped_early"]
-    assert len(summary["accuracy_per_round"]) == 2 and grid.rounds_sent == 3  # two rounds and the final evaluation
+    assert "stopped after round 2" in summary["stopped_early"] and "3x the client process died: actor died" in summary["stopped_early"]
+    assert len(summary["accuracy_per_round"]) == 2 and len(grid.sent) == 3  # two rounds and the final evaluation
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["failures"] for r in rows] == [3, 3]
+    assert [(r["sent"], r["replied"], r["failures"], r["adopted"]) for r in rows] == [(3, 0, 3, False)] * 2
     summary["config_json"] = cfg.to_json()
     assert not _same_result(summary, cfg)  # compare runs it again next time

@@ -5,29 +5,36 @@ Bad input ends with one ``error:`` line on stderr and exit code 2, never a trace
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from .config import STRATEGIES, Config, ConfigError, load_config, parse_overrides, preset_names
+from .config import STRATEGIES, Config, ConfigError, UserError, load_config, parse_overrides, preset_names
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated fine-tuning of MoE language models (FedAlign-MoE).")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Federated fine-tuning of MoE language models (FedAlign-MoE).")
 console = Console(stderr=False, highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False)
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    from .data import DataError
-    from .models.build import ModelLoadError
-    from .report.tables import MixedCellError
-    from .training.setup import RunSetupError
-
-    return (ConfigError, DataError, MixedCellError, ModelLoadError, RunSetupError)
+def _check_out_dir(path: Path) -> None:
+    """The output folder exists or can be made, and is writable: otherwise one error line now, not later."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {path} is an existing file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"cannot write to the output folder {path}: {err.strerror or err}") from None
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -42,15 +49,30 @@ def _format_bytes(n: int) -> str:
 
 def _print_round(record: dict) -> None:
     local = record.get("local_accuracy")
-    line = (f"round {record['round']:>3}  acc {record['accuracy']:.4f}  loss {record['loss']:.4f}"
+    replies = f"  replies {record['replied']}/{record['sent']}" if "sent" in record else ""
+    line = (f"round {record['round']:>3}  acc {_num(record['accuracy'])}  loss {_num(record['loss'])}"
             + (f"  clients' own-test acc {local:.4f}" if local is not None else "")
+            + replies
             + f"  up {_format_bytes(record['uplink_bytes'])}  down {_format_bytes(record['downlink_bytes'])}"
             + f"  {record['seconds']:.1f}s")
     console.print(line, markup=False)
+    if record.get("failures"):
+        reasons = "; ".join(f"node {f['node_id']}"
+                            + (f" (partition {f['partition_id']})" if f["partition_id"] is not None else "")
+                            + f": {f['reason']}" for f in record.get("failure_reasons", [])[:3])
+        more = record["failures"] - min(3, len(record.get("failure_reasons", [])))
+        console.print(f"          dropped {record['failures']}: {reasons}" + (f"; {more} more" if more > 0 else ""),
+                      markup=False, style="yellow")
+    if record.get("adopted") is False:
+        console.print(f"          kept the previous global model: {record['not_adopted_reason']}", markup=False, style="yellow")
     clients = record.get("clients") or []
     if clients:
         losses = "  ".join(f"c{c['partition_id']}:{c['train_loss']:.3f}" for c in clients)
         console.print(f"          train loss per client  {losses}", markup=False, style="dim")
+
+
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def _overrides(strategy, alpha, num_clients, rounds, seed, out, sets) -> dict:
@@ -93,18 +115,62 @@ def run(
     _quiet_flower(verbose)
     try:
         cfg = load_config(preset, config, _overrides(strategy, alpha, num_clients, rounds, seed, out, set_))
+        _check_out_dir(Path(cfg.out_dir))
         console.print(f"[bold]{cfg.federation.strategy}[/bold] on {cfg.data.source} with {cfg.model.backbone} "
                       f"({cfg.model.num_experts} experts, top-{cfg.model.top_k}), {cfg.partition.num_clients} clients, "
                       f"{cfg.partition.scheme} alpha={cfg.partition.alpha:g}, {cfg.federation.rounds} rounds -> {cfg.out_dir}")
         from .experiment import run_experiment
 
         summary = run_experiment(cfg, _print_round)
-    except _user_errors() as err:
+    except UserError as err:
         _fail(str(err))
-    console.print(f"final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f}) "
+    _finish(summary, cfg)
+
+
+def _finish(summary: dict, cfg: Config) -> None:
+    console.print(f"final accuracy {_num(summary['final_accuracy'])} (best {_num(summary['best_accuracy'])}) "
                   f"in {summary['wall_seconds']:.0f}s; results in {cfg.out_dir}/", markup=False)
     if summary.get("stopped_early"):
         _fail(f"the run {summary['stopped_early']}", code=1)
+
+
+@app.command()
+def resume(
+    run_dir: Annotated[Path, typer.Argument(help="the folder of an interrupted federated run")],
+    verbose: Annotated[bool, typer.Option(help="show Flower's own log")] = False,
+) -> None:
+    """Continue an interrupted federated run from its last checkpoint: the same rounds, the same numbers."""
+    _quiet_flower(verbose)
+    try:
+        from .experiment import run_experiment
+        from .federation import checkpoint
+        from .federation.strategies import FEDERATED
+
+        cfg = _run_config(run_dir)
+        if cfg.federation.strategy not in FEDERATED:
+            raise ConfigError(f"{run_dir} is a {cfg.federation.strategy} run: only federated runs resume; "
+                              "start it again with `fedalign-moe run`")
+        ckpt = checkpoint.load(run_dir)
+        if Config.from_json(ckpt.config_json).result_key() != cfg.result_key():
+            raise ConfigError(f"the checkpoint in {run_dir} belongs to another config than {run_dir / 'config.json'}")
+        console.print(f"[bold]resuming {cfg.federation.strategy}[/bold] in {run_dir} after round {ckpt.round} "
+                      f"of {cfg.federation.rounds}")
+        summary = run_experiment(cfg, _print_round, ckpt)
+    except UserError as err:
+        _fail(str(err))
+    _finish(summary, cfg)
+
+
+def _run_config(run_dir: Path) -> Config:
+    """The config a run folder was started with, pointed at the folder where it now is."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} holds no run (no config.json)")
+    try:
+        cfg = Config.model_validate_json(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
+    return cfg.model_copy(update={"out_dir": str(run_dir)})
 
 
 def _csv(text: str, cast, what: str) -> list:
@@ -139,6 +205,7 @@ def compare(
             raise ConfigError(f"unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
         alpha_list, seed_list = _csv(alphas, float, "alphas"), _csv(seeds, int, "seeds")
         base = load_config(preset, config, _overrides(None, alpha_list[0], num_clients, rounds, None, None, set_))
+        _check_out_dir(out)
         from .experiment import grid_configs, run_comparison
 
         configs = grid_configs(base, names, alpha_list, seed_list, out)
@@ -146,7 +213,7 @@ def compare(
             Config.model_validate(c.model_dump())
         run_comparison(configs, out, on_run=lambda c: console.print(
             f"[bold]== {c.federation.strategy}, alpha={c.partition.alpha:g}, seed={c.seed}[/bold]"), on_round=_print_round)
-    except _user_errors() as err:
+    except UserError as err:
         _fail(str(err))
     console.print((out / "results.md").read_text(), markup=False)
 
@@ -155,6 +222,7 @@ def compare(
 def report(run_dir: Annotated[Path, typer.Argument(help="a run directory, or a comparison directory")]) -> None:
     """Redraw the plots of a finished run, or the tables and figures of a comparison (finished runs so far)."""
     from .report.evidence import collect_summaries, complete_runs, write_evidence
+    from .runlog import dumps, write_atomic
     from .report.plots import draw_run
     from .report.tables import MixedCellError, draw_comparison, group_cells, write_results_table
 
@@ -170,7 +238,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory, or a c
     except MixedCellError as err:
         _fail(str(err))
     portable = [{k: v for k, v in s.items() if k != "run_dir"} for s in summaries]
-    (run_dir / "results.json").write_text(json.dumps(portable, indent=2))
+    write_atomic(run_dir / "results.json", dumps(portable, indent=2))
     write_results_table(complete_runs(summaries), run_dir / "results.md")
     draw_comparison(summaries, run_dir)
     path = write_evidence(run_dir, summaries)
@@ -184,9 +252,32 @@ def presets() -> None:
         console.print(name, markup=False)
 
 
+class _WarningLine(logging.Handler):
+    """This package's warnings as one ``warning:`` line each on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        err_console.print(f"warning: {record.getMessage()}", markup=False, soft_wrap=True, style="yellow")
+
+
+def _unexpected(err: BaseException) -> None:
+    """One ``error:`` line for a failure nobody foresaw; the traceback goes to a file, never to the terminal."""
+    fd, path = tempfile.mkstemp(prefix="fedalign-moe-error-", suffix=".log")
+    with os.fdopen(fd, "w") as f:
+        traceback.print_exception(err, file=f)
+    first = (str(err).strip().splitlines() or [""])[0][:300]
+    print(f"error: unexpected {type(err).__name__}: {first} (full traceback in {path})", file=sys.stderr)
+    sys.exit(1)
+
+
 def main() -> None:
+    package_log = logging.getLogger("fedalign_moe")
+    if not package_log.handlers:
+        package_log.addHandler(_WarningLine(logging.WARNING))
+        package_log.propagate = False
     try:
         app()
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted (a federated run continues with `fedalign-moe resume <its folder>`)", file=sys.stderr)
         sys.exit(130)
+    except Exception as err:  # noqa: BLE001 - the last line of defence: no traceback reaches the user
+        _unexpected(err)

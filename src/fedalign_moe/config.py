@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 # The FedAlign-MoE ablation ladder (paper, Table "ablation"): each rung adds one component.
 FEDALIGN_RUNGS = {
@@ -35,7 +35,13 @@ def strategy_revision(strategy: str) -> int:
 FAMILY_BACKBONES = ("tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-olmoe")
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """Bad input from the user (a config value, a file, a checkpoint): the message is one line meant for
+    them. Every layer's own error (data, model, run setup, checkpoint, report) derives from it, so the
+    CLI catches them all without importing the layers."""
+
+
+class ConfigError(UserError):
     """A configuration value is invalid; the message is one line meant for the user."""
 
 
@@ -49,10 +55,10 @@ class DataConfig(_Section):
     text_column: str = "text"
     label_column: str = "label"
     wordnet_dir: str | None = None  # default /usr/share/wordnet (Debian wordnet-base)
-    max_length: int = Field(64, ge=4, le=4096)  # tokens per example
+    max_length: StrictInt = Field(64, ge=4, le=4096)  # tokens per example
     test_fraction: float = Field(0.2, gt=0, lt=1)  # global test split, stratified
-    max_train: int | None = Field(None, ge=1)  # cap on the training pool (seeded subsample)
-    max_test: int | None = Field(None, ge=1)
+    max_train: StrictInt | None = Field(None, ge=1)  # cap on the training pool (seeded subsample)
+    max_test: StrictInt | None = Field(None, ge=1)
     local_test_fraction: float = Field(0.2, ge=0, lt=1)  # each client's own test split
     # "test": evaluate on the held-out test splits (reported results). "validation": for tuning; a
     # stratified validation_fraction of the training pool becomes the global evaluation set, each
@@ -64,9 +70,9 @@ class DataConfig(_Section):
 class PartitionConfig(_Section):
     scheme: Literal["dirichlet", "iid", "pathological"] = "dirichlet"
     alpha: float = Field(0.1, gt=0)  # Dirichlet concentration; smaller is more skewed
-    classes_per_client: int = Field(2, ge=1)  # pathological scheme only
-    num_clients: int = Field(10, ge=1)
-    min_partition_size: int = Field(2, ge=1)
+    classes_per_client: StrictInt = Field(2, ge=1)  # pathological scheme only
+    num_clients: StrictInt = Field(10, ge=1)
+    min_partition_size: StrictInt = Field(2, ge=1)
 
 
 class ModelConfig(_Section):
@@ -74,13 +80,13 @@ class ModelConfig(_Section):
     # tiny-<family>: a small random model of a transformers MoE family (tests, smoke runs);
     # any other value: a local path to a Hugging Face MoE checkpoint (Mixtral, Qwen2/3-MoE, OLMoE).
     backbone: str = "minilm"
-    num_experts: int = Field(4, ge=1)
-    top_k: int = Field(2, ge=1)
-    moe_layers: tuple[int, ...] = (4, 5)  # encoder layers whose FFN becomes MoE (minilm only)
+    num_experts: StrictInt = Field(4, ge=1)
+    top_k: StrictInt = Field(2, ge=1)
+    moe_layers: tuple[StrictInt, ...] = (4, 5)  # encoder layers whose FFN becomes MoE (minilm only)
     router_std: float = Field(0.02, ge=0)  # new routers start as N(0, std^2)
     expert_noise: float = Field(0.01, ge=0)  # relative noise that breaks expert symmetry at upcycling
     trainable: Literal["experts-routers", "all", "lora-experts"] = "experts-routers"
-    lora_rank: int = Field(8, ge=1)
+    lora_rank: StrictInt = Field(8, ge=1)
     lora_alpha: float = Field(16.0, gt=0)
     cache_frozen_prefix: bool = True  # encoder: cache outputs of the frozen layers below the MoE
     # ...and keep them on disk, keyed by the frozen weights and the token ids (None: memory only)
@@ -95,26 +101,34 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    local_epochs: int = Field(1, ge=0)
-    local_steps: int | None = Field(None, ge=1)  # if set, overrides local_epochs
+    local_epochs: StrictInt = Field(1, ge=0)
+    local_steps: StrictInt | None = Field(None, ge=1)  # if set, overrides local_epochs
     lr: float = Field(3e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    batch_size: int = Field(32, ge=1)
-    eval_batch_size: int = Field(128, ge=1)
+    batch_size: StrictInt = Field(32, ge=1)
+    eval_batch_size: StrictInt = Field(128, ge=1)
     proximal_mu: float = Field(0.01, ge=0)  # FedProx only
-    torch_threads: int | None = Field(None, ge=1)  # per simulated client process; None = torch's default
+    torch_threads: StrictInt | None = Field(None, ge=1)  # per simulated client process; None = torch's default
 
 
 class FederationConfig(_Section):
     strategy: str = "fedavg"
-    rounds: int = Field(5, ge=1)
+    rounds: StrictInt = Field(5, ge=1)
     fraction_train: float = Field(1.0, gt=0, le=1)
     client_cpus: float = Field(1.0, gt=0)  # simulation: CPU cores reserved per client actor
     client_gpus: float = Field(0.0, ge=0)
     round_timeout: float | None = Field(None, gt=0)  # seconds to wait for replies; missing ones count as failures
-    # stop the run after this many consecutive rounds in which no client replied (dead client
-    # processes do not come back in Flower's simulation); the summary then says so. None: never stop.
-    stop_after_silent_rounds: int | None = Field(2, ge=1)
+    # stop the run after this many consecutive rounds that adopted no new global model (no valid reply,
+    # e.g. dead client processes, which Flower's simulation does not revive, or a non-finite
+    # aggregate); the summary then says so and the run exits 1. None: never stop.
+    stop_after_silent_rounds: StrictInt | None = Field(2, ge=1)
+    # a reply whose update norm ||w_i - w_g|| exceeds this many times the round's median is dropped
+    # (robustness; None: never). Honest replies measured within 3x of the median (docs/robustness.md).
+    max_update_norm_ratio: float | None = Field(10.0, gt=1)
+    # nodes: a round starts once min_available_nodes are connected; before round 1 the server waits up
+    # to node_wait_seconds for all num_clients nodes, then starts with those connected (deployments).
+    min_available_nodes: StrictInt = Field(1, ge=1)
+    node_wait_seconds: float = Field(120.0, ge=0)
     fedmoe_coverage: float = Field(0.9, gt=0, le=1)  # FedMoE: share of selections a sub-MoE covers [ours]
 
     @field_validator("strategy")
@@ -142,7 +156,7 @@ class FedAlignConfig(_Section):
 
 class Config(_Section):
     preset: str = "custom"
-    seed: int = 0
+    seed: StrictInt = Field(0, ge=0, lt=2**32)  # whole numbers only: true is not 1
     out_dir: str = "runs/latest"
     data: DataConfig = DataConfig()
     partition: PartitionConfig = PartitionConfig()
@@ -189,11 +203,17 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        if p.suffix == ".json":
-            return json.loads(p.read_text())
-        return tomllib.loads(p.read_text())
+        text = p.read_text(encoding="utf-8")
+        raw = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {p} is not UTF-8 text (byte {err.start})") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {p}: {err.strerror}") from None
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
         raise ConfigError(f"cannot parse config file {p}: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {p} must hold a table of sections, not a {type(raw).__name__}")
+    return raw
 
 
 def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

@@ -11,21 +11,25 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .config import Config, strategy_revision
+from .federation import checkpoint
+from .federation.checkpoint import Checkpoint
 from .federation.strategies import FEDERATED
 from .report.evidence import complete_runs, write_evidence
 from .report.plots import draw_run
 from .report.tables import draw_comparison, write_results_table
+from .runlog import dumps, read_summary, write_atomic
 from .training.setup import open_log, open_workspace
 from .training.standalone import run_centralised, run_local
 
 
-def run_experiment(cfg: Config, on_round: Callable[[dict], None] | None = None) -> dict:
-    """Run ``cfg``; write metrics, summary and plots under ``cfg.out_dir``; return the summary."""
+def run_experiment(cfg: Config, on_round: Callable[[dict], None] | None = None, resume: Checkpoint | None = None) -> dict:
+    """Run ``cfg`` (a federated one from ``resume``, its checkpoint, when given); write metrics, summary
+    and plots under ``cfg.out_dir``; return the summary."""
     strategy = cfg.federation.strategy
     if strategy in FEDERATED:
         from .federation.server_app import simulate
 
-        summary = simulate(cfg, on_round)
+        summary = simulate(cfg, on_round, resume)
     else:
         ws = open_workspace(cfg)
         runner = run_local if strategy == "local" else run_centralised
@@ -61,23 +65,37 @@ def _same_result(summary: dict, cfg: Config) -> bool:
         return False
 
 
+def resumable(cfg: Config) -> Checkpoint | None:
+    """The checkpoint of an interrupted federated run of exactly ``cfg`` in its folder, if any."""
+    if cfg.federation.strategy not in FEDERATED:
+        return None
+    try:
+        ckpt = checkpoint.load(Path(cfg.out_dir))
+        same = Config.from_json(ckpt.config_json).result_key() == cfg.result_key()
+    except (checkpoint.CheckpointError, ValueError):
+        return None
+    return ckpt if same and ckpt.round < cfg.federation.rounds else None
+
+
 def run_comparison(configs: list[Config], out: Path, on_run: Callable[[Config], None] | None = None,
                    on_round: Callable[[dict], None] | None = None) -> list[dict]:
-    """Run every config (skipping finished ones), then write results.json, results.md and plots."""
+    """Run every config (skipping finished ones, resuming interrupted ones), then write results.json,
+    results.md and plots."""
     out.mkdir(parents=True, exist_ok=True)
     summaries = []
     for cfg in configs:
         done = Path(cfg.out_dir) / "summary.json"
         if on_run:
             on_run(cfg)
-        if done.exists() and _same_result(json.loads(done.read_text()), cfg):
-            summaries.append(json.loads(done.read_text()))  # finished before an interruption
+        previous = read_summary(done)
+        if previous is not None and _same_result(previous, cfg):
+            summaries.append(previous)  # finished before an interruption
             continue
-        summary = run_experiment(cfg, on_round)
+        summary = run_experiment(cfg, on_round, resumable(cfg))
         summary["config_json"] = cfg.to_json()
-        done.write_text(json.dumps(summary, indent=2))
+        write_atomic(done, dumps(summary, indent=2))
         summaries.append(summary)
-    (out / "results.json").write_text(json.dumps(summaries, indent=2))
+    write_atomic(out / "results.json", dumps(summaries, indent=2))
     write_results_table(complete_runs(summaries), out / "results.md")
     draw_comparison(summaries, out)
     write_evidence(out)

@@ -1,13 +1,18 @@
 """The files a run leaves behind: config.json, metrics.jsonl (one line a round), summary.json.
 
 Every strategy, federated or standalone, writes through ``RunLog`` so that the CLI contract
-(keys of metrics.jsonl and summary.json) is defined in one place.
+(keys of metrics.jsonl and summary.json) is defined in one place. Every file is strict JSON (a
+non-finite number is written as null) and whole files are replaced atomically; a resumed run keeps
+the lines of the rounds its checkpoint holds and drops the rest.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,44 +20,119 @@ import numpy as np
 from .config import Config, strategy_revision
 
 ROUND_KEYS = ("round", "accuracy", "loss", "uplink_bytes", "downlink_bytes", "seconds")
-RUN_FILES = ("metrics.jsonl", "routing.jsonl", "diagnostics.jsonl", "summary.json")  # a new run starts them afresh
+JSONL_FILES = ("metrics.jsonl", "routing.jsonl", "diagnostics.jsonl")
+RUN_FILES = (*JSONL_FILES, "summary.json", "checkpoint.safetensors")  # a new run starts them afresh
+
+
+def finite(obj):
+    """``obj`` with every NaN or infinity replaced by None (JSON has no such numbers)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def dumps(obj, **kwargs) -> str:
+    """Strict JSON: non-finite numbers become null."""
+    return json.dumps(finite(obj), allow_nan=False, **kwargs)
+
+
+def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` a file beside ``path``, then rename it over ``path``: a reader sees the old file or the
+    new one, never a part."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    replace_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+def save_figure(fig, path: Path, **savefig_kwargs) -> Path:
+    """A matplotlib figure saved atomically (its format from ``path``'s suffix)."""
+    path = Path(path)
+    replace_atomically(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip("."), **savefig_kwargs))
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The complete lines of a JSONL file (a line cut short by a kill is skipped)."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def read_summary(path: Path) -> dict | None:
+    """A run's summary.json, or None when it is missing or damaged (the run then counts as unfinished)."""
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return summary if isinstance(summary, dict) else None
 
 
 class RunLog:
-    """Appends round records and writes the run's summary."""
+    """Appends round records and writes the run's summary.
 
-    def __init__(self, cfg: Config, out_dir: str | Path):
+    ``resume_round``: continue a run whose checkpoint holds that round: the JSONL files keep their
+    lines up to it and ``wall_seconds_before`` is added to the summary's wall time.
+    """
+
+    def __init__(self, cfg: Config, out_dir: str | Path, resume_round: int | None = None, wall_seconds_before: float = 0.0):
         self.cfg = cfg
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(cfg.model_dump_json(indent=2))
-        for name in RUN_FILES:
-            (self.out / name).unlink(missing_ok=True)
         self.metrics_path = self.out / "metrics.jsonl"
-        self.metrics_path.write_text("")
-        self.rounds: list[dict] = []
-        self.started = time.perf_counter()
+        if resume_round is None:
+            write_atomic(self.out / "config.json", cfg.model_dump_json(indent=2))
+            for name in RUN_FILES:
+                (self.out / name).unlink(missing_ok=True)
+            self.metrics_path.write_text("")
+            self.rounds: list[dict] = []
+        else:
+            (self.out / "summary.json").unlink(missing_ok=True)
+            for name in JSONL_FILES:
+                kept = [r for r in read_jsonl(self.out / name) if r.get("round", 0) <= resume_round]
+                write_atomic(self.out / name, "".join(dumps(r) + "\n" for r in kept))
+            self.rounds = read_jsonl(self.metrics_path)
+        self.started = time.perf_counter() - wall_seconds_before
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
 
     def add_round(self, record: dict) -> None:
         missing = [k for k in ROUND_KEYS if k not in record]
         if missing:
             raise KeyError(f"round record lacks {missing}")
+        record = finite(record)
         self.rounds.append(record)
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.add_jsonl("metrics.jsonl", record)
 
     def add_jsonl(self, name: str, record: dict) -> None:
         with (self.out / name).open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(dumps(record) + "\n")
 
     def write_json(self, name: str, obj) -> Path:
         path = self.out / name
-        path.write_text(json.dumps(obj, indent=2))
+        write_atomic(path, dumps(obj, indent=2))
         return path
 
     def summary(self, **extra) -> dict:
         """Write summary.json from the rounds so far plus ``extra`` fields; return it."""
-        acc = [r["accuracy"] for r in self.rounds]
+        acc = [r["accuracy"] for r in self.rounds if r.get("accuracy") is not None]
         local = [r["local_accuracy"] for r in self.rounds if r.get("local_accuracy") is not None]
         summary = {
             "strategy": self.cfg.federation.strategy,
@@ -73,10 +153,13 @@ class RunLog:
             "local_accuracy_per_round": local,
             "uplink_bytes_total": int(sum(r["uplink_bytes"] for r in self.rounds)),
             "downlink_bytes_total": int(sum(r["downlink_bytes"] for r in self.rounds)),
-            "wall_seconds": round(time.perf_counter() - self.started, 2),
+            "failures_total": int(sum(r.get("failures", 0) for r in self.rounds)),
+            "rounds_not_adopted": [r["round"] for r in self.rounds if r.get("adopted") is False],
+            "wall_seconds": round(self.elapsed(), 2),
             **_throughput(self.rounds),
         }
         summary.update(extra)
+        summary = finite(summary)
         self.write_json("summary.json", summary)
         return summary
 

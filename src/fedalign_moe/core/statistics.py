@@ -40,18 +40,16 @@ class RoutingStatistics:
 
 
 class RoutingAccumulator:
-    """Running sums over batches; ``result()`` turns them into ``RoutingStatistics``."""
+    """Running sums over batches; ``result()`` turns them into ``RoutingStatistics``.
+
+    The sums stay on the device of the tensors they are fed (float64) and reach the CPU once, in
+    ``result()``: a per-batch copy to the host would stall a GPU every step.
+    """
 
     def __init__(self, num_experts: int, hidden: int, top_k: int):
-        E, H = num_experts, hidden
-        self.top_k = top_k
-        self.prob_sum_E = torch.zeros(E, dtype=torch.float64)
-        self.count_E = torch.zeros(E, dtype=torch.float64)
-        self.inter_E = torch.zeros(E, dtype=torch.float64)
-        self.union_E = torch.zeros(E, dtype=torch.float64)
-        self.margin_sum_E = torch.zeros(E, dtype=torch.float64)
-        self.mu_num_EH = torch.zeros(E, H, dtype=torch.float64)
-        self.mu_den_E = torch.zeros(E, dtype=torch.float64)
+        self.E, self.H, self.top_k = num_experts, hidden, top_k
+        self.sums_6E: torch.Tensor | None = None  # prob, count, inter, union, margin, mu_den
+        self.mu_num_EH: torch.Tensor | None = None
         self.tokens = 0
 
     @torch.no_grad()
@@ -60,27 +58,52 @@ class RoutingAccumulator:
         probs_TE = logits_TE.float().softmax(-1)
         E, k = probs_TE.shape[1], self.top_k
         local_TE = topk_mask(probs_TE, k)
-        global_probs_TE = (hidden_TH.float() @ global_router_EH.float().T).softmax(-1)
+        global_probs_TE = (hidden_TH.float() @ global_router_EH.to(probs_TE.device, torch.float32).T).softmax(-1)
         global_TE = topk_mask(global_probs_TE, k)
         # g_(k+1)(h): the best probability outside the top-k (0 when every expert is selected)
-        kth1_T = probs_TE.topk(k + 1, dim=-1).values[:, k] if k < E else torch.zeros(probs_TE.shape[0])
+        kth1_T = probs_TE.topk(k + 1, dim=-1).values[:, k] if k < E else probs_TE.new_zeros(probs_TE.shape[0])
         routed_TE = probs_TE * local_TE
-        self.prob_sum_E += probs_TE.sum(0).double().cpu()
-        self.count_E += local_TE.sum(0).double().cpu()
-        self.inter_E += (local_TE & global_TE).sum(0).double().cpu()
-        self.union_E += (local_TE | global_TE).sum(0).double().cpu()
-        self.margin_sum_E += ((probs_TE - kth1_T[:, None]) * local_TE).sum(0).double().cpu()
-        self.mu_num_EH += (routed_TE.T @ hidden_TH.float()).double().cpu()
-        self.mu_den_E += routed_TE.sum(0).double().cpu()
+        batch_6E = torch.stack([probs_TE.sum(0), local_TE.sum(0).float(), (local_TE & global_TE).sum(0).float(),
+                                (local_TE | global_TE).sum(0).float(), ((probs_TE - kth1_T[:, None]) * local_TE).sum(0),
+                                routed_TE.sum(0)]).double()
+        mu_EH = (routed_TE.T @ hidden_TH.float()).double()
+        if self.sums_6E is None:
+            self.sums_6E, self.mu_num_EH = torch.zeros_like(batch_6E), torch.zeros_like(mu_EH)
+        self.sums_6E += batch_6E
+        self.mu_num_EH += mu_EH
         self.tokens += probs_TE.shape[0]
 
     def result(self) -> RoutingStatistics:
         safe = lambda x: x.clamp(min=1e-12)  # noqa: E731  (0/0 -> 0 for unused experts)
+        if self.sums_6E is None:
+            sums_6E, mu_num_EH = torch.zeros(6, self.E, dtype=torch.float64), torch.zeros(self.E, self.H, dtype=torch.float64)
+        else:
+            sums_6E, mu_num_EH = self.sums_6E.cpu(), self.mu_num_EH.cpu()
+        prob_sum_E, count_E, inter_E, union_E, margin_sum_E, mu_den_E = sums_6E
         return RoutingStatistics(
-            p_E=(self.prob_sum_E / max(self.tokens, 1)).float(),
-            n_E=self.count_E.float(),
-            o_E=torch.where(self.union_E > 0, self.inter_E / safe(self.union_E), 0.0).float(),
-            m_E=torch.where(self.count_E > 0, self.margin_sum_E / safe(self.count_E), 0.0).float(),
-            mu_EH=(self.mu_num_EH / safe(self.mu_den_E)[:, None]).float(),
+            p_E=(prob_sum_E / max(self.tokens, 1)).float(),
+            n_E=count_E.float(),
+            o_E=torch.where(union_E > 0, inter_E / safe(union_E), 0.0).float(),
+            m_E=torch.where(count_E > 0, margin_sum_E / safe(count_E), 0.0).float(),
+            mu_EH=(mu_num_EH / safe(mu_den_E)[:, None]).float(),
             tokens=self.tokens,
         )
+
+
+@dataclass
+class ModelRoutingStatistics:
+    """One client's statistics for every MoE layer, stacked: p, n, o, m [L, E], mu [L, E, H]; ``tokens``
+    real tokens were routed in each layer."""
+
+    p_LE: torch.Tensor
+    n_LE: torch.Tensor
+    o_LE: torch.Tensor
+    m_LE: torch.Tensor
+    mu_LEH: torch.Tensor
+    tokens: int
+
+    @classmethod
+    def stack(cls, layers: list[RoutingStatistics]) -> "ModelRoutingStatistics":
+        return cls(torch.stack([s.p_E for s in layers]), torch.stack([s.n_E for s in layers]),
+                   torch.stack([s.o_E for s in layers]), torch.stack([s.m_E for s in layers]),
+                   torch.stack([s.mu_EH for s in layers]), layers[0].tokens if layers else 0)

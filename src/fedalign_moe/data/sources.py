@@ -11,8 +11,10 @@ by subject), ``mmlu-topic`` (its questions labelled with MMLU's 4 subject groups
 
 from __future__ import annotations
 
+import codecs
 import importlib.metadata
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -20,6 +22,8 @@ from typing import Any
 
 import datasets
 import numpy as np
+
+from ..config import UserError
 
 # lexnames(5WN): the 45 lexicographer files of WordNet 3.0, indexed by their file number.
 LEXNAMES = (
@@ -69,7 +73,10 @@ NAMED_FORMATS = MappingProxyType({"csv": "csv", "jsonl": "json", "json": "json",
 SOURCE_NAMES = ("mmlu", "mmlu-topic", "wordnet", "hf:<name>", "csv", "jsonl", "json", "parquet", "file")
 
 
-class DataError(ValueError):
+logger = logging.getLogger(__name__)
+
+
+class DataError(UserError):
     """A data source or split request is invalid; the message is one line meant for the user."""
 
 
@@ -226,11 +233,29 @@ def _load_file(name: str, path: str | None, text_column: str, label_column: str)
         raise DataError(f"cannot tell the format of {path}: use a .csv, .jsonl, .json or .parquet file")
     if not file.is_file():
         raise DataError(f"data file not found: {path}")
+    if fmt != "parquet":
+        _check_utf8(file)
     try:
         ds = datasets.load_dataset(fmt, data_files=str(file), split="train")
     except Exception as exc:  # any parse error from the builders becomes one clear line
         raise DataError(f"could not read {path} as {fmt}: {_one_line(exc)}") from exc
     return _from_table(ds, str(file.name), text_column, label_column)
+
+
+def _check_utf8(file: Path, chunk: int = 1 << 20) -> None:
+    """``DataError`` naming the offset of the first byte that is not UTF-8 (text files only)."""
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with file.open("rb") as handle:
+        while True:
+            block = handle.read(chunk)
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as err:
+                raise DataError(f"{file} is not UTF-8 text (byte {offset + err.start} cannot be decoded); "
+                                "convert it first, e.g. iconv -f latin1 -t utf-8") from None
+            if not block:
+                return
+            offset += len(block)
 
 
 def _load_hub(name: str, hf_split: str, text_column: str, label_column: str) -> LabeledText:
@@ -308,6 +333,9 @@ def load_source(
         raise DataError(f"unknown data source {name!r}; choose one of {', '.join(SOURCE_NAMES)}")
     if len(data.dataset) == 0:
         raise DataError(f"source {name!r} holds no examples")
+    if len(set(column_values(data.dataset, "label"))) < 2:
+        logger.warning("source %r holds a single class (%s): every prediction is right, so accuracy says nothing",
+                       name, data.label_names[0] if data.label_names else "?")
     if max_examples is not None:
         rng = np.random.default_rng(seed)
         keep = stratified_sample(column_values(data.dataset, "group"), max_examples, rng)

@@ -1,16 +1,23 @@
-"""The server's round loop: configure, send, aggregate, evaluate, log, one round at a time.
+"""The server's round loop: configure, send, screen and aggregate, adopt, evaluate, log, checkpoint.
 
-Flower's ``Strategy.start`` runs the same hooks; the loop is written out here so that every round
-can be measured (bytes each way, seconds), evaluated centrally on the global test split, and logged
-line by line (nothing is lost if the run is interrupted).
+Flower's ``Strategy.start`` runs the same hooks; the loop is written out here so that every round can
+be measured (bytes each way, seconds), evaluated centrally on the global test split, logged line by
+line, checkpointed (``fedalign-moe resume`` continues from the last round), and so that a broken
+aggregate is never adopted: an aggregate with NaN or Inf, or whose test loss is not finite, is
+discarded and the round keeps the previous global model.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import random
 import time
-from collections.abc import Callable, Iterable
+from collections import Counter
+from collections.abc import Callable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+import torch
+from flwr.app import ArrayRecord, RecordDict
 from flwr.serverapp import Grid
 from safetensors.torch import save_file
 
@@ -18,8 +25,13 @@ from ..config import Config
 from ..runlog import RunLog, training_totals
 from ..training.local import evaluate, load_state, release_memory, trainable_state
 from ..training.setup import Workspace
-from . import keys
+from . import checkpoint, protocol
+from .checkpoint import Checkpoint
+from .protocol import ReplyError, TrainReply
+from .screening import Failure, error_cause
 from .strategies import make_strategy
+
+logger = logging.getLogger(__name__)
 
 
 def record_bytes(content: RecordDict, key: str | None = None) -> int:
@@ -32,115 +44,179 @@ def record_bytes(content: RecordDict, key: str | None = None) -> int:
     return sum(len(array.data) for rec in chosen for array in rec.values())
 
 
-def client_rows(replies: Iterable[Message]) -> list[dict]:
-    """Per-client facts of a training round, from the replies that carry content."""
-    rows = []
-    for msg in replies:
-        if msg.has_error():
-            continue
-        m = msg.content[keys.METRICS]
-        rows.append({
-            "partition_id": int(m[keys.PARTITION_ID]),
-            "num_examples": int(m[keys.NUM_EXAMPLES]),
-            "train_loss": float(m[keys.TRAIN_LOSS]),
-            "local_accuracy": float(m[keys.LOCAL_ACCURACY]),
-            "local_test_examples": int(m[keys.LOCAL_TEST_EXAMPLES]),
-            "train_tokens": int(m[keys.TRAIN_TOKENS]) if keys.TRAIN_TOKENS in m else 0,
-            "train_seconds": float(m[keys.TRAIN_SECONDS]) if keys.TRAIN_SECONDS in m else 0.0,
-        })
-    return sorted(rows, key=lambda r: r["partition_id"])
+def client_rows(replies: list[TrainReply], update_norms: dict[int, float] | None = None) -> list[dict]:
+    """Per-client facts of a training round, from the replies that were used."""
+    return [{
+        "partition_id": r.partition_id, "num_examples": r.num_examples, "train_loss": r.figures.train_loss,
+        "local_accuracy": r.figures.local_accuracy, "local_test_examples": r.figures.local_test_examples,
+        "train_tokens": r.figures.train_tokens, "train_seconds": r.figures.train_seconds,
+        **({"update_norm": update_norms[r.partition_id]} if update_norms and r.partition_id in update_norms else {}),
+    } for r in replies]
 
 
-def routing_by_client(replies: Iterable[Message], num_layers: int) -> dict[str, list]:
+def routing_by_client(replies: list[TrainReply]) -> dict[str, list]:
     """partition id -> routing distribution [L][E] reported with the update."""
-    out = {}
-    for msg in replies:
-        if not msg.has_error():
-            m = msg.content[keys.METRICS]
-            p = list(m[keys.ROUTING_P])
-            per_layer = len(p) // max(num_layers, 1)
-            out[str(int(m[keys.PARTITION_ID]))] = [p[l * per_layer:(l + 1) * per_layer] for l in range(num_layers)]
-    return out
+    return {str(r.partition_id): r.routing.p_LE.tolist() for r in replies}
 
 
-def _reply_order(msg: Message) -> tuple[int, int]:
-    """Aggregate in partition order, not arrival order, so a seeded run gives the same floats every time."""
-    if msg.has_error():
-        return (1, 0)
-    return (0, int(msg.content[keys.METRICS][keys.PARTITION_ID]))
+def failure_summary(failures: list[Failure], show: int = 2) -> str:
+    """'2x timeout: no reply ..., 1x the client process died': the commonest reasons, counted."""
+    causes = Counter(f.reason for f in failures).most_common()
+    text = ", ".join(f"{n}x {reason}" for reason, n in causes[:show])
+    return text + (f", and {len(causes) - show} other reasons" if len(causes) > show else "")
 
 
-def _mean_metric(replies: list[Message], key: str) -> float | None:
-    values = [float(m.content[keys.METRICS][key]) for m in replies if not m.has_error() and key in m.content[keys.METRICS]]
-    return sum(values) / len(values) if values else None
+def wait_for_nodes(grid: Grid, cfg: Config, want: int) -> int | None:
+    """Wait up to ``node_wait_seconds`` for ``want`` connected nodes; the count once there are at least
+    ``min_available_nodes`` (logged when short of ``want``), None when there never were."""
+    fed = cfg.federation
+    deadline = time.monotonic() + fed.node_wait_seconds
+    while (connected := len(list(grid.get_node_ids()))) < want and time.monotonic() < deadline:
+        time.sleep(1)
+    if connected < fed.min_available_nodes:
+        return None
+    if connected < want:
+        logger.warning("going on with %d of %d nodes connected after waiting %g s", connected, want, fed.node_wait_seconds)
+    return connected
 
 
-def _weighted_local_accuracy(rows: list[dict]) -> float | None:
-    n = sum(r["local_test_examples"] for r in rows)
-    return sum(r["local_accuracy"] * r["local_test_examples"] for r in rows) / n if n else None
+def _finite_state(arrays: ArrayRecord) -> bool:
+    return all(torch.isfinite(t).all() for t in arrays.to_torch_state_dict().values())
 
 
-def run_federation(grid: Grid, ws: Workspace, log: RunLog,
-                   on_round: Callable[[dict], None] | None = None) -> dict:
-    """Run ``cfg.federation.rounds`` rounds of the configured Flower strategy; return the summary."""
-    cfg: Config = ws.cfg
-    strategy = make_strategy(cfg, ws.built.layout)
-    model, names = ws.built.model, ws.built.trainable
-    arrays = ArrayRecord(trainable_state(model, names))
-    test = ws.global_test()
-    silent, stopped = 0, None
-    for server_round in range(1, cfg.federation.rounds + 1):
+class _Server:
+    """One federated run's state on the server: the strategy, the global model and its evaluation."""
+
+    def __init__(self, grid: Grid, ws: Workspace, log: RunLog, resume: Checkpoint | None):
+        self.grid, self.ws, self.log, self.cfg = grid, ws, log, ws.cfg
+        self.strategy = make_strategy(self.cfg, ws.built.layout)
+        self.model, self.names = ws.built.model, ws.built.trainable
+        self.test = ws.global_test()
+        self.first_round, self.idle = 1, 0
+        if resume is not None:
+            load_state(self.model, resume.global_state)
+            self.strategy.load_state_dict(resume.strategy_state)
+            random.setstate(resume.random_state)
+            self.first_round, self.idle = resume.round + 1, resume.idle_rounds
+        self.arrays = ArrayRecord(trainable_state(self.model, self.names))
+        self.current_eval: dict | None = None  # the global model's test result, once computed
+
+    def adopt(self, new: ArrayRecord | None) -> str | None:
+        """Make ``new`` the global model unless it is missing or broken; the reason when it is not adopted."""
+        if new is None:
+            return "no valid reply"
+        if not _finite_state(new):
+            return "the aggregate holds NaN or Inf"
+        load_state(self.model, new.to_torch_state_dict())
+        result = evaluate(self.model, self.test, self.cfg.train.eval_batch_size, self.ws.device)
+        if not math.isfinite(result["loss"]):
+            load_state(self.model, self.arrays.to_torch_state_dict())
+            return "the aggregate's test loss is not finite"
+        self.arrays, self.current_eval = new, result
+        return None
+
+    def evaluation(self) -> dict:
+        if self.current_eval is None:
+            self.current_eval = evaluate(self.model, self.test, self.cfg.train.eval_batch_size, self.ws.device)
+        return self.current_eval
+
+    def train_round(self, server_round: int) -> dict:
+        """One round; its metrics record."""
         t0 = time.perf_counter()
-        config = ConfigRecord({keys.RUN_CONFIG: cfg.to_json()})
-        messages = list(strategy.configure_train(server_round, arrays, config, grid))
+        strategy = self.strategy
+        messages = list(strategy.configure_train(server_round, self.arrays, protocol.round_config(self.cfg.to_json()), self.grid))
         downlink = sum(record_bytes(m.content) for m in messages)
-        replies = sorted(grid.send_and_receive(messages, timeout=cfg.federation.round_timeout), key=_reply_order)
-        sizes = [(record_bytes(m.content), record_bytes(m.content, keys.ARRAYS)) for m in replies if not m.has_error()]
-        uplink = sum(total for total, _ in sizes)
-        stats_uplink = sum(total - model for total, model in sizes)  # everything beside the model update
-        new_arrays, _ = strategy.aggregate_train(server_round, replies)
-        if new_arrays is not None:
-            arrays = new_arrays
-        load_state(model, arrays.to_torch_state_dict())
+        received = list(self.grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout)) if messages else []
+        sizes = [(record_bytes(m.content), record_bytes(m.content, protocol.ARRAYS)) for m in received if not m.has_error()]
+        before = strategy.state_dict()
+        t_aggregate = time.perf_counter()
+        new_arrays, _ = strategy.aggregate_train(server_round, received)
+        t_aggregate = time.perf_counter() - t_aggregate
+        not_adopted = self.adopt(new_arrays)
+        if not_adopted is not None:
+            strategy.load_state_dict(before)
+            logger.warning("round %d keeps the previous global model: %s", server_round, not_adopted)
         release_memory()
-        result = evaluate(model, test, cfg.train.eval_batch_size, ws.device)
-        rows = client_rows(replies)
-        record = {
+        result, replies, failures = self.evaluation(), strategy.last_replies, strategy.last_failures
+        rows = client_rows(replies, strategy.last_update_norms)
+        examples = sum(r["num_examples"] for r in rows)
+        local_n = sum(r["local_test_examples"] for r in rows)
+        return {
             "round": server_round, "accuracy": result["accuracy"], "loss": result["loss"],
-            "local_accuracy": _weighted_local_accuracy(rows),
-            "train_loss": sum(r["train_loss"] * r["num_examples"] for r in rows) / max(sum(r["num_examples"] for r in rows), 1),
-            "uplink_bytes": uplink, "downlink_bytes": downlink, "stats_uplink_bytes": stats_uplink,
-            "failures": len(messages) - len(rows), **training_totals(rows),
+            "local_accuracy": sum(r["local_accuracy"] * r["local_test_examples"] for r in rows) / local_n if local_n else None,
+            "train_loss": sum(r["train_loss"] * r["num_examples"] for r in rows) / examples if examples else None,
+            "uplink_bytes": sum(total for total, _ in sizes), "downlink_bytes": downlink,
+            "stats_uplink_bytes": sum(total - model for total, model in sizes),  # everything beside the update
+            "sent": len(messages), "replied": len(rows), "failures": len(failures),
+            "failure_reasons": [f.to_json() for f in failures],
+            "adopted": not_adopted is None, "not_adopted_reason": not_adopted,
+            **training_totals(rows), "aggregate_seconds": round(t_aggregate, 4),
+            "screen_seconds": round(strategy.last_screen_seconds, 4),  # part of aggregate_seconds
             "seconds": round(time.perf_counter() - t0, 3), "clients": rows,
         }
-        log.add_round(record)
-        layers = [layer.index for layer in ws.built.layout.layers]
-        log.add_jsonl("routing.jsonl", {"round": server_round, "layers": layers,
-                                        "clients": routing_by_client(replies, len(layers))})
-        if hasattr(strategy, "diagnostics") and rows:  # no reply, no decision: do not repeat the last one
-            log.add_jsonl("diagnostics.jsonl", {"round": server_round, "reg_loss": _mean_metric(replies, "reg-loss"),
-                                                "stats_uplink_bytes": stats_uplink, **strategy.diagnostics()})
+
+    def log_round(self, record: dict) -> None:
+        strategy, replies = self.strategy, self.strategy.last_replies
+        self.log.add_round(record)
+        layers = [layer.index for layer in self.ws.built.layout.layers]
+        self.log.add_jsonl("routing.jsonl", {"round": record["round"], "layers": layers, "clients": routing_by_client(replies)})
+        if hasattr(strategy, "diagnostics") and record["adopted"]:  # no new model, no decision: do not repeat the last
+            regs = [r.figures.reg_loss for r in replies if r.figures.reg_loss is not None]
+            self.log.add_jsonl("diagnostics.jsonl", {"round": record["round"], "reg_loss": sum(regs) / len(regs) if regs else None,
+                                                     "stats_uplink_bytes": record["stats_uplink_bytes"], **strategy.diagnostics()})
+
+    def save_checkpoint(self, server_round: int) -> None:
+        checkpoint.save(self.log.out, Checkpoint(server_round, self.arrays.to_torch_state_dict(), self.strategy.state_dict(),
+                                                 self.idle, random.getstate(), self.log.elapsed(), self.cfg.to_json()))
+
+
+def run_federation(grid: Grid, ws: Workspace, log: RunLog, on_round: Callable[[dict], None] | None = None,
+                   resume: Checkpoint | None = None) -> dict:
+    """Run ``cfg.federation.rounds`` rounds (from the checkpoint's next round when resuming); return the summary."""
+    cfg: Config = ws.cfg
+    server = _Server(grid, ws, log, resume)
+    stopped = None
+    for server_round in range(server.first_round, cfg.federation.rounds + 1):
+        want = cfg.partition.num_clients if server_round == 1 else cfg.federation.min_available_nodes
+        if wait_for_nodes(grid, cfg, want) is None:
+            stopped = (f"stopped before round {server_round}: fewer than min_available_nodes = "
+                       f"{cfg.federation.min_available_nodes} nodes connected within {cfg.federation.node_wait_seconds:g} s")
+            break
+        record = server.train_round(server_round)
+        server.log_round(record)
+        server.idle = 0 if record["adopted"] else server.idle + 1
+        server.save_checkpoint(server_round)
         if on_round is not None:
             on_round(record)
-        silent = silent + 1 if not rows else 0
         limit = cfg.federation.stop_after_silent_rounds
-        if limit is not None and silent >= limit:
-            stopped = (f"stopped after round {server_round}: no client replied in the last {silent} rounds "
-                       "(client processes died? see the log)")
+        if limit is not None and server.idle >= limit:
+            causes = failure_summary(server.strategy.last_failures)
+            stopped = (f"stopped after round {server_round}: no new global model in the last {server.idle} rounds "
+                       f"({record['not_adopted_reason']}" + (f"; replies lost: {causes})" if causes else ")"))
             break
-    save_file({n: t.contiguous() for n, t in arrays.to_torch_state_dict().items()}, str(log.out / "global_trainable.safetensors"))
-    return _final_evaluation(grid, strategy, arrays, cfg, log, stopped)
+    state = {n: t.contiguous() for n, t in server.arrays.to_torch_state_dict().items()}
+    tmp = log.out / ".global_trainable.safetensors.tmp"
+    save_file(state, str(tmp))
+    tmp.replace(log.out / "global_trainable.safetensors")
+    return _final_evaluation(server, stopped)
 
 
-def _final_evaluation(grid: Grid, strategy, arrays: ArrayRecord, cfg: Config, log: RunLog, stopped: str | None) -> dict:
+def _final_evaluation(server: _Server, stopped: str | None) -> dict:
     """The final global model on every client's own test split; then the summary."""
-    config = ConfigRecord({keys.RUN_CONFIG: cfg.to_json()})
-    messages = list(strategy.configure_evaluate(cfg.federation.rounds, arrays, config, grid))
-    replies = [m for m in grid.send_and_receive(messages, timeout=cfg.federation.round_timeout) if not m.has_error()]
-    per_client = {
-        str(int(m.content[keys.METRICS][keys.PARTITION_ID])): float(m.content[keys.METRICS][keys.EVAL_ACCURACY])
-        for m in replies
-    }
+    cfg, strategy = server.cfg, server.strategy
+    messages = list(strategy.configure_evaluate(cfg.federation.rounds, server.arrays,
+                                                protocol.round_config(cfg.to_json()), server.grid))
+    per_client = {}
+    for msg in server.grid.send_and_receive(messages, timeout=cfg.federation.round_timeout) if messages else []:
+        if msg.has_error():
+            logger.warning("final evaluation: node %s gave no result: %s", msg.metadata.src_node_id, error_cause(msg))
+            continue
+        try:
+            reply = protocol.read_eval_reply(msg, cfg.partition.num_clients)
+        except ReplyError as err:
+            logger.warning("final evaluation: dropped the reply of node %s: %s", msg.metadata.src_node_id, err)
+            continue
+        per_client[str(reply.partition_id)] = reply.accuracy
     mean = sum(per_client.values()) / len(per_client) if per_client else None
-    return log.summary(global_model_on_client_tests=mean, global_model_on_client_tests_by_client=per_client,
-                       stopped_early=stopped)
+    return server.log.summary(global_model_on_client_tests=mean, global_model_on_client_tests_by_client=per_client,
+                              stopped_early=stopped)

@@ -16,10 +16,12 @@ from logging import INFO
 
 from flwr.app import Context
 from flwr.common.logger import log
+from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from ..config import Config, load_config, parse_overrides
-from ..training.setup import open_log, open_workspace
+from ..training.setup import Workspace, open_log, open_workspace
+from .checkpoint import Checkpoint
 from .server import run_federation
 
 
@@ -29,10 +31,11 @@ def config_from_run_config(run_config: dict) -> Config:
     return load_config(str(run_config.get("preset", "quick")), overrides=parse_overrides(raw))
 
 
-def _main(grid: Grid, cfg: Config, on_round: Callable[[dict], None] | None, holder: dict) -> None:
-    ws = open_workspace(cfg)
-    log = open_log(ws)
-    holder["summary"] = run_federation(grid, ws, log, on_round)
+def _main(grid: Grid, cfg: Config, on_round: Callable[[dict], None] | None, holder: dict,
+          resume: Checkpoint | None = None, ws: Workspace | None = None) -> None:
+    ws = ws if ws is not None else open_workspace(cfg)
+    log = open_log(ws, resume.round if resume else None, resume.wall_seconds if resume else 0.0)
+    holder["summary"] = run_federation(grid, ws, log, on_round, resume)
 
 
 app = ServerApp()
@@ -40,8 +43,9 @@ app = ServerApp()
 
 def log_round(record: dict) -> None:
     """One line a round in the ServerApp's log (what ``flwr log`` streams)."""
-    log(INFO, "round %d: accuracy %.4f, loss %.4f, %d clients, %d failures, %.1fs", record["round"],
-        record["accuracy"], record["loss"], len(record.get("clients", [])), record.get("failures", 0), record["seconds"])
+    log(INFO, "round %d: accuracy %.4f, loss %.4f, %d of %d replies used, %d failures%s, %.1fs", record["round"],
+        record["accuracy"], record["loss"], record["replied"], record["sent"], record["failures"],
+        "" if record["adopted"] else f", previous model kept ({record['not_adopted_reason']})", record["seconds"])
 
 
 @app.main()
@@ -50,29 +54,39 @@ def main(grid: Grid, context: Context) -> None:
     _main(grid, config_from_run_config(dict(context.run_config)), log_round, {})
 
 
-def make_server_app(cfg: Config, on_round: Callable[[dict], None] | None, holder: dict) -> ServerApp:
+def make_server_app(cfg: Config, on_round: Callable[[dict], None] | None, holder: dict,
+                    resume: Checkpoint | None = None, ws: Workspace | None = None) -> ServerApp:
     """A ServerApp bound to an already validated config (used by the CLI's simulation)."""
     server = ServerApp()
 
     @server.main()
     def _bound(grid: Grid, context: Context) -> None:
-        _main(grid, cfg, on_round, holder)
+        _main(grid, cfg, on_round, holder, resume, ws)
 
     return server
 
 
-def simulate(cfg: Config, on_round: Callable[[dict], None] | None = None) -> dict:
-    """Run the federation in Flower's in-process simulation engine; return the run summary."""
+def simulate(cfg: Config, on_round: Callable[[dict], None] | None = None, resume: Checkpoint | None = None,
+             client_app: ClientApp | None = None) -> dict:
+    """Run the federation in Flower's in-process simulation engine; return the run summary.
+
+    ``resume``: continue from this checkpoint of the run in ``cfg.out_dir``. ``client_app``: another
+    ClientApp than this package's (tests use one whose clients fail on purpose).
+    """
     from flwr.simulation import run_simulation
 
-    from .client_app import app as client_app
+    if client_app is None:
+        from .client_app import app as client_app
 
     backend = {
         "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": cfg.federation.client_gpus},
         "init_args": {"num_cpus": max(1, os.cpu_count() or 1), "include_dashboard": False},
     }
+    # the server's data and model first (in this process): bad data or a bad checkpoint is one error line
+    # now, before Ray and the client processes start
+    ws = open_workspace(cfg)
     holder: dict = {}
-    run_simulation(make_server_app(cfg, on_round, holder), client_app, cfg.partition.num_clients, backend_config=backend)
+    run_simulation(make_server_app(cfg, on_round, holder, resume, ws), client_app, cfg.partition.num_clients, backend_config=backend)
     if "summary" not in holder:
         raise RuntimeError("the simulation ended without a summary; see the log above")
     return holder["summary"]

@@ -1,41 +1,58 @@
-"""Which Flower strategy a run uses. FedAvg and FedProx are Flower's own (``flwr.serverapp.strategy``);
-FedAlign-MoE and its ablation rungs are ``federation.fedalign.FedAlignMoE``."""
+"""Which Flower strategy a run uses. FedAvg and FedProx are Flower's own aggregation behind this
+package's reply screen (``screening.ScreenedReplies``); FedAlign-MoE and its ablation rungs are
+``fedalign.FedAlignMoE``; the FedMoE baseline is ``fedmoe.FedMoE``."""
 
 from __future__ import annotations
 
-from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
+from flwr.serverapp import strategy as flwr_strategy
 
 from ..config import FEDALIGN_RUNGS, Config
 from ..models.base import MoELayout
-from . import keys
+from . import protocol
 from .fedalign import FedAlignMoE
 from .fedmoe import FedMoE
+from .screening import ReplyPolicy, ScreenedReplies
 
 FEDERATED = ("fedavg", "fedprox", "fedmoe", *FEDALIGN_RUNGS)
 
 
-def make_strategy(cfg: Config, layout: MoELayout | None = None) -> Strategy:
-    """The strategy object for ``cfg.federation.strategy`` (a federated one)."""
-    n = cfg.partition.num_clients
+class FedAvg(ScreenedReplies, flwr_strategy.FedAvg):
+    """FedAvg (McMahan et al. 2017, arXiv 1602.05629): Flower's example-weighted average of valid replies."""
+
+
+class FedProx(ScreenedReplies, flwr_strategy.FedProx):
+    """FedProx (Li et al. 2020, arXiv 1812.06127): FedAvg's aggregation; clients add (mu/2)||w - w_g||^2."""
+
+
+def reply_policy(cfg: Config, layout: MoELayout) -> ReplyPolicy:
+    return ReplyPolicy(layout, cfg.partition.num_clients, cfg.train.batch_size * cfg.data.max_length,
+                       cfg.federation.max_update_norm_ratio, cfg.federation.round_timeout)
+
+
+def make_strategy(cfg: Config, layout: MoELayout) -> ScreenedReplies:
+    """The strategy object for ``cfg.federation.strategy`` (a federated one).
+
+    Flower's own node sampling would wait for ``min_available_nodes`` forever; the server loop waits
+    instead, with a time limit (``federation.node_wait_seconds``), so the strategy asks for one node.
+    """
     common = dict(
         fraction_train=cfg.federation.fraction_train,
         fraction_evaluate=1.0,
-        min_train_nodes=max(1, int(n * cfg.federation.fraction_train)),
-        min_evaluate_nodes=n,
-        min_available_nodes=n,  # wait until every client is connected
-        weighted_by_key=keys.NUM_EXAMPLES,
-        arrayrecord_key=keys.ARRAYS,
-        configrecord_key=keys.CONFIG,
+        min_train_nodes=1,
+        min_evaluate_nodes=1,
+        min_available_nodes=1,
+        weighted_by_key=protocol.NUM_EXAMPLES,
+        arrayrecord_key=protocol.ARRAYS,
+        configrecord_key=protocol.CONFIG,
     )
+    policy = reply_policy(cfg, layout)
     name = cfg.federation.strategy
     if name == "fedavg":
-        return FedAvg(**common)
+        return FedAvg(policy, **common)
     if name == "fedprox":
-        return FedProx(**common, proximal_mu=cfg.train.proximal_mu)
-    if layout is None:
-        raise ValueError(f"{name} needs the model's MoE layout")
+        return FedProx(policy, **common, proximal_mu=cfg.train.proximal_mu)
     if name == "fedmoe":
-        return FedMoE(layout, cfg.federation.fedmoe_coverage, **common)
+        return FedMoE(policy, cfg.federation.fedmoe_coverage, **common)
     if name in FEDALIGN_RUNGS:
-        return FedAlignMoE(layout, cfg.effective_fedalign(), **common)
+        return FedAlignMoE(policy, cfg.effective_fedalign(), **common)
     raise ValueError(f"{name!r} is not a federated strategy; federated ones: {', '.join(FEDERATED)}")

@@ -134,7 +134,7 @@ class MoEAdapter:
         return self.layout.top_k
 
     def _param(self, name: str) -> nn.Parameter:
-        return dict(self.model.named_parameters())[name]
+        return self.model.get_parameter(name)  # walks the dotted path; no dict of every parameter per call
 
     def router_weight(self, l: int) -> nn.Parameter:
         """Router weight of MoE layer ``l``, shape [E, H]."""

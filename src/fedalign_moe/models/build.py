@@ -16,14 +16,14 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from ..config import ModelConfig
+from ..config import ModelConfig, UserError
 from .base import MoEAdapter, MoELayout
 from .encoder_moe import EncoderMoEAdapter, upcycle_bert_classifier
 from .hf_moe import FAMILIES, HFMoEAdapter, build_tiny_causal_lm
 from .task import CausalLMTaskModel
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError):
     """The backbone cannot be loaded; the message is one line meant for the user."""
 
 

@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from ..runlog import save_figure
+
 
 def _save(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     return path
 
 

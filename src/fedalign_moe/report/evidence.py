@@ -9,13 +9,16 @@ Shape legend: C clients, E experts, L MoE layers, R rounds.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from .plots import read_jsonl
+from ..runlog import read_jsonl, read_summary, save_figure, write_atomic
 from .tables import cell_order, group_cells, mean_curves, mean_std, results_table, split_name
+
+logger = logging.getLogger(__name__)
 
 def rounds_to_reach(curve: list[float], target: float) -> int | None:
     """First round (1-based) whose accuracy is at least ``target``; None if it never gets there."""
@@ -41,7 +44,10 @@ def collect_summaries(out: Path) -> list[dict]:
     """Every finished run under ``out`` (one ``summary.json`` per run directory), wherever ``out`` now lives."""
     found = []
     for path in sorted(out.glob("*/summary.json")):
-        summary = json.loads(path.read_text())
+        summary = read_summary(path)
+        if summary is None:
+            logger.warning("skipping %s: damaged (the run counts as unfinished)", path)
+            continue
         summary["run_dir"] = str(path.parent)
         found.append(summary)
     return found
@@ -258,7 +264,7 @@ def draw_routing_spread(summaries: list[dict], path: Path) -> Path | None:
     if not drawn:
         return None
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     return path
 
 
@@ -286,7 +292,7 @@ def draw_routing_heatmaps(summaries: list[dict], path: Path, alpha: float, seed:
         ax.set_yticks(range(len(ids)), ids)
         ax.set_xticks(range(p_CE.shape[1]))
     fig.colorbar(im, ax=fig.axes, fraction=0.02)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    save_figure(fig, path, dpi=110, bbox_inches="tight")
     return path
 
 
@@ -313,7 +319,7 @@ def draw_aligned_fraction(summaries: list[dict], path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     return path
 
 
@@ -361,5 +367,5 @@ def write_evidence(out: Path, summaries: list[dict] | None = None) -> Path:
              "## Figures", ""]
     parts += [f"- `{name}`: {what}" for name, what in figures.items() if (out / name).exists()]
     path = out / "evidence.md"
-    path.write_text("\n".join(parts) + "\n")
+    write_atomic(path, "\n".join(parts) + "\n")
     return path

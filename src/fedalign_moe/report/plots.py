@@ -12,13 +12,8 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
+from ..runlog import read_jsonl, read_summary, save_figure
 from .diagnostics import draw_fedalign
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def plot_accuracy(rounds: list[dict], path: Path, title: str) -> Path:
@@ -34,7 +29,7 @@ def plot_accuracy(rounds: list[dict], path: Path, title: str) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     return path
 
 
@@ -54,7 +49,7 @@ def plot_partition_counts(counts_CK: np.ndarray, names: list[str], path: Path, t
     if K <= 20:
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     return path
 
 
@@ -74,14 +69,14 @@ def plot_routing(clients: dict[str, list], path: Path, title: str, layer_ids: li
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     return path
 
 
 def draw_run(run_dir: str | Path) -> list[Path]:
     """Redraw every figure of a run directory; returns the PNG paths written."""
     out = Path(run_dir)
-    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+    summary = read_summary(out / "summary.json") or {}
     label = f"{summary.get('strategy', '?')}, alpha={summary.get('alpha', '?')}, seed={summary.get('seed', '?')}"
     written = []
     rounds = read_jsonl(out / "metrics.jsonl")

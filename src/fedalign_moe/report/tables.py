@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from ..config import Config, deep_merge
+from ..config import Config, UserError, deep_merge
+from ..runlog import save_figure, write_atomic
 
 # No "best round" column: picking the best round on the test split would be tuning on it.
 COLUMNS = (
@@ -32,7 +33,7 @@ def cell_order(key: tuple[float, str]) -> tuple:
     return (-key[0], order.get(key[1], len(order)), key[1])
 
 
-class MixedCellError(ValueError):
+class MixedCellError(UserError):
     """Runs that would share a table cell were configured differently; one line for the user."""
 
 
@@ -49,7 +50,8 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
 # May differ between the runs of one cell: the seed, where files go, and the machine it ran on.
 _NOT_SETUP = {"seed", "out_dir", "preset", "model.prefix_cache_dir", "model.device", "train.torch_threads",
               "federation.client_cpus", "federation.client_gpus", "federation.round_timeout",
-              "federation.stop_after_silent_rounds"}
+              "federation.stop_after_silent_rounds", "federation.node_wait_seconds",
+              "federation.min_available_nodes"}
 
 
 def _setup(summary: dict) -> dict[str, object]:
@@ -137,7 +139,7 @@ def write_results_table(summaries: list[dict], path: Path) -> Path:
     split = split_name(summaries)
     note = ("\n\nTuning runs: the evaluation splits are validation splits carved from the training pool "
             "(`data.holdout = \"validation\"`); the test split was not read." if split == "validation" else "")
-    path.write_text(f"# Results\n\nMean ± std over seeds (sample std). Accuracy of the global model on the "
+    write_atomic(path, f"# Results\n\nMean ± std over seeds (sample std). Accuracy of the global model on the "
                     f"global {split} split, and of each client's own model on its own {split} split.{note}\n\n"
                     + results_table(summaries))
     return path
@@ -166,6 +168,6 @@ def draw_comparison(summaries: list[dict], out: Path) -> list[Path]:
         ax.legend(fontsize=8)
     fig.tight_layout()
     path = out / "accuracy_by_strategy.png"
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     written.append(path)
     return written

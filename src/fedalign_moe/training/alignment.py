@@ -1,7 +1,9 @@
-"""Client side of FedAlign-MoE: the gate regulariser in the loss, the routing statistics on the side.
+"""Client side of the routing statistics and of FedAlign-MoE's gate regulariser.
 
 Both read the router records of the training forward passes; nothing runs a second pass over the
-data. Shapes: L MoE layers, E experts, H hidden, T tokens.
+data. ``RoutingObserver`` collects the statistics every strategy reports (one accumulator for all);
+``ClientAligner`` adds FedAlign-MoE's regulariser to the loss and noises the upload when asked.
+Shapes: L MoE layers, E experts, H hidden, T tokens.
 """
 
 from __future__ import annotations
@@ -9,21 +11,37 @@ from __future__ import annotations
 import torch
 
 from ..core.gate_regulariser import gate_regulariser
-from ..core.statistics import RoutingAccumulator, RoutingStatistics
+from ..core.statistics import ModelRoutingStatistics, RoutingAccumulator
 from ..models.base import MoEAdapter, RoutingRecord
 
 
+class RoutingObserver:
+    """The spec's p, n, o, m, mu over the real tokens of a client's training passes.
+
+    The routers of the model as received (the global routers) are kept at construction, before local
+    training moves them: the expert overlap o compares the local top-k with theirs.
+    """
+
+    def __init__(self, adapter: MoEAdapter):
+        self.global_routers = [adapter.router_weight(l).detach().clone() for l in range(len(adapter.layout.layers))]
+        hidden = self.global_routers[0].shape[1]
+        self.accumulators = [RoutingAccumulator(adapter.num_experts, hidden, adapter.top_k) for _ in self.global_routers]
+
+    def observe(self, records: list[RoutingRecord], keep_T: torch.Tensor) -> None:
+        for l, rec in enumerate(records):
+            self.accumulators[l].add(rec.logits_TE[keep_T], rec.hidden_TH[keep_T], self.global_routers[l])
+
+    def result(self) -> ModelRoutingStatistics:
+        return ModelRoutingStatistics.stack([acc.result() for acc in self.accumulators])
+
+
 class ClientAligner:
-    """Holds what the server sent (p_g, alpha, lambda, the global routers) for one round of training."""
+    """What the server sent for one round of FedAlign-MoE training (p_g, alpha, lambda, noise)."""
 
     def __init__(self, adapter: MoEAdapter, p_g_LE: torch.Tensor, alpha_LE: torch.Tensor, reg_lambda: float,
                  stats_noise_sigma: float = 0.0, seed: int = 0):
         self.adapter = adapter
         self.p_g_LE, self.alpha_LE, self.reg_lambda = p_g_LE.float(), alpha_LE.float(), reg_lambda
-        # the received global routers, before local training moves them (for the expert overlap o)
-        self.global_routers = [adapter.router_weight(l).detach().clone() for l in range(len(adapter.layout.layers))]
-        hidden = self.global_routers[0].shape[1]
-        self.accumulators = [RoutingAccumulator(adapter.num_experts, hidden, adapter.top_k) for _ in self.global_routers]
         self.noise_sigma = stats_noise_sigma
         self.generator = torch.Generator().manual_seed(seed)
         self.reg_sum, self.reg_batches = 0.0, 0
@@ -41,35 +59,20 @@ class ClientAligner:
         self.reg_batches += 1
         return self.reg_lambda * total
 
-    def observe(self, records: list[RoutingRecord], keep_T: torch.Tensor) -> None:
-        for l, rec in enumerate(records):
-            self.accumulators[l].add(rec.logits_TE[keep_T], rec.hidden_TH[keep_T], self.global_routers[l])
-
     def mean_regulariser(self) -> float:
         return self.reg_sum / max(self.reg_batches, 1)
 
-    def statistics(self) -> dict[str, torch.Tensor]:
-        """What the client uploads: p, n, o, m [L, E] and mu [L, E, H] (optionally noised, see docs/privacy)."""
-        stats: list[RoutingStatistics] = [acc.result() for acc in self.accumulators]
-        out = {
-            "p": torch.stack([s.p_E for s in stats]), "n": torch.stack([s.n_E for s in stats]),
-            "o": torch.stack([s.o_E for s in stats]), "m": torch.stack([s.m_E for s in stats]),
-            "mu": torch.stack([s.mu_EH for s in stats]),
-        }
-        if self.noise_sigma > 0:
-            out = self._noised(out)
-        return out
-
-    def _noised(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Gaussian noise N(0, sigma^2) on every uploaded statistic, then projected back to valid ranges."""
+    def upload(self, stats: ModelRoutingStatistics) -> ModelRoutingStatistics:
+        """The statistics as uploaded: noised when the server asked for noise (see docs/privacy)."""
+        if self.noise_sigma <= 0:
+            return stats
+        fields = {"p": stats.p_LE, "n": stats.n_LE, "o": stats.o_LE, "m": stats.m_LE, "mu": stats.mu_LEH}
         noisy = {k: v + torch.randn(v.shape, generator=self.generator) * self.noise_sigma * self._scale(k, v)
-                 for k, v in stats.items()}
-        noisy["p"] = noisy["p"].clamp(min=0)
-        noisy["p"] = noisy["p"] / noisy["p"].sum(-1, keepdim=True).clamp(min=1e-12)
-        noisy["n"] = noisy["n"].clamp(min=0).round()
-        noisy["o"] = noisy["o"].clamp(0, 1)
-        noisy["m"] = noisy["m"].clamp(0, 1)
-        return noisy
+                 for k, v in fields.items()}
+        p = noisy["p"].clamp(min=0)
+        return ModelRoutingStatistics(
+            p_LE=p / p.sum(-1, keepdim=True).clamp(min=1e-12), n_LE=noisy["n"].clamp(0, stats.tokens).round(),
+            o_LE=noisy["o"].clamp(0, 1), m_LE=noisy["m"].clamp(0, 1), mu_LEH=noisy["mu"], tokens=stats.tokens)
 
     @staticmethod
     def _scale(key: str, value: torch.Tensor) -> float:

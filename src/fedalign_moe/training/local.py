@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TrainConfig
+from ..core.statistics import ModelRoutingStatistics
 from ..models.base import MoEAdapter
+from .alignment import RoutingObserver
 
 
 @dataclass
@@ -89,36 +91,11 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 @dataclass
-class RoutingTally:
-    """Per-layer routing statistics over real tokens: mean router probability and top-k counts [L, E]."""
-
-    prob_sum_LE: torch.Tensor
-    topk_count_LE: torch.Tensor
-    tokens: int = 0
-
-    @classmethod
-    def empty(cls, num_layers: int, num_experts: int) -> "RoutingTally":
-        return cls(torch.zeros(num_layers, num_experts, dtype=torch.float64), torch.zeros(num_layers, num_experts, dtype=torch.float64))
-
-    def add(self, records, attention_mask_BS: torch.Tensor, top_k: int) -> None:
-        keep_T = attention_mask_BS.reshape(-1).bool().to(records[0].logits_TE.device)
-        for l, rec in enumerate(records):
-            probs_TE = rec.logits_TE[keep_T].float().softmax(-1)
-            self.prob_sum_LE[l] += probs_TE.sum(0).double().cpu()
-            top_TK = probs_TE.topk(top_k, dim=-1).indices
-            self.topk_count_LE[l] += torch.bincount(top_TK.reshape(-1), minlength=probs_TE.shape[1]).double().cpu()
-        self.tokens += int(keep_T.sum())
-
-    def distribution_LE(self) -> torch.Tensor:
-        return self.prob_sum_LE / max(self.tokens, 1)
-
-
-@dataclass
 class TrainResult:
     loss: float
     num_examples: int
     steps: int
-    routing: RoutingTally
+    routing: ModelRoutingStatistics  # over the real tokens of the training passes
     tokens: int = 0  # non-padding tokens trained on (forward and backward)
     seconds: float = 0.0  # wall time of the local training loop
 
@@ -134,8 +111,8 @@ def train_local(model: nn.Module, adapter: MoEAdapter, data: ClientTensors, name
                 on_step: Callable[[int, float], None] | None = None, aligner=None) -> TrainResult:
     """AdamW on the trainable parameters for ``local_steps`` or ``local_epochs`` over ``data``.
 
-    ``aligner`` (a ``training.alignment.ClientAligner``) adds FedAlign-MoE's gate regulariser to the
-    loss and collects the routing statistics from the same forward passes.
+    The routing statistics of every strategy come from the same forward passes (``RoutingObserver``);
+    ``aligner`` (a ``training.alignment.ClientAligner``) adds FedAlign-MoE's gate regulariser to the loss.
     """
     device = device or torch.device("cpu")
     params = dict(model.named_parameters())
@@ -145,7 +122,7 @@ def train_local(model: nn.Module, adapter: MoEAdapter, data: ClientTensors, name
     torch.manual_seed(seed)  # dropout draws from the global generator: same seed, same masks, whatever ran before
     steps_per_epoch = -(-len(data) // cfg.batch_size)
     total = cfg.local_steps if cfg.local_steps is not None else cfg.local_epochs * steps_per_epoch
-    tally = RoutingTally.empty(len(adapter.layout.layers), adapter.num_experts)
+    observer = RoutingObserver(adapter)  # before training moves the routers: o compares with the global ones
     model.train()
     loss_sum, seen, step, order = 0.0, 0, 0, torch.empty(0, dtype=torch.long)
     tokens, t0 = 0, time.perf_counter()
@@ -158,15 +135,14 @@ def train_local(model: nn.Module, adapter: MoEAdapter, data: ClientTensors, name
             logits_BC = model(**batch)
             loss = F.cross_entropy(logits_BC.float(), data.labels_N[idx].to(device))
             total_loss = loss + (proximal_mu / 2) * _proximal_term(model, anchor) if anchor else loss
+            keep_T = batch["attention_mask_BS"].reshape(-1).bool()
             if aligner is not None:
-                keep_T = batch["attention_mask_BS"].reshape(-1).bool()
                 reg = aligner.loss(rec.records, keep_T)
                 total_loss = total_loss if reg is None else total_loss + reg
-                aligner.observe(rec.records, keep_T)
+            observer.observe(rec.records, keep_T)
             optimizer.zero_grad(set_to_none=True)
             total_loss.backward()
             optimizer.step()
-            tally.add(rec.records, batch["attention_mask_BS"], adapter.top_k)
             loss_sum, seen, step = loss_sum + float(loss.detach()) * len(idx), seen + len(idx), step + 1
             tokens += int(batch["attention_mask_BS"].sum())
             if on_step is not None:
@@ -174,7 +150,7 @@ def train_local(model: nn.Module, adapter: MoEAdapter, data: ClientTensors, name
     seconds = time.perf_counter() - t0
     del optimizer, anchor
     release_memory()
-    return TrainResult(loss=loss_sum / max(seen, 1), num_examples=len(data), steps=step, routing=tally,
+    return TrainResult(loss=loss_sum / max(seen, 1), num_examples=len(data), steps=step, routing=observer.result(),
                        tokens=tokens, seconds=seconds)
 
 

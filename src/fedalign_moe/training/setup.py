@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import transformers
 
-from ..config import Config
+from ..config import Config, UserError
 from ..data import LabeledText, label_counts, load_source, partition, skew_summary, split_client, train_test_split
 from ..models.build import BuiltModel, build_model
 from ..runlog import RunLog
@@ -27,7 +27,7 @@ from .local import ClientTensors, cache_prefix, tokenize
 PREFIX_CACHE_FORMAT = 1  # bump when encode_prefix changes what it computes
 
 
-class RunSetupError(ValueError):
+class RunSetupError(UserError):
     """The data cannot be arranged as configured; one line for the user."""
 
 
@@ -160,9 +160,10 @@ def cached_workspace(config_json: str) -> Workspace:
     return open_workspace(Config.from_json(config_json), client_process=True)
 
 
-def open_log(ws: Workspace) -> RunLog:
-    """Start the run's files: config.json, and partition.json (examples per client and class)."""
-    log = RunLog(ws.cfg, ws.cfg.out_dir)
+def open_log(ws: Workspace, resume_round: int | None = None, wall_seconds_before: float = 0.0) -> RunLog:
+    """Start the run's files (or continue them after ``resume_round``): config.json, and partition.json
+    (examples per client and class)."""
+    log = RunLog(ws.cfg, ws.cfg.out_dir, resume_round, wall_seconds_before)
     d = ws.data
     log.write_json("partition.json", {
         "partition_key": d.source.partition_key,

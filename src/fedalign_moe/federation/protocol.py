@@ -1,0 +1,378 @@
+"""The wire protocol between the server and its clients: every record and key that travels is defined
+here, and messages are built and read only through this module. Reading validates.
+
+Server -> client, one training round (``read_instruction``):
+  arrays           ArrayRecord   the global trainable parameters
+  config           ConfigRecord  run-config (the run's Config as JSON), server-round, and what the round
+                                 asks: proximal-mu (FedProx; Flower's strategy writes it), upload
+                                 ("full", or "sub-moe" with sub-moe-coverage: FedMoE), reg-lambda and
+                                 stats-noise-sigma (FedAlign-MoE)
+  fedalign-target  ArrayRecord   FedAlign-MoE only: p_g and alpha [L, E]
+Client -> server, its training reply (``train_reply`` builds it, ``read_train_reply`` validates it):
+  arrays           ArrayRecord   the trained parameters (the sub-MoE's router rows and experts only,
+                                 when the round asked for "sub-moe")
+  metrics          MetricRecord  num-examples, partition-id, training and local-evaluation figures,
+                                 routing-p and routing-n [L*E] (every strategy), sub-moe [L*E] (0/1)
+  fedalign-stats   ArrayRecord   when the round carried a fedalign-target: o, m [L, E], mu [L, E, H]
+Evaluation: the server sends arrays and config; the client replies metrics (``read_eval_reply``).
+
+Flower's own FedAvg and FedProx aggregate these replies as they are: one ArrayRecord of parameters and
+one MetricRecord carrying ``num-examples`` (the statistics beside them travel as metric lists).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from ..core.aggregate import LayerNames
+from ..core.fedmoe import keep_rows
+from ..core.statistics import ModelRoutingStatistics
+from ..models.base import MoELayout
+
+# records
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+FEDALIGN_TARGET = "fedalign-target"
+FEDALIGN_STATS = "fedalign-stats"
+# config keys (server -> client)
+RUN_CONFIG = "run-config"
+SERVER_ROUND = "server-round"  # written by Flower's strategies
+PROXIMAL_MU = "proximal-mu"  # written by Flower's FedProx
+UPLOAD = "upload"
+SUB_MOE_COVERAGE = "sub-moe-coverage"
+REG_LAMBDA = "reg-lambda"
+STATS_NOISE = "stats-noise-sigma"
+# metric keys (client -> server)
+NUM_EXAMPLES = "num-examples"  # Flower's weighting key
+PARTITION_ID = "partition-id"
+TRAIN_LOSS = "train-loss"
+TRAIN_STEPS = "train-steps"
+TRAIN_TOKENS = "train-tokens"  # real (non-padding) tokens of the local training passes
+TRAIN_SECONDS = "train-seconds"
+LOCAL_ACCURACY = "local-accuracy"  # the client's model after local training, on its own test split
+LOCAL_LOSS = "local-loss"
+LOCAL_TEST_EXAMPLES = "local-test-examples"
+REG_LOSS = "reg-loss"  # FedAlign-MoE: mean gate regulariser before lambda
+ROUTING_P = "routing-p"  # mean router probability per (layer, expert), flattened [L*E]
+ROUTING_N = "routing-n"  # top-k selections per (layer, expert), flattened [L*E]
+SUB_MOE = "sub-moe"  # FedMoE: 1 for the experts of the client's sub-MoE, flattened [L*E]
+EVAL_ACCURACY = "eval-accuracy"
+EVAL_LOSS = "eval-loss"
+
+SIMPLEX_TOLERANCE = 1e-3  # |sum_e p(e) - 1| allowed for float32 sums
+
+
+class ProtocolError(ValueError):
+    """A message breaks the protocol; the text says what and where, in one line."""
+
+
+class ReplyError(ProtocolError):
+    """A client's reply is malformed or out of range: the server drops it."""
+
+
+class InstructionError(ProtocolError):
+    """The server's instruction is malformed: the client refuses the round."""
+
+
+@dataclass(frozen=True)
+class AlignmentTarget:
+    """FedAlign-MoE's part of an instruction: the global routing distribution and expert weights."""
+
+    p_g_LE: torch.Tensor
+    alpha_LE: torch.Tensor
+    reg_lambda: float
+    stats_noise_sigma: float = 0.0
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """What a training round asks of a client."""
+
+    server_round: int
+    run_config: str
+    arrays: dict[str, torch.Tensor]
+    proximal_mu: float = 0.0
+    sub_moe_coverage: float | None = None  # None: upload the full trainable set
+    alignment: AlignmentTarget | None = None
+
+
+@dataclass(frozen=True)
+class TrainFigures:
+    """What a client measured in its round, beside the update and the routing statistics."""
+
+    train_loss: float
+    train_steps: int
+    train_tokens: int
+    train_seconds: float
+    local_accuracy: float
+    local_loss: float
+    local_test_examples: int
+    reg_loss: float | None = None
+
+
+@dataclass
+class TrainReply:
+    """A client's validated training reply."""
+
+    node_id: int
+    partition_id: int
+    num_examples: int
+    figures: TrainFigures
+    routing: ModelRoutingStatistics  # o, m, mu are zero-filled when the round did not ask for them
+    arrays: ArrayRecord  # as sent (sub-MoE rows only when ``sub_moe_LE`` is set)
+    sub_moe_LE: torch.Tensor | None
+    message: Message  # the reply itself, for Flower's own aggregation
+
+
+# ---------------------------------------------------------------- server side: building instructions
+
+def round_config(run_config: str) -> ConfigRecord:
+    """The config record every message of a run starts from."""
+    return ConfigRecord({RUN_CONFIG: run_config})
+
+
+def request_sub_moe(config: ConfigRecord, coverage: float) -> None:
+    """FedMoE: ask clients to upload only the sub-MoE covering ``coverage`` of their selections."""
+    config[UPLOAD], config[SUB_MOE_COVERAGE] = "sub-moe", float(coverage)
+
+
+def attach_alignment(content: RecordDict, target: AlignmentTarget) -> None:
+    """FedAlign-MoE: add p_g, alpha, lambda and the statistics noise to one message."""
+    content[CONFIG][REG_LAMBDA] = float(target.reg_lambda)
+    content[CONFIG][STATS_NOISE] = float(target.stats_noise_sigma)
+    content[FEDALIGN_TARGET] = ArrayRecord({"p_g": target.p_g_LE.float().clone(), "alpha": target.alpha_LE.float().clone()})
+
+
+# ---------------------------------------------------------------- client side: reading and replying
+
+def _number(record, key: str, where: str, *, integer: bool = False, low: float | None = None,
+            high: float | None = None, error=ReplyError) -> float:
+    if key not in record:
+        raise error(f"{where} lacks {key!r}")
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise error(f"{where}: {key} is {type(value).__name__}, not a number")
+    if not math.isfinite(value):
+        raise error(f"{where}: {key} is {value}")
+    if integer and float(value) != int(value):
+        raise error(f"{where}: {key} = {value} is not a whole number")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise error(f"{where}: {key} = {value:g} outside [{low if low is not None else '-inf'}, "
+                    f"{high if high is not None else 'inf'}]")
+    return int(value) if integer else float(value)
+
+
+def read_instruction(content: RecordDict) -> Instruction:
+    """A training round's instruction, checked (a client refuses a malformed one)."""
+    for key in (ARRAYS, CONFIG):
+        if key not in content:
+            raise InstructionError(f"instruction lacks record {key!r}")
+    config, where = content[CONFIG], "instruction config"
+    if not isinstance(config.get(RUN_CONFIG), str):
+        raise InstructionError(f"{where} lacks {RUN_CONFIG!r}")
+    upload = config.get(UPLOAD, "full")
+    if upload not in ("full", "sub-moe"):
+        raise InstructionError(f"{where}: upload {upload!r} is neither 'full' nor 'sub-moe'")
+    coverage = (_number(config, SUB_MOE_COVERAGE, where, low=0.0, high=1.0, error=InstructionError)
+                if upload == "sub-moe" else None)
+    alignment = None
+    if FEDALIGN_TARGET in content:
+        target = content[FEDALIGN_TARGET]
+        if set(target.keys()) != {"p_g", "alpha"}:
+            raise InstructionError(f"{FEDALIGN_TARGET} holds {sorted(target.keys())}, not ['alpha', 'p_g']")
+        p_g, alpha = (torch.from_numpy(target[k].numpy().copy()).float() for k in ("p_g", "alpha"))
+        if p_g.ndim != 2 or p_g.shape != alpha.shape or not (torch.isfinite(p_g).all() and torch.isfinite(alpha).all()):
+            raise InstructionError(f"{FEDALIGN_TARGET}: p_g {tuple(p_g.shape)} and alpha {tuple(alpha.shape)} "
+                                   "must be finite [L, E] arrays")
+        if (p_g < 0).any() or ((p_g.sum(-1) - 1).abs() > SIMPLEX_TOLERANCE).any() or (alpha < 0).any() or (alpha > 1).any():
+            raise InstructionError(f"{FEDALIGN_TARGET}: p_g must lie on the simplex and alpha in [0, 1]")
+        alignment = AlignmentTarget(p_g, alpha, _number(config, REG_LAMBDA, where, low=0.0, error=InstructionError),
+                                    _number(config, STATS_NOISE, where, low=0.0, error=InstructionError))
+    return Instruction(
+        server_round=_number(config, SERVER_ROUND, where, integer=True, low=1, error=InstructionError),
+        run_config=config[RUN_CONFIG], arrays=content[ARRAYS].to_torch_state_dict(),
+        proximal_mu=_number(config, PROXIMAL_MU, where, low=0.0, error=InstructionError) if PROXIMAL_MU in config else 0.0,
+        sub_moe_coverage=coverage, alignment=alignment)
+
+
+def train_reply(partition_id: int, num_examples: int, state: dict[str, torch.Tensor], figures: TrainFigures,
+                routing: ModelRoutingStatistics, layout: MoELayout, instruction: Instruction,
+                sub_moe_LE: torch.Tensor | None = None) -> RecordDict:
+    """A client's reply to ``instruction``: the state (cut to ``sub_moe_LE``'s rows when the round asked
+    for a sub-MoE), the figures, and the statistics the round asked for."""
+    metrics = MetricRecord({
+        NUM_EXAMPLES: int(num_examples), PARTITION_ID: int(partition_id),
+        TRAIN_LOSS: float(figures.train_loss), TRAIN_STEPS: int(figures.train_steps),
+        TRAIN_TOKENS: int(figures.train_tokens), TRAIN_SECONDS: float(figures.train_seconds),
+        LOCAL_ACCURACY: float(figures.local_accuracy), LOCAL_LOSS: float(figures.local_loss),
+        LOCAL_TEST_EXAMPLES: int(figures.local_test_examples),
+        ROUTING_P: routing.p_LE.reshape(-1).tolist(), ROUTING_N: routing.n_LE.reshape(-1).tolist(),
+    })
+    if instruction.sub_moe_coverage is not None:
+        if sub_moe_LE is None:
+            raise ValueError("the round asked for a sub-MoE upload but no sub-MoE was given")
+        state = keep_rows(state, [LayerNames(l.router, l.experts) for l in layout.layers], sub_moe_LE.bool())
+        metrics[SUB_MOE] = sub_moe_LE.reshape(-1).int().tolist()
+    content = RecordDict({ARRAYS: ArrayRecord(state), METRICS: metrics})
+    if instruction.alignment is not None:
+        metrics[REG_LOSS] = float(figures.reg_loss or 0.0)
+        content[FEDALIGN_STATS] = ArrayRecord({"o": routing.o_LE.float(), "m": routing.m_LE.float(),
+                                               "mu": routing.mu_LEH.float()})
+    return content
+
+
+def eval_reply(partition_id: int, num_examples: int, accuracy: float, loss: float) -> RecordDict:
+    return RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: max(int(num_examples), 1), PARTITION_ID: int(partition_id),
+                                              EVAL_ACCURACY: float(accuracy), EVAL_LOSS: float(loss)})})
+
+
+# ---------------------------------------------------------------- server side: reading replies
+
+@dataclass(frozen=True)
+class Expectation:
+    """What a valid training reply of this round looks like, derived from what the server sent."""
+
+    shapes: dict[str, tuple[tuple[int, ...], str]]  # trainable name -> (shape, numpy dtype) of the global arrays
+    layout: MoELayout
+    num_clients: int
+    max_tokens_per_step: int  # batch size x max length: an upper bound on a step's real tokens
+    sub_moe: bool = False
+    alignment: bool = False
+    noisy_statistics: bool = False  # noised counts need not add up to k x tokens
+
+    @classmethod
+    def of_round(cls, sent: RecordDict, layout: MoELayout, num_clients: int, max_tokens_per_step: int) -> "Expectation":
+        config = sent[CONFIG]
+        shapes = {name: (tuple(array.shape), str(array.dtype)) for name, array in sent[ARRAYS].items()}
+        return cls(shapes, layout, num_clients, max_tokens_per_step, sub_moe=config.get(UPLOAD) == "sub-moe",
+                   alignment=FEDALIGN_TARGET in sent, noisy_statistics=float(config.get(STATS_NOISE, 0.0)) > 0)
+
+
+_REQUIRED_METRICS = (NUM_EXAMPLES, PARTITION_ID, TRAIN_LOSS, TRAIN_STEPS, TRAIN_TOKENS, TRAIN_SECONDS,
+                     LOCAL_ACCURACY, LOCAL_LOSS, LOCAL_TEST_EXAMPLES, ROUTING_P, ROUTING_N)
+
+
+def _vector(metrics: MetricRecord, key: str, size: int, where: str) -> torch.Tensor:
+    value = metrics.get(key)
+    if not isinstance(value, list) or len(value) != size:
+        raise ReplyError(f"{where}: {key} must be a list of {size} numbers")
+    out = torch.tensor(value, dtype=torch.float64)
+    if not torch.isfinite(out).all():
+        raise ReplyError(f"{where}: {key} holds non-finite values")
+    return out
+
+
+def _check_arrays(arrays: ArrayRecord, expect: Expectation, sub_moe_LE: torch.Tensor | None) -> None:
+    names, wanted = set(arrays.keys()), set(expect.shapes)
+    if names != wanted:
+        missing, extra = sorted(wanted - names), sorted(names - wanted)
+        raise ReplyError(f"update arrays differ from the model's: missing {missing[:3]}, unexpected {extra[:3]}")
+    rows = {}
+    if sub_moe_LE is not None:
+        for l, layer in enumerate(expect.layout.layers):
+            for name in (layer.router, *layer.experts):
+                rows[name] = int(sub_moe_LE[l].sum())
+    for name, array in arrays.items():
+        shape, dtype = expect.shapes[name]
+        if name in rows:
+            shape = (rows[name], *shape[1:])
+        if tuple(array.shape) != shape or str(array.dtype) != dtype:
+            raise ReplyError(f"array {name}: {array.dtype} {tuple(array.shape)}, expected {dtype} {shape}")
+        if not np.isfinite(array.numpy()).all():
+            raise ReplyError(f"array {name} holds NaN or Inf")
+
+
+def _check_routing(metrics: MetricRecord, expect: Expectation, tokens: int, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    L, E, k = len(expect.layout.layers), expect.layout.num_experts, expect.layout.top_k
+    p_LE = _vector(metrics, ROUTING_P, L * E, where).reshape(L, E)
+    n_LE = _vector(metrics, ROUTING_N, L * E, where).reshape(L, E)
+    if (p_LE < 0).any() or ((p_LE.sum(-1) - 1).abs() > SIMPLEX_TOLERANCE).any():
+        raise ReplyError(f"{where}: {ROUTING_P} is not a distribution over experts in every layer")
+    if (n_LE < 0).any() or (n_LE > tokens).any() or (n_LE != n_LE.round()).any():
+        raise ReplyError(f"{where}: {ROUTING_N} must be whole counts in [0, {tokens}] (the tokens trained on)")
+    if not expect.noisy_statistics and (n_LE.sum(-1) != min(k, E) * tokens).any():
+        raise ReplyError(f"{where}: {ROUTING_N} adds up to {n_LE.sum(-1).tolist()}, not top-k x tokens = {min(k, E) * tokens}")
+    return p_LE, n_LE
+
+
+def read_train_reply(msg: Message, expect: Expectation) -> TrainReply:
+    """A training reply, validated: names, shapes, dtypes and finiteness of the arrays; every figure and
+    statistic in range. Raises ``ReplyError`` naming the first problem."""
+    content, node = msg.content, msg.metadata.src_node_id
+    wanted = {ARRAYS, METRICS} | ({FEDALIGN_STATS} if expect.alignment else set())
+    present = set(content.keys())
+    if present != wanted:
+        raise ReplyError(f"records {sorted(present)}, expected {sorted(wanted)}")
+    metrics, where = content[METRICS], "metrics"
+    allowed = set(_REQUIRED_METRICS) | ({SUB_MOE} if expect.sub_moe else set()) | ({REG_LOSS} if expect.alignment else set())
+    extra = sorted(set(metrics.keys()) - allowed)
+    if extra:
+        raise ReplyError(f"{where}: unexpected keys {extra[:3]}")
+    pid = _number(metrics, PARTITION_ID, where, integer=True, low=0, high=expect.num_clients - 1)
+    steps = _number(metrics, TRAIN_STEPS, where, integer=True, low=1)
+    tokens = _number(metrics, TRAIN_TOKENS, where, integer=True, low=1, high=steps * expect.max_tokens_per_step)
+    figures = TrainFigures(
+        train_loss=_number(metrics, TRAIN_LOSS, where, low=0.0), train_steps=steps, train_tokens=tokens,
+        train_seconds=_number(metrics, TRAIN_SECONDS, where, low=0.0),
+        local_accuracy=_number(metrics, LOCAL_ACCURACY, where, low=0.0, high=1.0),
+        local_loss=_number(metrics, LOCAL_LOSS, where, low=0.0),
+        local_test_examples=_number(metrics, LOCAL_TEST_EXAMPLES, where, integer=True, low=0),
+        reg_loss=_number(metrics, REG_LOSS, where, low=0.0) if expect.alignment else None)
+    num_examples = _number(metrics, NUM_EXAMPLES, where, integer=True, low=1)
+    p_LE, n_LE = _check_routing(metrics, expect, tokens, where)
+    L, E = p_LE.shape
+    sub_moe_LE = None
+    if expect.sub_moe:
+        sub_moe_LE = _vector(metrics, SUB_MOE, L * E, where).reshape(L, E)
+        if not ((sub_moe_LE == 0) | (sub_moe_LE == 1)).all() or (sub_moe_LE.sum(-1) < 1).any():
+            raise ReplyError(f"{where}: {SUB_MOE} must be 0/1 with at least one expert a layer")
+        sub_moe_LE = sub_moe_LE.bool()
+    _check_arrays(content[ARRAYS], expect, sub_moe_LE)
+    o_LE = m_LE = torch.zeros(L, E)
+    mu_LEH = torch.zeros(L, E, 0)
+    if expect.alignment:
+        o_LE, m_LE, mu_LEH = _alignment_statistics(content[FEDALIGN_STATS], L, E)
+    routing = ModelRoutingStatistics(p_LE.float(), n_LE.float(), o_LE, m_LE, mu_LEH, tokens)
+    return TrainReply(node, pid, num_examples, figures, routing, content[ARRAYS], sub_moe_LE, msg)
+
+
+def _alignment_statistics(record: ArrayRecord, L: int, E: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    where = FEDALIGN_STATS
+    if set(record.keys()) != {"o", "m", "mu"}:
+        raise ReplyError(f"{where} holds {sorted(record.keys())}, expected ['m', 'mu', 'o']")
+    o, m, mu = (torch.from_numpy(record[k].numpy().copy()).float() for k in ("o", "m", "mu"))
+    if o.shape != (L, E) or m.shape != (L, E) or mu.ndim != 3 or mu.shape[:2] != (L, E):
+        raise ReplyError(f"{where}: o {tuple(o.shape)}, m {tuple(m.shape)}, mu {tuple(mu.shape)} do not fit "
+                         f"[{L}, {E}] and [{L}, {E}, H]")
+    for name, t in (("o", o), ("m", m)):
+        if not torch.isfinite(t).all() or (t < 0).any() or (t > 1).any():
+            raise ReplyError(f"{where}: {name} must lie in [0, 1]")
+    if not torch.isfinite(mu).all():
+        raise ReplyError(f"{where}: mu holds NaN or Inf")
+    return o, m, mu
+
+
+@dataclass(frozen=True)
+class EvalReply:
+    node_id: int
+    partition_id: int
+    num_examples: int
+    accuracy: float
+    loss: float
+
+
+def read_eval_reply(msg: Message, num_clients: int) -> EvalReply:
+    """An evaluation reply, validated (``ReplyError`` otherwise)."""
+    if set(msg.content.keys()) != {METRICS}:
+        raise ReplyError(f"records {sorted(msg.content.keys())}, expected ['{METRICS}']")
+    m, where = msg.content[METRICS], "metrics"
+    return EvalReply(msg.metadata.src_node_id,
+                     _number(m, PARTITION_ID, where, integer=True, low=0, high=num_clients - 1),
+                     _number(m, NUM_EXAMPLES, where, integer=True, low=1),
+                     _number(m, EVAL_ACCURACY, where, low=0.0, high=1.0), _number(m, EVAL_LOSS, where, low=0.0))

@@ -1,0 +1,188 @@
+"""The server's edge: every training reply is read through the protocol before a strategy averages it.
+
+Every strategy of this package (FedAvg, FedProx, FedMoE, each FedAlign-MoE rung) mixes in
+``ScreenedReplies``: ``aggregate_train`` drops each reply that is an error, is malformed or out of
+range (``protocol.read_train_reply``), claims a partition another reply also claims, or whose update
+norm is far above the round's median, logs one line per dropped reply naming the node, the partition
+and the reason, and hands the rest to the ``aggregate_replies`` hook. A round in which nothing
+survives leaves the global model as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import statistics
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.constant import ErrorCode
+from flwr.serverapp import Grid
+
+from ..models.base import MoELayout
+from . import protocol
+from .protocol import Expectation, ReplyError, TrainReply
+
+logger = logging.getLogger(__name__)
+
+_CAUSES = {  # Flower's error codes, in words
+    ErrorCode.CLIENT_APP_RAISED_EXCEPTION: "the client raised an error",
+    ErrorCode.LOAD_CLIENT_APP_EXCEPTION: "the client app could not be loaded",
+    ErrorCode.CLIENT_APP_CRASHED: "the client process died",
+    ErrorCode.NODE_UNAVAILABLE: "the node became unavailable (its process died or it disconnected)",
+    ErrorCode.MESSAGE_UNAVAILABLE: "the instruction expired before the node fetched it",
+    ErrorCode.REPLY_MESSAGE_UNAVAILABLE: "the reply expired before the server read it",
+}
+
+
+@dataclass(frozen=True)
+class ReplyPolicy:
+    """What the edge needs to know beside the messages: the model layout and the run's bounds."""
+
+    layout: MoELayout
+    num_clients: int
+    max_tokens_per_step: int  # batch size x max length
+    max_update_norm_ratio: float | None = 10.0  # drop updates whose norm exceeds this x the round's median
+    round_timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One reply the server did not use, and why."""
+
+    node_id: int
+    partition_id: int | None
+    reason: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+_EXCEPTION_LINE = re.compile(r"^\s*(?:[\w.]+\.)?(\w*(?:Error|Exception|Interrupt)):\s*(.*?)['\">]*\s*$")
+
+
+def error_cause(msg: Message) -> str:
+    """An error reply's cause, as it is: a raised exception (its last ``Type: message`` line, out of
+    whatever traceback Flower wrapped it in), a dead process, an expired message."""
+    code, reason = msg.error.code, (msg.error.reason or "").strip()
+    found = [m for m in map(_EXCEPTION_LINE.match, reason.splitlines()) if m and m.group(1) != "ClientAppException"]
+    detail = f"{found[-1].group(1)}: {found[-1].group(2)}" if found else (reason.splitlines() or [""])[0][:200]
+    return _CAUSES.get(code, f"error code {code}") + (f": {detail}" if detail else "")
+
+
+def update_norm(reply: TrainReply, global_state: dict[str, torch.Tensor], layout: MoELayout) -> float:
+    """||update - global|| over every array the client sent (a sub-MoE against the global rows it holds)."""
+    rows = {}
+    if reply.sub_moe_LE is not None:
+        for l, layer in enumerate(layout.layers):
+            for name in (layer.router, *layer.experts):
+                rows[name] = reply.sub_moe_LE[l]
+    total = 0.0
+    for name, array in reply.arrays.items():
+        g = global_state[name] if name not in rows else global_state[name][rows[name]]
+        total += float(torch.linalg.vector_norm(torch.from_numpy(array.numpy()) - g)) ** 2
+    return total ** 0.5
+
+
+def screen(sent: list[Message], received: list[Message], expect: Expectation, policy: ReplyPolicy,
+           global_state: dict[str, torch.Tensor]) -> tuple[list[TrainReply], list[Failure], dict[int, float]]:
+    """The valid replies (partition order), a ``Failure`` for every message sent that gave none, and
+    each screened reply's update norm by partition."""
+    failures, replies = [], []
+    answered = set()
+    for msg in received:
+        node = msg.metadata.src_node_id
+        answered.add(node)
+        if msg.has_error():
+            failures.append(Failure(node, None, error_cause(msg)))
+            continue
+        try:
+            replies.append(protocol.read_train_reply(msg, expect))
+        except ReplyError as err:
+            pid = msg.content[protocol.METRICS].get(protocol.PARTITION_ID) if protocol.METRICS in msg.content else None
+            failures.append(Failure(node, pid if isinstance(pid, int) else None, str(err)))
+    wait = f" within the round timeout ({policy.round_timeout:g} s)" if policy.round_timeout else ""
+    failures += [Failure(m.metadata.dst_node_id, None, f"timeout: no reply{wait}") for m in sent
+                 if m.metadata.dst_node_id not in answered]
+    claims = Counter(r.partition_id for r in replies)
+    for r in replies:
+        if claims[r.partition_id] > 1:
+            failures.append(Failure(r.node_id, r.partition_id, f"partition claimed by {claims[r.partition_id]} replies"))
+    replies = sorted((r for r in replies if claims[r.partition_id] == 1), key=lambda r: r.partition_id)
+    norms = {r.partition_id: update_norm(r, global_state, policy.layout) for r in replies}
+    kept, outliers = _drop_norm_outliers(replies, norms, policy.max_update_norm_ratio)
+    return kept, failures + outliers, norms
+
+
+def _drop_norm_outliers(replies: list[TrainReply], norms: dict[int, float],
+                        ratio: float | None) -> tuple[list[TrainReply], list[Failure]]:
+    if ratio is None or len(replies) < 3:  # a median of one or two replies says nothing
+        return replies, []
+    median = statistics.median(norms.values())
+    keep, out = [], []
+    for r in replies:
+        norm = norms[r.partition_id]
+        if median > 0 and norm > ratio * median:
+            out.append(Failure(r.node_id, r.partition_id, f"update norm {norm:.3g} is {norm / median:.1f}x the "
+                                                          f"round's median {median:.3g} (limit {ratio:g}x)"))
+        else:
+            keep.append(r)
+    return keep, out
+
+
+class ScreenedReplies:
+    """Mixin for a Flower strategy (put it before the Flower class): replies pass ``screen`` first.
+
+    Hooks: ``aggregate_replies`` (the arithmetic over valid replies; by default the Flower parent's
+    ``aggregate_train``), ``state_dict``/``load_state_dict`` (what a checkpoint keeps of the strategy).
+    After each round, ``last_replies`` and ``last_failures`` say what was used and what was dropped, and
+    ``last_update_norms`` the update norms the outlier rule compared.
+    """
+
+    def __init__(self, policy: ReplyPolicy, **strategy_kwargs):
+        super().__init__(**strategy_kwargs)
+        self.policy = policy
+        self.global_state: dict[str, torch.Tensor] = {}
+        self.sent: list[Message] = []
+        self.last_replies: list[TrainReply] = []
+        self.last_failures: list[Failure] = []
+        self.last_update_norms: dict[int, float] = {}  # partition id -> ||w_i - w_g|| of the last round
+        self.last_screen_seconds = 0.0
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        self.global_state = arrays.to_torch_state_dict()
+        self.sent = list(super().configure_train(server_round, arrays, config, grid))
+        return self.sent
+
+    def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        self.last_replies, self.last_failures, self.last_update_norms = [], [], {}
+        received = list(replies)
+        if not self.sent:
+            return None, None
+        t0 = time.perf_counter()
+        expect = Expectation.of_round(self.sent[0].content, self.policy.layout, self.policy.num_clients,
+                                      self.policy.max_tokens_per_step)
+        self.last_replies, self.last_failures, self.last_update_norms = screen(self.sent, received, expect, self.policy,
+                                                                               self.global_state)
+        self.last_screen_seconds = time.perf_counter() - t0
+        for f in self.last_failures:
+            logger.warning("round %d: dropped the reply of node %s (partition %s): %s", server_round, f.node_id,
+                           "?" if f.partition_id is None else f.partition_id, f.reason)
+        if not self.last_replies:
+            return None, None
+        return self.aggregate_replies(server_round, self.last_replies)
+
+    def aggregate_replies(self, server_round: int, replies: list[TrainReply]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The arithmetic over validated replies; the default is the Flower parent's (FedAvg's) aggregation."""
+        return super().aggregate_train(server_round, [r.message for r in replies])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors that carry the strategy from one round to the next (none for FedAvg)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, got {sorted(state)}")

@@ -1,0 +1,28 @@
+import pytest
+
+
+@pytest.fixture
+def server_identity(monkeypatch):
+    """What Flower sets in a ServerApp process, so that strategies can build messages in a test."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+
+
+GRID = ["--preset", "tiny", "--alphas", "0.5", "--seeds", "0", "--rounds", "3", "--set", "federation.fedmoe_coverage=0.5"]
+
+
+@pytest.fixture(scope="session")
+def tiny_grid(tmp_path_factory):
+    """One real comparison through the CLI, shared by the tests that read its runs (a Flower simulation
+    costs ~30 s here): FedAvg, FedAlign-MoE and FedMoE on the tiny preset, 3 rounds. The folder of
+    strategy S is ``out / f"{S}-alpha0.5-seed0"``."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("grid") / "cmp"
+    res = subprocess.run([sys.executable, "-m", "fedalign_moe", "compare", *GRID, "--strategies", "fedavg,fedalign,fedmoe",
+                          "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
