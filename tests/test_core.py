@@ -148,3 +148,17 @@ def test_client_consistency_excludes_self():
 def test_topk_mask():
     m = topk_mask(torch.tensor([[0.1, 0.5, 0.4], [0.7, 0.2, 0.1]]), 2)
     assert m.tolist() == [[False, True, True], [True, True, False]]
+
+
+def test_routing_statistics_mask_padding_by_multiplication_as_indexing_would():
+    """The accumulator masks padding without a boolean index (no device sync): same numbers as indexing."""
+    g = torch.Generator().manual_seed(3)
+    logits_TE, hidden_TH, router_EH = torch.randn(12, 4, generator=g), torch.randn(12, 5, generator=g), torch.randn(4, 5, generator=g)
+    keep_T = torch.tensor([1, 1, 0, 1, 0, 0, 1, 1, 1, 0, 1, 1]).bool()
+    masked, indexed = RoutingAccumulator(4, 5, top_k=2), RoutingAccumulator(4, 5, top_k=2)
+    masked.add(logits_TE, hidden_TH, router_EH, keep_T)
+    indexed.add(logits_TE[keep_T], hidden_TH[keep_T], router_EH)
+    a, b = masked.result(), indexed.result()
+    assert a.tokens == b.tokens == 8
+    for name in ("p_E", "n_E", "o_E", "m_E", "mu_EH"):
+        assert torch.allclose(getattr(a, name), getattr(b, name), atol=1e-6), name

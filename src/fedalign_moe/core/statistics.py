@@ -43,35 +43,44 @@ class RoutingAccumulator:
     """Running sums over batches; ``result()`` turns them into ``RoutingStatistics``.
 
     The sums stay on the device of the tensors they are fed (float64) and reach the CPU once, in
-    ``result()``: a per-batch copy to the host would stall a GPU every step.
+    ``result()``; padding is masked by multiplication, not by indexing: a per-batch copy to the host or
+    a boolean index (which waits for the device to know the count) would stall a GPU every step.
     """
 
     def __init__(self, num_experts: int, hidden: int, top_k: int):
         self.E, self.H, self.top_k = num_experts, hidden, top_k
         self.sums_6E: torch.Tensor | None = None  # prob, count, inter, union, margin, mu_den
         self.mu_num_EH: torch.Tensor | None = None
-        self.tokens = 0
+        self.tokens_: torch.Tensor | None = None  # real tokens seen, on the device
 
     @torch.no_grad()
-    def add(self, logits_TE: torch.Tensor, hidden_TH: torch.Tensor, global_router_EH: torch.Tensor) -> None:
-        """Accumulate one batch of real (non-padding) tokens."""
+    def add(self, logits_TE: torch.Tensor, hidden_TH: torch.Tensor, global_router_EH: torch.Tensor,
+            keep_T: torch.Tensor | None = None) -> None:
+        """Accumulate one batch; only tokens where ``keep_T`` is true count (all when None)."""
         probs_TE = logits_TE.float().softmax(-1)
         E, k = probs_TE.shape[1], self.top_k
-        local_TE = topk_mask(probs_TE, k)
+        w_T1 = (keep_T.float() if keep_T is not None else probs_TE.new_ones(probs_TE.shape[0]))[:, None]
+        local_TE = topk_mask(probs_TE, k).float() * w_T1
         global_probs_TE = (hidden_TH.float() @ global_router_EH.to(probs_TE.device, torch.float32).T).softmax(-1)
-        global_TE = topk_mask(global_probs_TE, k)
+        global_TE = topk_mask(global_probs_TE, k).float() * w_T1
         # g_(k+1)(h): the best probability outside the top-k (0 when every expert is selected)
         kth1_T = probs_TE.topk(k + 1, dim=-1).values[:, k] if k < E else probs_TE.new_zeros(probs_TE.shape[0])
         routed_TE = probs_TE * local_TE
-        batch_6E = torch.stack([probs_TE.sum(0), local_TE.sum(0).float(), (local_TE & global_TE).sum(0).float(),
-                                (local_TE | global_TE).sum(0).float(), ((probs_TE - kth1_T[:, None]) * local_TE).sum(0),
+        both_TE = local_TE * global_TE
+        batch_6E = torch.stack([(probs_TE * w_T1).sum(0), local_TE.sum(0), both_TE.sum(0),
+                                (local_TE + global_TE - both_TE).sum(0), ((probs_TE - kth1_T[:, None]) * local_TE).sum(0),
                                 routed_TE.sum(0)]).double()
         mu_EH = (routed_TE.T @ hidden_TH.float()).double()
         if self.sums_6E is None:
             self.sums_6E, self.mu_num_EH = torch.zeros_like(batch_6E), torch.zeros_like(mu_EH)
+            self.tokens_ = batch_6E.new_zeros(())
         self.sums_6E += batch_6E
         self.mu_num_EH += mu_EH
-        self.tokens += probs_TE.shape[0]
+        self.tokens_ += w_T1.sum().double()
+
+    @property
+    def tokens(self) -> int:
+        return 0 if self.tokens_ is None else int(self.tokens_.item())
 
     def result(self) -> RoutingStatistics:
         safe = lambda x: x.clamp(min=1e-12)  # noqa: E731  (0/0 -> 0 for unused experts)

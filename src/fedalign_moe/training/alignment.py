@@ -29,7 +29,7 @@ class RoutingObserver:
 
     def observe(self, records: list[RoutingRecord], keep_T: torch.Tensor) -> None:
         for l, rec in enumerate(records):
-            self.accumulators[l].add(rec.logits_TE[keep_T], rec.hidden_TH[keep_T], self.global_routers[l])
+            self.accumulators[l].add(rec.logits_TE, rec.hidden_TH, self.global_routers[l], keep_T)
 
     def result(self) -> ModelRoutingStatistics:
         return ModelRoutingStatistics.stack([acc.result() for acc in self.accumulators])
