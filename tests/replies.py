@@ -16,6 +16,7 @@ from fedalign_moe.models.base import MoELayerLayout, MoELayout
 L, E, K, H = 1, 4, 2, 3
 LAYOUT = MoELayout(E, K, (MoELayerLayout(0, "r", ("x",)),))
 TOKENS = 20  # real tokens each client trained on
+BATCH = 16  # the tiny preset's batch size: one local epoch of n examples is ceil(n / 16) steps
 
 
 def global_state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -60,6 +61,7 @@ def reply(sent: Message, pid: int, state: dict[str, torch.Tensor], examples: int
     ins = protocol.read_instruction(sent.content)
     stats = stats or routing()
     held = None if ins.sub_moe_coverage is None else sub_moe_LE(stats.n_LE.double(), ins.sub_moe_coverage, K)
-    figures = protocol.TrainFigures(1.0 + pid, 2, stats.tokens, 0.1, 0.5, 1.0, 4, 0.01 if ins.alignment else None)
+    steps = -(-examples // BATCH)
+    figures = protocol.TrainFigures(1.0 + pid, steps, stats.tokens, 0.1, 0.5, 1.0, 4, 0.01 if ins.alignment else None)
     content = protocol.train_reply(pid, examples, state, figures, stats, LAYOUT, ins, held)
     return Message(content=content, reply_to=sent)

@@ -58,6 +58,8 @@ BAD = {
     "negative-examples": (lambda c: c[protocol.METRICS].__setitem__(protocol.NUM_EXAMPLES, -50), "num-examples"),
     "zero-examples": (lambda c: c[protocol.METRICS].__setitem__(protocol.NUM_EXAMPLES, 0), "num-examples"),
     "zero-tokens": (lambda c: c[protocol.METRICS].__setitem__(protocol.TRAIN_TOKENS, 0), "train-tokens"),
+    "steps-not-what-the-config-asks": (lambda c: c[protocol.METRICS].__setitem__(protocol.TRAIN_STEPS, 1000),
+                                       "examples make 1 steps"),
     "partition-out-of-range": (lambda c: c[protocol.METRICS].__setitem__(protocol.PARTITION_ID, 99), "partition-id"),
     "missing-record": (lambda c: c.pop(protocol.METRICS), "records"),
     "overlap-of-1e6": (lambda c: c.__setitem__(protocol.FEDALIGN_STATS, ArrayRecord(
@@ -119,6 +121,26 @@ def test_errors_timeouts_and_duplicate_partitions(name, server_identity):
     # a node that never answers is a timeout, and says so
     strategy.aggregate_train(1, good[1:])
     assert {f.node_id: f.reason for f in strategy.last_failures}[node[0]].startswith("timeout")
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedalign"])
+def test_norm_rule_is_per_local_step(name, server_identity):
+    """A client with 20x the data moves 20x as far and stays; one that moves 20x as far on the same data goes."""
+    glob = replies.global_state()
+    strategy = _strategy(name)
+    sent = replies.instructions(strategy, glob, GOOD + 1)
+
+    def moved(seed, times):
+        step = replies.perturbed({k: torch.zeros_like(v) for k, v in glob.items()}, seed, 0.01)
+        return {k: glob[k] + times * step[k] for k in glob}
+
+    answers = [replies.reply(sent[pid], pid, moved(pid, 1)) for pid in range(3)]  # 10 examples: 1 step each
+    answers.append(replies.reply(sent[3], 3, moved(3, 20), examples=20 * replies.BATCH))  # 20 steps
+    answers.append(replies.reply(sent[4], 4, moved(4, 20)))  # 1 step, 20x as far
+    strategy.aggregate_train(1, answers)
+    assert [r.partition_id for r in strategy.last_replies] == [0, 1, 2, 3]
+    assert [f.partition_id for f in strategy.last_failures] == [4]
+    assert "update norm per local step" in strategy.last_failures[0].reason
 
 
 def test_update_norm_against_the_global_rows():

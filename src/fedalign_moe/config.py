@@ -122,8 +122,8 @@ class FederationConfig(_Section):
     # e.g. dead client processes, which Flower's simulation does not revive, or a non-finite
     # aggregate); the summary then says so and the run exits 1. None: never stop.
     stop_after_silent_rounds: StrictInt | None = Field(2, ge=1)
-    # a reply whose update norm ||w_i - w_g|| exceeds this many times the round's median is dropped
-    # (robustness; None: never). Honest replies measured within 3x of the median (docs/robustness.md).
+    # a reply whose update norm per local step, ||w_i - w_g|| / steps, exceeds this many times the round's
+    # median is dropped (robustness; None: never). Honest replies measured within 1.1x (docs/robustness.md).
     max_update_norm_ratio: float | None = Field(10.0, gt=1)
     # nodes: a round starts once min_available_nodes are connected; before round 1 the server waits up
     # to node_wait_seconds for all num_clients nodes, then starts with those connected (deployments).

@@ -235,22 +235,38 @@ def eval_reply(partition_id: int, num_examples: int, accuracy: float, loss: floa
 # ---------------------------------------------------------------- server side: reading replies
 
 @dataclass(frozen=True)
+class LocalWork:
+    """How much local training the run's config asks of a client with n examples (the server knows the
+    config, so a reply's step count is checked, not trusted)."""
+
+    batch_size: int
+    max_length: int
+    local_epochs: int
+    local_steps: int | None = None
+
+    def steps(self, num_examples: int) -> int:
+        if self.local_steps is not None:
+            return self.local_steps
+        return self.local_epochs * -(-num_examples // self.batch_size)
+
+
+@dataclass(frozen=True)
 class Expectation:
     """What a valid training reply of this round looks like, derived from what the server sent."""
 
     shapes: dict[str, tuple[tuple[int, ...], str]]  # trainable name -> (shape, numpy dtype) of the global arrays
     layout: MoELayout
     num_clients: int
-    max_tokens_per_step: int  # batch size x max length: an upper bound on a step's real tokens
+    work: LocalWork
     sub_moe: bool = False
     alignment: bool = False
     noisy_statistics: bool = False  # noised counts need not add up to k x tokens
 
     @classmethod
-    def of_round(cls, sent: RecordDict, layout: MoELayout, num_clients: int, max_tokens_per_step: int) -> "Expectation":
+    def of_round(cls, sent: RecordDict, layout: MoELayout, num_clients: int, work: LocalWork) -> "Expectation":
         config = sent[CONFIG]
         shapes = {name: (tuple(array.shape), str(array.dtype)) for name, array in sent[ARRAYS].items()}
-        return cls(shapes, layout, num_clients, max_tokens_per_step, sub_moe=config.get(UPLOAD) == "sub-moe",
+        return cls(shapes, layout, num_clients, work, sub_moe=config.get(UPLOAD) == "sub-moe",
                    alignment=FEDALIGN_TARGET in sent, noisy_statistics=float(config.get(STATS_NOISE, 0.0)) > 0)
 
 
@@ -315,8 +331,13 @@ def read_train_reply(msg: Message, expect: Expectation) -> TrainReply:
     if extra:
         raise ReplyError(f"{where}: unexpected keys {extra[:3]}")
     pid = _number(metrics, PARTITION_ID, where, integer=True, low=0, high=expect.num_clients - 1)
+    num_examples = _number(metrics, NUM_EXAMPLES, where, integer=True, low=1)
+    work = expect.work
     steps = _number(metrics, TRAIN_STEPS, where, integer=True, low=1)
-    tokens = _number(metrics, TRAIN_TOKENS, where, integer=True, low=1, high=steps * expect.max_tokens_per_step)
+    if steps != work.steps(num_examples):
+        raise ReplyError(f"{where}: {TRAIN_STEPS} = {steps}, but {num_examples} examples make {work.steps(num_examples)} "
+                         "steps in this run's config")
+    tokens = _number(metrics, TRAIN_TOKENS, where, integer=True, low=1, high=steps * work.batch_size * work.max_length)
     figures = TrainFigures(
         train_loss=_number(metrics, TRAIN_LOSS, where, low=0.0), train_steps=steps, train_tokens=tokens,
         train_seconds=_number(metrics, TRAIN_SECONDS, where, low=0.0),
@@ -324,7 +345,6 @@ def read_train_reply(msg: Message, expect: Expectation) -> TrainReply:
         local_loss=_number(metrics, LOCAL_LOSS, where, low=0.0),
         local_test_examples=_number(metrics, LOCAL_TEST_EXAMPLES, where, integer=True, low=0),
         reg_loss=_number(metrics, REG_LOSS, where, low=0.0) if expect.alignment else None)
-    num_examples = _number(metrics, NUM_EXAMPLES, where, integer=True, low=1)
     p_LE, n_LE = _check_routing(metrics, expect, tokens, where)
     L, E = p_LE.shape
     sub_moe_LE = None

@@ -9,6 +9,7 @@ from flwr.serverapp import strategy as flwr_strategy
 from ..config import FEDALIGN_RUNGS, Config
 from ..models.base import MoELayout
 from . import protocol
+from .protocol import LocalWork
 from .fedalign import FedAlignMoE
 from .fedmoe import FedMoE
 from .screening import ReplyPolicy, ScreenedReplies
@@ -25,8 +26,10 @@ class FedProx(ScreenedReplies, flwr_strategy.FedProx):
 
 
 def reply_policy(cfg: Config, layout: MoELayout) -> ReplyPolicy:
-    return ReplyPolicy(layout, cfg.partition.num_clients, cfg.train.batch_size * cfg.data.max_length,
-                       cfg.federation.max_update_norm_ratio, cfg.federation.round_timeout)
+    t = cfg.train
+    work = LocalWork(t.batch_size, cfg.data.max_length, t.local_epochs, t.local_steps)
+    return ReplyPolicy(layout, cfg.partition.num_clients, work, cfg.federation.max_update_norm_ratio,
+                       cfg.federation.round_timeout)
 
 
 def make_strategy(cfg: Config, layout: MoELayout) -> ScreenedReplies:
