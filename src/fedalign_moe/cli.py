@@ -57,9 +57,8 @@ def _print_round(record: dict) -> None:
             + f"  {record['seconds']:.1f}s")
     console.print(line, markup=False)
     if record.get("failures"):
-        reasons = "; ".join(f"node {f['node_id']}"
-                            + (f" (partition {f['partition_id']})" if f["partition_id"] is not None else "")
-                            + f": {f['reason']}" for f in record.get("failure_reasons", [])[:3])
+        reasons = "; ".join((f"partition {f['partition_id']} (node {f['node_id']})" if f["partition_id"] is not None
+                             else f"node {f['node_id']}") + f": {f['reason']}" for f in record.get("failure_reasons", [])[:3])
         more = record["failures"] - min(3, len(record.get("failure_reasons", [])))
         console.print(f"          dropped {record['failures']}: {reasons}" + (f"; {more} more" if more > 0 else ""),
                       markup=False, style="yellow")
@@ -256,6 +255,8 @@ class _WarningLine(logging.Handler):
     """This package's warnings as one ``warning:`` line each on stderr."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "in_round_record", False):
+            return  # the round's own line says it (``_print_round``)
         err_console.print(f"warning: {record.getMessage()}", markup=False, soft_wrap=True, style="yellow")
 
 

@@ -27,6 +27,9 @@ from . import protocol
 from .protocol import Expectation, LocalWork, ReplyError, TrainReply
 
 logger = logging.getLogger(__name__)
+# marks a log record whose content the round's metrics record also holds (a console that prints the
+# round's failures itself can skip it)
+ROUND_RECORD = {"in_round_record": True}
 
 _CAUSES = {  # Flower's error codes, in words
     ErrorCode.CLIENT_APP_RAISED_EXCEPTION: "the client raised an error",
@@ -114,7 +117,8 @@ def screen(sent: list[Message], received: list[Message], expect: Expectation, po
     replies = sorted((r for r in replies if claims[r.partition_id] == 1), key=lambda r: r.partition_id)
     norms = {r.partition_id: update_norm(r, global_state, policy.layout) for r in replies}
     kept, outliers = _drop_norm_outliers(replies, norms, policy.max_update_norm_ratio)
-    return kept, failures + outliers, norms
+    order = sorted(failures + outliers, key=lambda f: (f.partition_id is None, f.partition_id or 0, f.node_id))
+    return kept, order, norms  # failures in partition order too, whatever order the replies came in
 
 
 def _drop_norm_outliers(replies: list[TrainReply], norms: dict[int, float],
@@ -174,7 +178,7 @@ class ScreenedReplies:
         self.last_screen_seconds = time.perf_counter() - t0
         for f in self.last_failures:
             logger.warning("round %d: dropped the reply of node %s (partition %s): %s", server_round, f.node_id,
-                           "?" if f.partition_id is None else f.partition_id, f.reason)
+                           "?" if f.partition_id is None else f.partition_id, f.reason, extra=ROUND_RECORD)
         if not self.last_replies:
             return None, None
         return self.aggregate_replies(server_round, self.last_replies)

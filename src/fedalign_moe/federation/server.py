@@ -28,7 +28,7 @@ from ..training.setup import Workspace
 from . import checkpoint, protocol
 from .checkpoint import Checkpoint
 from .protocol import ReplyError, TrainReply
-from .screening import Failure, error_cause
+from .screening import ROUND_RECORD, Failure, error_cause
 from .strategies import make_strategy
 
 logger = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ class _Server:
         not_adopted = self.adopt(new_arrays)
         if not_adopted is not None:
             strategy.load_state_dict(before)
-            logger.warning("round %d keeps the previous global model: %s", server_round, not_adopted)
+            logger.warning("round %d keeps the previous global model: %s", server_round, not_adopted, extra=ROUND_RECORD)
         release_memory()
         result, replies, failures = self.evaluation(), strategy.last_replies, strategy.last_failures
         rows = client_rows(replies, strategy.last_update_norms)
