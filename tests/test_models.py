@@ -187,3 +187,24 @@ def test_prefix_disk_cache_matches_fresh_and_keys_on_the_frozen_weights(tmp_path
     assert cached_file.stat().st_size > 100  # rewritten
     readonly = cfg.model_copy(update={"model": cfg.model.model_copy(update={"prefix_cache_dir": "/proc/no-such-dir"})})
     assert torch.equal(to_tensors(built, ds, readonly, cpu, fp).prefix_hidden_NSH, fresh)  # unwritable: still works
+
+
+def test_a_finished_workspace_is_not_kept_alive_by_its_caches():
+    """The tokenised splits are cached on the workspace: dropping it frees its model and data (a module-level
+    cache keyed on workspaces kept every finished run of a comparison alive)."""
+    import gc
+    import weakref
+
+    from fedalign_moe.config import load_config
+    from fedalign_moe.training.setup import open_workspace
+
+    ws = open_workspace(load_config("tiny"))
+    first = ws.client(0)
+    assert ws.client(0) is first and ws.global_test() is ws.global_test()
+    ws.max_cached_clients = 1
+    ws.client(1)
+    assert list(ws._clients) == [1]  # the least recently used partition made room
+    model = weakref.ref(ws.built.model)
+    del ws, first
+    gc.collect()
+    assert model() is None

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from pathlib import Path
 
@@ -110,14 +111,21 @@ def to_tensors(built: BuiltModel, ds, cfg: Config, device: torch.device, fingerp
     return data
 
 
-@dataclass(eq=False)  # hashed by identity: the caches below key on it
+@dataclass(eq=False)
 class Workspace:
-    """One process's view of a run: config, data, model on its device."""
+    """One process's view of a run: config, data, model on its device.
+
+    The tokenised splits are cached on the workspace itself, so they live and die with it: a module-level
+    cache keyed on workspaces kept a finished run's model and data alive while a comparison went on.
+    """
 
     cfg: Config
     data: FederatedData
     built: BuiltModel
     device: torch.device
+    _clients: OrderedDict[int, tuple[ClientTensors, ClientTensors]] = field(default_factory=OrderedDict, init=False,
+                                                                            repr=False)
+    max_cached_clients: int = 16  # a client process may serve hundreds of partitions: keep the latest few
 
     @cached_property
     def prefix_fingerprint(self) -> str | None:
@@ -126,10 +134,22 @@ class Workspace:
         return model.prefix_fingerprint() if getattr(model, "frozen_prefix", 0) else None
 
     def client(self, partition_id: int) -> tuple[ClientTensors, ClientTensors]:
-        return _client_tensors(self, partition_id)
+        """Client ``partition_id``'s train and test tensors (tokenised once per workspace)."""
+        if partition_id not in self._clients:
+            self._clients[partition_id] = tuple(
+                to_tensors(self.built, split[partition_id], self.cfg, self.device, self.prefix_fingerprint)
+                for split in (self.data.client_train, self.data.client_test))
+            while len(self._clients) > self.max_cached_clients:
+                self._clients.popitem(last=False)
+        self._clients.move_to_end(partition_id)
+        return self._clients[partition_id]
 
     def global_test(self) -> ClientTensors:
-        return _global_test(self)
+        return self._global_test
+
+    @cached_property
+    def _global_test(self) -> ClientTensors:
+        return to_tensors(self.built, self.data.global_test, self.cfg, self.device, self.prefix_fingerprint)
 
 
 def open_workspace(cfg: Config, client_process: bool = False) -> Workspace:
@@ -141,17 +161,6 @@ def open_workspace(cfg: Config, client_process: bool = False) -> Workspace:
     device = resolve_device(cfg.model.device)
     built.model.to(device)
     return Workspace(cfg, data, built, device)
-
-
-@lru_cache(maxsize=16)
-def _client_tensors(ws: Workspace, partition_id: int) -> tuple[ClientTensors, ClientTensors]:
-    return (to_tensors(ws.built, ws.data.client_train[partition_id], ws.cfg, ws.device, ws.prefix_fingerprint),
-            to_tensors(ws.built, ws.data.client_test[partition_id], ws.cfg, ws.device, ws.prefix_fingerprint))
-
-
-@lru_cache(maxsize=2)
-def _global_test(ws: Workspace) -> ClientTensors:
-    return to_tensors(ws.built, ws.data.global_test, ws.cfg, ws.device, ws.prefix_fingerprint)
 
 
 @lru_cache(maxsize=2)
