@@ -45,6 +45,7 @@ def _cli(*args: str, cwd=None) -> SimpleNamespace:
         (["run", "--preset", "tiny", "--seed", str(2**64)], "invalid config value at seed"),
         (["run", "--preset", "tiny", "--set", "federation.rounds=true"], "federation.rounds"),
         (["run", "--preset", "tiny", "--set", "data.max_length=16.5"], "data.max_length"),
+        (["run", "--preset", "tiny", "--set", "federation.min_available_nodes=4"], "cannot exceed partition.num_clients (3)"),
     ],
 )
 def test_bad_input_is_one_clear_line(args, needle, tmp_path):

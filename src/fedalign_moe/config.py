@@ -165,6 +165,13 @@ class Config(_Section):
     federation: FederationConfig = FederationConfig()
     fedalign: FedAlignConfig = FedAlignConfig()
 
+    @model_validator(mode="after")
+    def _nodes_exist(self) -> "Config":
+        if self.federation.min_available_nodes > self.partition.num_clients:
+            raise ValueError(f"federation.min_available_nodes ({self.federation.min_available_nodes}) cannot exceed "
+                             f"partition.num_clients ({self.partition.num_clients})")
+        return self
+
     def effective_fedalign(self) -> FedAlignConfig:
         """The FedAlign-MoE options of this run, with the ablation rung's switches applied."""
         rung = FEDALIGN_RUNGS.get(self.federation.strategy, {})
