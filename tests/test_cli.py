@@ -101,6 +101,12 @@ def test_a_run_whose_model_diverges_stops_with_strict_json(tmp_path):
     res = _process("run", "--preset", "tiny", "--set", "train.lr=1e10", "--out", str(tmp_path))
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert "no new global model in the last 2 rounds" in res.stderr.strip().splitlines()[-1]
+    # the terminal gets our lines only (a pipe: one per round, plus what went wrong); Flower's go to run.log
+    assert res.stderr.strip().count("\n") == 0, res.stderr  # the error line alone
+    lines = res.stdout.splitlines()
+    assert [l.split()[:2] for l in lines if l.startswith("round")] == [["round", "1"], ["round", "2"]]
+    assert not any(word in res.stdout for word in ("INFO", "WARNING", "DEPRECATED", "ClientAppActor", "\x1b["))
+    assert "configure_train" in (tmp_path / "run.log").read_text()
 
     def no_constants(name):
         raise ValueError(f"not JSON: {name}")
@@ -200,3 +206,30 @@ def test_a_run_of_an_older_strategy_revision_is_run_again():
     assert not _same_result({"config_json": fedmoe.to_json()}, fedmoe)  # FedMoE before sub-MoE uploads
     fedavg = load_config("tiny")
     assert _same_result({"config_json": fedavg.to_json()}, fedavg)  # unchanged strategies keep their runs
+
+
+def test_a_terminal_sees_our_lines_and_no_third_party_output(tmp_path):
+    """Under a pseudo-terminal: the round lines (with the per-client line a terminal gets), nothing from
+    Flower, Ray or transformers (that goes to DIR/run.log)."""
+    import pty
+
+    main, side = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "fedalign_moe", "run", "--preset", "tiny", "--rounds", "1",
+                             "--out", str(tmp_path)], stdin=side, stdout=side, stderr=side,
+                            env={**os.environ, "TERM": "xterm", "COLUMNS": "200"})
+    os.close(side)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:  # the terminal closed: the process is done
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    assert proc.wait(timeout=600) == 0
+    text = b"".join(chunks).decode(errors="replace")
+    assert "round   1" in text and "train loss per client" in text and "final accuracy" in text, text[-3000:]
+    for noise in ("DEPRECATED", "FutureWarning", "ClientAppActor", "Loading weights", "INFO"):
+        assert noise not in text, (noise, text[-3000:])
+    assert "DEPRECATED FEATURE" in (tmp_path / "run.log").read_text()

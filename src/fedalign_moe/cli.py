@@ -65,7 +65,7 @@ def _print_round(record: dict) -> None:
     if record.get("adopted") is False:
         console.print(f"          kept the previous global model: {record['not_adopted_reason']}", markup=False, style="yellow")
     clients = record.get("clients") or []
-    if clients:
+    if clients and console.is_terminal:  # a pipe or a file gets one line a round
         losses = "  ".join(f"c{c['partition_id']}:{c['train_loss']:.3f}" for c in clients)
         console.print(f"          train loss per client  {losses}", markup=False, style="dim")
 
@@ -87,11 +87,6 @@ def _overrides(strategy, alpha, num_clients, rounds, seed, out, sets) -> dict:
     return over
 
 
-def _quiet_flower(verbose: bool) -> None:
-    if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
-
-
 PresetOpt = Annotated[str, typer.Option("--preset", "-p", help="preset name (see `fedalign-moe presets`)")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML or JSON file merged over the preset")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override any field: section.key=value")]
@@ -108,10 +103,9 @@ def run(
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,
     out: Annotated[Path | None, typer.Option(help="output directory")] = None,
     set_: SetOpt = None,
-    verbose: Annotated[bool, typer.Option(help="show Flower's own log")] = False,
+    verbose: Annotated[bool, typer.Option(help="show Flower's and the client processes' own output (always in DIR/run.log)")] = False,
 ) -> None:
     """Run one experiment: writes metrics.jsonl, summary.json and plots to the output directory."""
-    _quiet_flower(verbose)
     try:
         cfg = load_config(preset, config, _overrides(strategy, alpha, num_clients, rounds, seed, out, set_))
         _check_out_dir(Path(cfg.out_dir))
@@ -120,7 +114,7 @@ def run(
                       f"{cfg.partition.scheme} alpha={cfg.partition.alpha:g}, {cfg.federation.rounds} rounds -> {cfg.out_dir}")
         from .experiment import run_experiment
 
-        summary = run_experiment(cfg, _print_round)
+        summary = run_experiment(cfg, _print_round, verbose=verbose)
     except UserError as err:
         _fail(str(err))
     _finish(summary, cfg)
@@ -136,10 +130,9 @@ def _finish(summary: dict, cfg: Config) -> None:
 @app.command()
 def resume(
     run_dir: Annotated[Path, typer.Argument(help="the folder of an interrupted federated run")],
-    verbose: Annotated[bool, typer.Option(help="show Flower's own log")] = False,
+    verbose: Annotated[bool, typer.Option(help="show Flower's and the client processes' own output (always in DIR/run.log)")] = False,
 ) -> None:
     """Continue an interrupted federated run from its last checkpoint: the same rounds, the same numbers."""
-    _quiet_flower(verbose)
     try:
         from .experiment import run_experiment
         from .federation import checkpoint
@@ -154,7 +147,7 @@ def resume(
             raise ConfigError(f"the checkpoint in {run_dir} belongs to another config than {run_dir / 'config.json'}")
         console.print(f"[bold]resuming {cfg.federation.strategy}[/bold] in {run_dir} after round {ckpt.round} "
                       f"of {cfg.federation.rounds}")
-        summary = run_experiment(cfg, _print_round, ckpt)
+        summary = run_experiment(cfg, _print_round, ckpt, verbose)
     except UserError as err:
         _fail(str(err))
     _finish(summary, cfg)
@@ -193,10 +186,9 @@ def compare(
     rounds: Annotated[int | None, typer.Option()] = None,
     out: Annotated[Path, typer.Option(help="output directory")] = Path("runs/compare"),
     set_: SetOpt = None,
-    verbose: Annotated[bool, typer.Option(help="show Flower's own log")] = False,
+    verbose: Annotated[bool, typer.Option(help="show Flower's and the client processes' own output (always in DIR/run.log)")] = False,
 ) -> None:
     """Run a grid of strategies x alphas x seeds; write results.json, results.md and plots."""
-    _quiet_flower(verbose)
     try:
         names = _csv(strategies, str, "strategies")
         unknown = [s for s in names if s not in STRATEGIES]
@@ -211,7 +203,8 @@ def compare(
         for c in configs:  # validate every cell before spending time on the first
             Config.model_validate(c.model_dump())
         run_comparison(configs, out, on_run=lambda c: console.print(
-            f"[bold]== {c.federation.strategy}, alpha={c.partition.alpha:g}, seed={c.seed}[/bold]"), on_round=_print_round)
+            f"[bold]== {c.federation.strategy}, alpha={c.partition.alpha:g}, seed={c.seed}[/bold]"), on_round=_print_round,
+                       verbose=verbose)
     except UserError as err:
         _fail(str(err))
     console.print((out / "results.md").read_text(), markup=False)

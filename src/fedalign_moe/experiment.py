@@ -22,14 +22,16 @@ from .training.setup import open_log, open_workspace
 from .training.standalone import run_centralised, run_local
 
 
-def run_experiment(cfg: Config, on_round: Callable[[dict], None] | None = None, resume: Checkpoint | None = None) -> dict:
+def run_experiment(cfg: Config, on_round: Callable[[dict], None] | None = None, resume: Checkpoint | None = None,
+                   verbose: bool = False) -> dict:
     """Run ``cfg`` (a federated one from ``resume``, its checkpoint, when given); write metrics, summary
-    and plots under ``cfg.out_dir``; return the summary."""
+    and plots under ``cfg.out_dir``; return the summary. Flower's own log goes to ``run.log`` there
+    (``verbose``: to the terminal too)."""
     strategy = cfg.federation.strategy
     if strategy in FEDERATED:
         from .federation.server_app import simulate
 
-        summary = simulate(cfg, on_round, resume)
+        summary = simulate(cfg, on_round, resume, verbose=verbose)
     else:
         ws = open_workspace(cfg)
         runner = run_local if strategy == "local" else run_centralised
@@ -78,7 +80,7 @@ def resumable(cfg: Config) -> Checkpoint | None:
 
 
 def run_comparison(configs: list[Config], out: Path, on_run: Callable[[Config], None] | None = None,
-                   on_round: Callable[[dict], None] | None = None) -> list[dict]:
+                   on_round: Callable[[dict], None] | None = None, verbose: bool = False) -> list[dict]:
     """Run every config (skipping finished ones, resuming interrupted ones), then write results.json,
     results.md and plots."""
     out.mkdir(parents=True, exist_ok=True)
@@ -91,7 +93,7 @@ def run_comparison(configs: list[Config], out: Path, on_run: Callable[[Config], 
         if previous is not None and _same_result(previous, cfg):
             summaries.append(previous)  # finished before an interruption
             continue
-        summary = run_experiment(cfg, on_round, resumable(cfg))
+        summary = run_experiment(cfg, on_round, resumable(cfg), verbose)
         summary["config_json"] = cfg.to_json()
         write_atomic(done, dumps(summary, indent=2))
         summaries.append(summary)

@@ -9,13 +9,16 @@ Two ways in, one loop (``server.run_federation``):
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
 
 from logging import INFO
 
 from flwr.app import Context
-from flwr.common.logger import log
+from flwr.common.logger import console_handler, log
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
@@ -66,12 +69,47 @@ def make_server_app(cfg: Config, on_round: Callable[[dict], None] | None, holder
     return server
 
 
+@contextmanager
+def third_party_output(log_path: Path, verbose: bool):
+    """While it lasts, Flower's log (and this package's) is written to ``log_path``; the terminal shows it
+    only when ``verbose``. Ray's accelerator FutureWarning is answered by opting in to Ray's future default
+    (clients that ask for no GPU see none), and the client processes' own output stays in Ray's session
+    logs unless ``verbose`` (their failures reach the server as error replies, named in each round)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    loggers = [logging.getLogger("flwr"), logging.getLogger("fedalign_moe")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(logging.INFO)
+    console_level = console_handler.level
+    if not verbose:
+        console_handler.setLevel(logging.CRITICAL + 1)
+    env_before = os.environ.get(_RAY_ACCEL)
+    os.environ.setdefault(_RAY_ACCEL, "0")
+    try:
+        yield
+    finally:
+        console_handler.setLevel(console_level)
+        for lg, level in zip(loggers, levels):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+        handler.close()
+        if env_before is None:
+            os.environ.pop(_RAY_ACCEL, None)
+
+
+_RAY_ACCEL = "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"
+
+
 def simulate(cfg: Config, on_round: Callable[[dict], None] | None = None, resume: Checkpoint | None = None,
-             client_app: ClientApp | None = None) -> dict:
+             client_app: ClientApp | None = None, verbose: bool = False) -> dict:
     """Run the federation in Flower's in-process simulation engine; return the run summary.
 
     ``resume``: continue from this checkpoint of the run in ``cfg.out_dir``. ``client_app``: another
-    ClientApp than this package's (tests use one whose clients fail on purpose).
+    ClientApp than this package's (tests use one whose clients fail on purpose). Flower's and Ray's
+    own output goes to ``cfg.out_dir/run.log`` (``verbose``: to the terminal as well).
     """
     from flwr.simulation import run_simulation
 
@@ -80,13 +118,14 @@ def simulate(cfg: Config, on_round: Callable[[dict], None] | None = None, resume
 
     backend = {
         "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": cfg.federation.client_gpus},
-        "init_args": {"num_cpus": max(1, os.cpu_count() or 1), "include_dashboard": False},
+        "init_args": {"num_cpus": max(1, os.cpu_count() or 1), "include_dashboard": False, "log_to_driver": verbose},
     }
     # the server's data and model first (in this process): bad data or a bad checkpoint is one error line
     # now, before Ray and the client processes start
     ws = open_workspace(cfg)
     holder: dict = {}
-    run_simulation(make_server_app(cfg, on_round, holder, resume, ws), client_app, cfg.partition.num_clients, backend_config=backend)
+    with third_party_output(Path(cfg.out_dir) / "run.log", verbose):
+        run_simulation(make_server_app(cfg, on_round, holder, resume, ws), client_app, cfg.partition.num_clients, backend_config=backend)
     if "summary" not in holder:
-        raise RuntimeError("the simulation ended without a summary; see the log above")
+        raise RuntimeError(f"the simulation ended without a summary; see {Path(cfg.out_dir) / 'run.log'}")
     return holder["summary"]
