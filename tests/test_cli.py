@@ -209,8 +209,8 @@ def test_a_run_of_an_older_strategy_revision_is_run_again():
 
 
 def test_a_terminal_sees_our_lines_and_no_third_party_output(tmp_path):
-    """Under a pseudo-terminal: the round lines (with the per-client line a terminal gets), nothing from
-    Flower, Ray or transformers (that goes to DIR/run.log)."""
+    """Under a pseudo-terminal: a live bar over the rounds, the round lines (with the per-client line a
+    terminal gets), a closing table, and nothing from Flower, Ray or transformers (that goes to DIR/run.log)."""
     import pty
 
     main, side = pty.openpty()
@@ -230,6 +230,8 @@ def test_a_terminal_sees_our_lines_and_no_third_party_output(tmp_path):
     assert proc.wait(timeout=600) == 0
     text = b"".join(chunks).decode(errors="replace")
     assert "round   1" in text and "train loss per client" in text and "final accuracy" in text, text[-3000:]
+    assert "round 1: 3/3 replies" in text and "eta" in text  # the live bar saw every reply arrive
+    assert "plots in" in text and "clients' own-test" in text  # and the closing table
     for noise in ("DEPRECATED", "FutureWarning", "ClientAppActor", "Loading weights", "INFO"):
         assert noise not in text, (noise, text[-3000:])
     assert "DEPRECATED FEATURE" in (tmp_path / "run.log").read_text()

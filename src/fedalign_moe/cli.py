@@ -15,6 +15,8 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
 
 from .config import STRATEGIES, Config, ConfigError, UserError, load_config, parse_overrides, preset_names
 
@@ -70,6 +72,36 @@ def _print_round(record: dict) -> None:
         console.print(f"          train loss per client  {losses}", markup=False, style="dim")
 
 
+class _Display:
+    """On a terminal, a live bar over the rounds (or a comparison's runs) with elapsed time, ETA and a
+    status (the round's replies as they arrive, the latest accuracy), the round lines printing above
+    it; elsewhere (a pipe, a file, CI) the lines alone, without control characters."""
+
+    def __init__(self, total: int, done: int = 0, unit: str = "rounds"):
+        self.progress = Progress(TextColumn(f"[bold]{unit}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                 TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+                                 console=console, transient=True, disable=not console.is_terminal)
+        self.task = self.progress.add_task(unit, total=total, completed=done, status="")
+
+    def __enter__(self) -> "_Display":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def reply(self, server_round: int, replies: int, sent: int) -> None:
+        self.progress.update(self.task, status=f"round {server_round}: {replies}/{sent} replies")
+
+    def round(self, record: dict) -> None:
+        _print_round(record)
+        failed = f", {record['failures']} failed" if record.get("failures") else ""
+        self.progress.update(self.task, advance=1, status=f"acc {_num(record['accuracy'])}{failed}")
+
+    def status(self, text: str, advance: int = 0) -> None:
+        self.progress.update(self.task, advance=advance, status=text)
+
+
 def _num(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
@@ -114,13 +146,25 @@ def run(
                       f"{cfg.partition.scheme} alpha={cfg.partition.alpha:g}, {cfg.federation.rounds} rounds -> {cfg.out_dir}")
         from .experiment import run_experiment
 
-        summary = run_experiment(cfg, _print_round, verbose=verbose)
+        with _Display(cfg.federation.rounds) as display:
+            summary = run_experiment(cfg, display.round, verbose=verbose, on_reply=display.reply)
     except UserError as err:
         _fail(str(err))
     _finish(summary, cfg)
 
 
 def _finish(summary: dict, cfg: Config) -> None:
+    if console.is_terminal:
+        table = Table(title=f"{summary['strategy']}, alpha={summary['alpha']:g}, seed={summary['seed']}", title_justify="left")
+        for column in ("final acc", "best", "last-5", "clients' own-test", "failures", "up MB/round", "wall"):
+            table.add_column(column, justify="right")
+        rounds = max(len(summary["accuracy_per_round"]), 1)
+        table.add_row(_num(summary["final_accuracy"]), _num(summary["best_accuracy"]), _num(summary["last5_accuracy"]),
+                      _num(summary.get("final_local_accuracy")), str(summary.get("failures_total", 0)),
+                      f"{summary['uplink_bytes_total'] / 1e6 / rounds:.1f}", f"{summary['wall_seconds']:.0f}s")
+        console.print(table)
+        plots = sorted(p.name for p in Path(cfg.out_dir).glob("*.png"))
+        console.print(f"plots in {cfg.out_dir}/: {', '.join(plots)}", markup=False)
     console.print(f"final accuracy {_num(summary['final_accuracy'])} (best {_num(summary['best_accuracy'])}) "
                   f"in {summary['wall_seconds']:.0f}s; results in {cfg.out_dir}/", markup=False)
     if summary.get("stopped_early"):
@@ -147,7 +191,8 @@ def resume(
             raise ConfigError(f"the checkpoint in {run_dir} belongs to another config than {run_dir / 'config.json'}")
         console.print(f"[bold]resuming {cfg.federation.strategy}[/bold] in {run_dir} after round {ckpt.round} "
                       f"of {cfg.federation.rounds}")
-        summary = run_experiment(cfg, _print_round, ckpt, verbose)
+        with _Display(cfg.federation.rounds, done=ckpt.round) as display:
+            summary = run_experiment(cfg, display.round, ckpt, verbose, display.reply)
     except UserError as err:
         _fail(str(err))
     _finish(summary, cfg)
@@ -202,9 +247,15 @@ def compare(
         configs = grid_configs(base, names, alpha_list, seed_list, out)
         for c in configs:  # validate every cell before spending time on the first
             Config.model_validate(c.model_dump())
-        run_comparison(configs, out, on_run=lambda c: console.print(
-            f"[bold]== {c.federation.strategy}, alpha={c.partition.alpha:g}, seed={c.seed}[/bold]"), on_round=_print_round,
-                       verbose=verbose)
+        with _Display(len(configs), unit="runs") as display:
+            started = []
+
+            def on_run(c: Config) -> None:
+                display.status(f"{c.federation.strategy}, alpha={c.partition.alpha:g}, seed={c.seed}", advance=len(started) > 0)
+                started.append(c)
+                console.print(f"[bold]== {c.federation.strategy}, alpha={c.partition.alpha:g}, seed={c.seed}[/bold]")
+
+            run_comparison(configs, out, on_run=on_run, on_round=_print_round, verbose=verbose)
     except UserError as err:
         _fail(str(err))
     console.print((out / "results.md").read_text(), markup=False)

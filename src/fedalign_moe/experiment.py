@@ -23,7 +23,7 @@ from .training.standalone import run_centralised, run_local
 
 
 def run_experiment(cfg: Config, on_round: Callable[[dict], None] | None = None, resume: Checkpoint | None = None,
-                   verbose: bool = False) -> dict:
+                   verbose: bool = False, on_reply: Callable[[int, int, int], None] | None = None) -> dict:
     """Run ``cfg`` (a federated one from ``resume``, its checkpoint, when given); write metrics, summary
     and plots under ``cfg.out_dir``; return the summary. Flower's own log goes to ``run.log`` there
     (``verbose``: to the terminal too)."""
@@ -31,7 +31,7 @@ def run_experiment(cfg: Config, on_round: Callable[[dict], None] | None = None, 
     if strategy in FEDERATED:
         from .federation.server_app import simulate
 
-        summary = simulate(cfg, on_round, resume, verbose=verbose)
+        summary = simulate(cfg, on_round, resume, verbose=verbose, on_reply=on_reply)
     else:
         ws = open_workspace(cfg)
         runner = run_local if strategy == "local" else run_centralised

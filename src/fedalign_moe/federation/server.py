@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable
 
 import torch
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from safetensors.torch import save_file
 
@@ -80,6 +80,25 @@ def wait_for_nodes(grid: Grid, cfg: Config, want: int) -> int | None:
     return connected
 
 
+def send_and_collect(grid: Grid, messages: list[Message], timeout: float | None,
+                     on_reply: Callable[[int], None] | None = None) -> list[Message]:
+    """Flower's ``Grid.send_and_receive``, calling ``on_reply(replies so far)`` as replies arrive (for a live
+    display; without one, Flower's own call)."""
+    if on_reply is None:
+        return list(grid.send_and_receive(messages, timeout=timeout))
+    pending = set(grid.push_messages(messages))
+    end = None if timeout is None else time.monotonic() + timeout
+    replies: list[Message] = []
+    while pending and (end is None or time.monotonic() < end):
+        for msg in grid.pull_messages(list(pending)):
+            pending.discard(msg.metadata.reply_to_message_id)
+            replies.append(msg)
+            on_reply(len(replies))
+        if pending:
+            time.sleep(getattr(grid, "pull_interval", 1.0))
+    return replies
+
+
 def _finite_state(arrays: ArrayRecord) -> bool:
     return all(torch.isfinite(t).all() for t in arrays.to_torch_state_dict().values())
 
@@ -87,8 +106,10 @@ def _finite_state(arrays: ArrayRecord) -> bool:
 class _Server:
     """One federated run's state on the server: the strategy, the global model and its evaluation."""
 
-    def __init__(self, grid: Grid, ws: Workspace, log: RunLog, resume: Checkpoint | None):
+    def __init__(self, grid: Grid, ws: Workspace, log: RunLog, resume: Checkpoint | None,
+                 on_reply: Callable[[int, int, int], None] | None = None):
         self.grid, self.ws, self.log, self.cfg = grid, ws, log, ws.cfg
+        self.on_reply = on_reply  # (round, replies so far, messages sent), for a live display
         self.strategy = make_strategy(self.cfg, ws.built.layout)
         self.model, self.names = ws.built.model, ws.built.trainable
         self.test = ws.global_test()
@@ -126,7 +147,10 @@ class _Server:
         strategy = self.strategy
         messages = list(strategy.configure_train(server_round, self.arrays, protocol.round_config(self.cfg.to_json()), self.grid))
         downlink = sum(record_bytes(m.content) for m in messages)
-        received = list(self.grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout)) if messages else []
+        watch = None if self.on_reply is None else (lambda n: self.on_reply(server_round, n, len(messages)))
+        if watch is not None:
+            watch(0)
+        received = send_and_collect(self.grid, messages, self.cfg.federation.round_timeout, watch) if messages else []
         sizes = [(record_bytes(m.content), record_bytes(m.content, protocol.ARRAYS)) for m in received if not m.has_error()]
         before = strategy.state_dict()
         t_aggregate = time.perf_counter()
@@ -171,10 +195,13 @@ class _Server:
 
 
 def run_federation(grid: Grid, ws: Workspace, log: RunLog, on_round: Callable[[dict], None] | None = None,
-                   resume: Checkpoint | None = None) -> dict:
-    """Run ``cfg.federation.rounds`` rounds (from the checkpoint's next round when resuming); return the summary."""
+                   resume: Checkpoint | None = None, on_reply: Callable[[int, int, int], None] | None = None) -> dict:
+    """Run ``cfg.federation.rounds`` rounds (from the checkpoint's next round when resuming); return the summary.
+
+    ``on_round(record)`` after each round; ``on_reply(round, replies so far, sent)`` as replies arrive.
+    """
     cfg: Config = ws.cfg
-    server = _Server(grid, ws, log, resume)
+    server = _Server(grid, ws, log, resume, on_reply)
     stopped = None
     for server_round in range(server.first_round, cfg.federation.rounds + 1):
         want = cfg.partition.num_clients if server_round == 1 else cfg.federation.min_available_nodes

@@ -35,10 +35,11 @@ def config_from_run_config(run_config: dict) -> Config:
 
 
 def _main(grid: Grid, cfg: Config, on_round: Callable[[dict], None] | None, holder: dict,
-          resume: Checkpoint | None = None, ws: Workspace | None = None) -> None:
+          resume: Checkpoint | None = None, ws: Workspace | None = None,
+          on_reply: Callable[[int, int, int], None] | None = None) -> None:
     ws = ws if ws is not None else open_workspace(cfg)
     log = open_log(ws, resume.round if resume else None, resume.wall_seconds if resume else 0.0)
-    holder["summary"] = run_federation(grid, ws, log, on_round, resume)
+    holder["summary"] = run_federation(grid, ws, log, on_round, resume, on_reply)
 
 
 app = ServerApp()
@@ -58,13 +59,14 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def make_server_app(cfg: Config, on_round: Callable[[dict], None] | None, holder: dict,
-                    resume: Checkpoint | None = None, ws: Workspace | None = None) -> ServerApp:
+                    resume: Checkpoint | None = None, ws: Workspace | None = None,
+                    on_reply: Callable[[int, int, int], None] | None = None) -> ServerApp:
     """A ServerApp bound to an already validated config (used by the CLI's simulation)."""
     server = ServerApp()
 
     @server.main()
     def _bound(grid: Grid, context: Context) -> None:
-        _main(grid, cfg, on_round, holder, resume, ws)
+        _main(grid, cfg, on_round, holder, resume, ws, on_reply)
 
     return server
 
@@ -104,7 +106,8 @@ _RAY_ACCEL = "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"
 
 
 def simulate(cfg: Config, on_round: Callable[[dict], None] | None = None, resume: Checkpoint | None = None,
-             client_app: ClientApp | None = None, verbose: bool = False) -> dict:
+             client_app: ClientApp | None = None, verbose: bool = False,
+             on_reply: Callable[[int, int, int], None] | None = None) -> dict:
     """Run the federation in Flower's in-process simulation engine; return the run summary.
 
     ``resume``: continue from this checkpoint of the run in ``cfg.out_dir``. ``client_app``: another
@@ -125,7 +128,7 @@ def simulate(cfg: Config, on_round: Callable[[dict], None] | None = None, resume
     ws = open_workspace(cfg)
     holder: dict = {}
     with third_party_output(Path(cfg.out_dir) / "run.log", verbose):
-        run_simulation(make_server_app(cfg, on_round, holder, resume, ws), client_app, cfg.partition.num_clients, backend_config=backend)
+        run_simulation(make_server_app(cfg, on_round, holder, resume, ws, on_reply), client_app, cfg.partition.num_clients, backend_config=backend)
     if "summary" not in holder:
         raise RuntimeError(f"the simulation ended without a summary; see {Path(cfg.out_dir) / 'run.log'}")
     return holder["summary"]
