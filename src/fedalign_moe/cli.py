@@ -80,7 +80,8 @@ class _Display:
     def __init__(self, total: int, done: int = 0, unit: str = "rounds"):
         self.progress = Progress(TextColumn(f"[bold]{unit}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                                  TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
-                                 console=console, transient=True, disable=not console.is_terminal)
+                                 console=console, transient=True, disable=not console.is_terminal,
+                                 refresh_per_second=2)  # the clients share the cores: redraw sparingly
         self.task = self.progress.add_task(unit, total=total, completed=done, status="")
 
     def __enter__(self) -> "_Display":
