@@ -10,7 +10,8 @@ def server_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, name, 1)
 
 
-GRID = ["--preset", "tiny", "--alphas", "0.5", "--seeds", "0", "--rounds", "3", "--set", "federation.fedmoe_coverage=0.5"]
+GRID = ["--preset", "tiny", "--alphas", "0.5", "--seeds", "0", "--rounds", "3", "--set", "federation.fedmoe_coverage=0.5",
+        "--set", "output.tensorboard=true"]
 
 
 @pytest.fixture(scope="session")

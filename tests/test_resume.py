@@ -19,7 +19,7 @@ from conftest import GRID
 
 # the fedalign cell of the shared tiny grid, as one run
 RUN = ["run", "--preset", "tiny", "--strategy", "fedalign", "--alpha", "0.5", "--seed", "0", "--rounds", "3",
-       "--set", "federation.fedmoe_coverage=0.5"]
+       "--set", "federation.fedmoe_coverage=0.5", "--set", "output.tensorboard=true"]
 TIMINGS = {"seconds", "train_seconds", "aggregate_seconds", "screen_seconds"}
 
 
@@ -41,6 +41,14 @@ def _without_timings(record: dict) -> dict:
     return out
 
 
+def _tensorboard_scalars(out, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
 def _check_fedalign_files(out):
     """What a FedAlign-MoE run through Flower leaves: its decisions every round, and their figures."""
     diags = read_jsonl(out / "diagnostics.jsonl")
@@ -53,6 +61,16 @@ def _check_fedalign_files(out):
     assert all(r["stats_uplink_bytes"] == d["stats_uplink_bytes"] for r, d in zip(rounds, diags))
     for png in ("fedalign_omega.png", "fedalign_aligned.png", "fedalign_p_g.png", "fedalign_gamma.png"):
         assert (out / png).stat().st_size > 1000, png
+    # the same run, read back by TensorBoard's own reader: metrics, FedAlign-MoE's decisions, routing images
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    tags = events.Tags()
+    steps, values = zip(*_tensorboard_scalars(out, "global/accuracy"))
+    assert steps == (1, 2, 3) and values == pytest.approx([r["accuracy"] for r in rounds])
+    assert [e.value for e in events.Scalars("fedalign/p_g/layer0/expert0")] == pytest.approx([d["p_g"][0][0] for d in diags])
+    assert {"routing/layer0", "routing/layer1"} <= set(tags["images"]) and len(events.Images("routing/layer0")) == 3
 
 
 def test_kill_9_then_resume_gives_the_uninterrupted_run(tiny_grid, tmp_path):
@@ -78,6 +96,8 @@ def test_kill_9_then_resume_gives_the_uninterrupted_run(tiny_grid, tmp_path):
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (ref, cut))
     assert sa["accuracy_per_round"] == sb["accuracy_per_round"]
     assert read_jsonl(ref / "diagnostics.jsonl") == read_jsonl(cut / "diagnostics.jsonl")
+    # TensorBoard too: the resumed run's event files hold each round once, with the same values
+    assert _tensorboard_scalars(cut, "global/accuracy") == _tensorboard_scalars(ref, "global/accuracy")
     again = _cli("resume", str(ref / "no-such-run"))
     assert again.returncode == 2 and again.stderr.strip().splitlines()[-1].startswith("error: ")
 

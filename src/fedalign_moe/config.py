@@ -154,6 +154,14 @@ class FedAlignConfig(_Section):
     expert_aggregation: Literal["semantic", "fedavg"] = "semantic"
 
 
+class OutputConfig(_Section):
+    """What a run writes beside its metrics (none of it changes a number)."""
+
+    # TensorBoard event files in DIR/tensorboard: per-round metrics, FedAlign-MoE's decisions as scalars,
+    # each round's routing heatmap as an image (`tensorboard --logdir DIR`)
+    tensorboard: bool = False
+
+
 class Config(_Section):
     preset: str = "custom"
     seed: StrictInt = Field(0, ge=0, lt=2**32)  # whole numbers only: true is not 1
@@ -164,6 +172,7 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     federation: FederationConfig = FederationConfig()
     fedalign: FedAlignConfig = FedAlignConfig()
+    output: OutputConfig = OutputConfig()
 
     @model_validator(mode="after")
     def _nodes_exist(self) -> "Config":
@@ -181,9 +190,10 @@ class Config(_Section):
         return self.model_dump_json()
 
     def result_key(self) -> dict[str, Any]:
-        """Everything that can change a run's numbers: the config minus where files go."""
+        """Everything that can change a run's numbers: the config minus where files go and what is written."""
         raw = self.model_dump(mode="json")
         raw.pop("out_dir")
+        raw.pop("output")
         raw["model"].pop("prefix_cache_dir")
         return raw
 

@@ -109,6 +109,11 @@ class RunLog:
                 write_atomic(self.out / name, "".join(dumps(r) + "\n" for r in kept))
             self.rounds = read_jsonl(self.metrics_path)
         self.started = time.perf_counter() - wall_seconds_before
+        self.tracker = None
+        if cfg.output.tensorboard:
+            from .tracking import TensorBoardTracker
+
+            self.tracker = TensorBoardTracker(self.out, first_round=(resume_round or 0) + 1)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -124,6 +129,11 @@ class RunLog:
     def add_jsonl(self, name: str, record: dict) -> None:
         with (self.out / name).open("a") as f:
             f.write(dumps(record) + "\n")
+        if self.tracker is not None:
+            track = {"metrics.jsonl": self.tracker.round, "diagnostics.jsonl": self.tracker.diagnostics,
+                     "routing.jsonl": self.tracker.routing}.get(name)
+            if track is not None:
+                track(finite(record))
 
     def write_json(self, name: str, obj) -> Path:
         path = self.out / name
@@ -161,6 +171,9 @@ class RunLog:
         summary.update(extra)
         summary = finite(summary)
         self.write_json("summary.json", summary)
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None
         return summary
 
 

@@ -51,7 +51,7 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
 _NOT_SETUP = {"seed", "out_dir", "preset", "model.prefix_cache_dir", "model.device", "train.torch_threads",
               "federation.client_cpus", "federation.client_gpus", "federation.round_timeout",
               "federation.stop_after_silent_rounds", "federation.node_wait_seconds",
-              "federation.min_available_nodes"}
+              "federation.min_available_nodes", "output.tensorboard"}
 
 
 def _setup(summary: dict) -> dict[str, object]:
