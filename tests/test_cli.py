@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -106,7 +107,8 @@ def test_a_run_whose_model_diverges_stops_with_strict_json(tmp_path):
     lines = res.stdout.splitlines()
     assert [l.split()[:2] for l in lines if l.startswith("round")] == [["round", "1"], ["round", "2"]]
     assert not any(word in res.stdout for word in ("INFO", "WARNING", "DEPRECATED", "ClientAppActor", "\x1b["))
-    assert "configure_train" in (tmp_path / "run.log").read_text()
+    run_log = (tmp_path / "run.log").read_text()
+    assert "configure_train" in run_log and "client process output" in run_log
 
     def no_constants(name):
         raise ValueError(f"not JSON: {name}")
@@ -230,7 +232,7 @@ def test_a_terminal_sees_our_lines_and_no_third_party_output(tmp_path):
     assert proc.wait(timeout=600) == 0
     text = b"".join(chunks).decode(errors="replace")
     assert "round   1" in text and "train loss per client" in text and "final accuracy" in text, text[-3000:]
-    assert "round 1: 3/3 replies" in text and "eta" in text  # the live bar saw every reply arrive
+    assert re.search(r"round 1: \d/3 replies", text) and "eta" in text  # the live bar, counting replies as they come
     assert "plots in" in text and "clients' own-test" in text  # and the closing table
     for noise in ("DEPRECATED", "FutureWarning", "ClientAppActor", "Loading weights", "INFO"):
         assert noise not in text, (noise, text[-3000:])

@@ -97,7 +97,7 @@ class _Display:
     def round(self, record: dict) -> None:
         _print_round(record)
         failed = f", {record['failures']} failed" if record.get("failures") else ""
-        self.progress.update(self.task, advance=1, status=f"acc {_num(record['accuracy'])}{failed}")
+        self.progress.update(self.task, advance=1, status=f"acc {_num(record['accuracy'])} loss {_num(record['loss'])}{failed}")
 
     def status(self, text: str, advance: int = 0) -> None:
         self.progress.update(self.task, advance=advance, status=text)
@@ -136,7 +136,7 @@ def run(
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,
     out: Annotated[Path | None, typer.Option(help="output directory")] = None,
     set_: SetOpt = None,
-    verbose: Annotated[bool, typer.Option(help="show Flower's and the client processes' own output (always in DIR/run.log)")] = False,
+    verbose: Annotated[bool, typer.Option(help="show Flower's and the client processes' own output as it comes (otherwise in DIR/run.log)")] = False,
 ) -> None:
     """Run one experiment: writes metrics.jsonl, summary.json and plots to the output directory."""
     try:
@@ -175,7 +175,7 @@ def _finish(summary: dict, cfg: Config) -> None:
 @app.command()
 def resume(
     run_dir: Annotated[Path, typer.Argument(help="the folder of an interrupted federated run")],
-    verbose: Annotated[bool, typer.Option(help="show Flower's and the client processes' own output (always in DIR/run.log)")] = False,
+    verbose: Annotated[bool, typer.Option(help="show Flower's and the client processes' own output as it comes (otherwise in DIR/run.log)")] = False,
 ) -> None:
     """Continue an interrupted federated run from its last checkpoint: the same rounds, the same numbers."""
     try:
@@ -232,7 +232,7 @@ def compare(
     rounds: Annotated[int | None, typer.Option()] = None,
     out: Annotated[Path, typer.Option(help="output directory")] = Path("runs/compare"),
     set_: SetOpt = None,
-    verbose: Annotated[bool, typer.Option(help="show Flower's and the client processes' own output (always in DIR/run.log)")] = False,
+    verbose: Annotated[bool, typer.Option(help="show Flower's and the client processes' own output as it comes (otherwise in DIR/run.log)")] = False,
 ) -> None:
     """Run a grid of strategies x alphas x seeds; write results.json, results.md and plots."""
     try:

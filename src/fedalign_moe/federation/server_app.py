@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -76,7 +77,8 @@ def third_party_output(log_path: Path, verbose: bool):
     """While it lasts, Flower's log (and this package's) is written to ``log_path``; the terminal shows it
     only when ``verbose``. Ray's accelerator FutureWarning is answered by opting in to Ray's future default
     (clients that ask for no GPU see none), and the client processes' own output stays in Ray's session
-    logs unless ``verbose`` (their failures reach the server as error replies, named in each round)."""
+    logs, copied to ``log_path`` at the end, unless ``verbose`` (their failures reach the server as error
+    replies, named in each round)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(log_path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -105,14 +107,26 @@ def third_party_output(log_path: Path, verbose: bool):
 _RAY_ACCEL = "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"
 
 
+def append_client_output(run_log: Path) -> None:
+    """Append what the client processes printed (Ray keeps it in the latest session's logs, moved to
+    ``old/`` when the actors end) to ``run_log``."""
+    logs = Path(os.environ.get("RAY_TMPDIR", tempfile.gettempdir())) / "ray" / "session_latest" / "logs"
+    files = sorted(p for pattern in ("worker-*.out", "worker-*.err") for p in [*logs.glob(pattern), *logs.glob(f"old/{pattern}")])
+    with run_log.open("a", encoding="utf-8") as out:
+        for path in files:
+            text = path.read_text(encoding="utf-8", errors="replace").strip()
+            if text:
+                out.write(f"--- client process output ({path.name}) ---\n{text}\n")
+
+
 def simulate(cfg: Config, on_round: Callable[[dict], None] | None = None, resume: Checkpoint | None = None,
              client_app: ClientApp | None = None, verbose: bool = False,
              on_reply: Callable[[int, int, int], None] | None = None) -> dict:
     """Run the federation in Flower's in-process simulation engine; return the run summary.
 
     ``resume``: continue from this checkpoint of the run in ``cfg.out_dir``. ``client_app``: another
-    ClientApp than this package's (tests use one whose clients fail on purpose). Flower's and Ray's
-    own output goes to ``cfg.out_dir/run.log`` (``verbose``: to the terminal as well).
+    ClientApp than this package's (tests use one whose clients fail on purpose). Flower's and the client
+    processes' own output goes to ``cfg.out_dir/run.log`` (``verbose``: to the terminal instead, as it comes).
     """
     from flwr.simulation import run_simulation
 
@@ -129,6 +143,8 @@ def simulate(cfg: Config, on_round: Callable[[dict], None] | None = None, resume
     holder: dict = {}
     with third_party_output(Path(cfg.out_dir) / "run.log", verbose):
         run_simulation(make_server_app(cfg, on_round, holder, resume, ws, on_reply), client_app, cfg.partition.num_clients, backend_config=backend)
+        if not verbose:  # on the terminal already otherwise
+            append_client_output(Path(cfg.out_dir) / "run.log")
     if "summary" not in holder:
         raise RuntimeError(f"the simulation ended without a summary; see {Path(cfg.out_dir) / 'run.log'}")
     return holder["summary"]
