@@ -192,6 +192,14 @@ def time_bare(model, adapter, names, B, S, args, device):
         opt.step()
         return loss
 
+    reps = timed_steps(step, B * S, args, device)
+    del opt
+    return reps
+
+
+def timed_steps(step, tokens_per_step: int, args, device) -> list[tuple[float, int, float]]:
+    """``args.warmup`` untimed calls of ``step(i)``, then ``args.reps`` timed runs of ``args.steps`` steps:
+    (seconds, tokens, last loss) per run, synchronised with the device before and after."""
     for i in range(args.warmup):
         step(i % args.steps)
     reps = []
@@ -201,8 +209,7 @@ def time_bare(model, adapter, names, B, S, args, device):
         for i in range(args.steps):
             loss = step(i)
         sync(device)
-        reps.append((time.perf_counter() - t0, B * S * args.steps, float(loss.detach())))
-    del opt
+        reps.append((time.perf_counter() - t0, tokens_per_step * args.steps, float(loss.detach())))
     return reps
 
 
@@ -225,16 +232,7 @@ def time_hf(model, B, S, args, device):
         opt.zero_grad()
         return loss
 
-    for i in range(args.warmup):
-        step(i)
-    reps = []
-    for _ in range(args.reps):
-        sync(device)
-        t0 = time.perf_counter()
-        for i in range(args.steps):
-            loss = step(i)
-        sync(device)
-        reps.append((time.perf_counter() - t0, B * S * args.steps, float(loss.detach())))
+    reps = timed_steps(step, B * S, args, device)
     del opt
     return reps
 

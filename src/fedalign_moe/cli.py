@@ -188,7 +188,7 @@ def resume(
             raise ConfigError(f"{run_dir} is a {cfg.federation.strategy} run: only federated runs resume; "
                               "start it again with `fedalign-moe run`")
         ckpt = checkpoint.load(run_dir)
-        if Config.from_json(ckpt.config_json).result_key() != cfg.result_key():
+        if not ckpt.belongs_to(cfg):
             raise ConfigError(f"the checkpoint in {run_dir} belongs to another config than {run_dir / 'config.json'}")
         console.print(f"[bold]resuming {cfg.federation.strategy}[/bold] in {run_dir} after round {ckpt.round} "
                       f"of {cfg.federation.rounds}")

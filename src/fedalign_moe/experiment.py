@@ -73,7 +73,7 @@ def resumable(cfg: Config) -> Checkpoint | None:
         return None
     try:
         ckpt = checkpoint.load(Path(cfg.out_dir))
-        same = Config.from_json(ckpt.config_json).result_key() == cfg.result_key()
+        same = ckpt.belongs_to(cfg)
     except (checkpoint.CheckpointError, ValueError):
         return None
     return ckpt if same and ckpt.round < cfg.federation.rounds else None

@@ -11,7 +11,6 @@ moment leaves either the previous round's checkpoint or this one, never a mixtur
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from ..config import UserError
+from ..config import Config, UserError
+from ..runlog import replace_atomically
 
 FILE = "checkpoint.safetensors"
 
@@ -38,6 +38,10 @@ class Checkpoint:
     wall_seconds: float
     config_json: str
 
+    def belongs_to(self, cfg: Config) -> bool:
+        """Whether this checkpoint was written by a run of ``cfg`` (where files go aside)."""
+        return Config.from_json(self.config_json).result_key() == cfg.result_key()
+
 
 def save(out: Path, ckpt: Checkpoint) -> Path:
     """Write ``out/checkpoint.safetensors`` atomically."""
@@ -47,9 +51,7 @@ def save(out: Path, ckpt: Checkpoint) -> Path:
     metadata = {"round": str(ckpt.round), "idle_rounds": str(ckpt.idle_rounds), "wall_seconds": repr(ckpt.wall_seconds),
                 "random_state": json.dumps([version, list(internal), gauss]), "config_json": ckpt.config_json}
     path = out / FILE
-    tmp = path.with_name(f".{FILE}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    replace_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return path
 
 

@@ -22,6 +22,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
+from ..core.aggregate import LayerNames
+from ..core.fedmoe import keep_rows
 from ..models.base import MoELayout
 from . import protocol
 from .protocol import Expectation, LocalWork, ReplyError, TrainReply
@@ -78,15 +80,11 @@ def error_cause(msg: Message) -> str:
 
 def update_norm(reply: TrainReply, global_state: dict[str, torch.Tensor], layout: MoELayout) -> float:
     """||update - global|| over every array the client sent (a sub-MoE against the global rows it holds)."""
-    rows = {}
     if reply.sub_moe_LE is not None:
-        for l, layer in enumerate(layout.layers):
-            for name in (layer.router, *layer.experts):
-                rows[name] = reply.sub_moe_LE[l]
+        global_state = keep_rows(global_state, [LayerNames(l.router, l.experts) for l in layout.layers], reply.sub_moe_LE)
     total = 0.0
     for name, array in reply.arrays.items():
-        g = global_state[name] if name not in rows else global_state[name][rows[name]]
-        total += float(torch.linalg.vector_norm(torch.from_numpy(array.numpy()) - g)) ** 2
+        total += float(torch.linalg.vector_norm(torch.from_numpy(array.numpy()) - global_state[name])) ** 2
     return total ** 0.5
 
 

@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 from safetensors.torch import save_file
 
 from ..config import Config
-from ..runlog import RunLog, training_totals
+from ..runlog import RunLog, replace_atomically, training_totals
 from ..training.local import evaluate, load_state, release_memory, trainable_state
 from ..training.setup import Workspace
 from . import checkpoint, protocol
@@ -222,9 +222,7 @@ def run_federation(grid: Grid, ws: Workspace, log: RunLog, on_round: Callable[[d
                        f"({record['not_adopted_reason']}" + (f"; replies lost: {causes})" if causes else ")"))
             break
     state = {n: t.contiguous() for n, t in server.arrays.to_torch_state_dict().items()}
-    tmp = log.out / ".global_trainable.safetensors.tmp"
-    save_file(state, str(tmp))
-    tmp.replace(log.out / "global_trainable.safetensors")
+    replace_atomically(log.out / "global_trainable.safetensors", lambda tmp: save_file(state, str(tmp)))
     return _final_evaluation(server, stopped)
 
 
