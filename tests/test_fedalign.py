@@ -160,3 +160,61 @@ def test_routing_statistics_and_their_noise():
     reg.backward()
     assert built.adapter.router_weight(0).grad is not None
     assert all(p.grad is None for n, p in built.model.named_parameters() if "experts" in n)
+
+
+# ------------------------------------------------ the float32 streaming aggregation against the float64 reference
+
+def _grid_case(seed: int, C: int = 6):
+    """Two MoE layers, clients in two camps per expert (so aligned sets are neither empty nor everyone),
+    routing statistics that vary by client, a non-MoE tensor and uneven example counts."""
+    g = torch.Generator().manual_seed(seed)
+    L, E, H, I = 2, 4, 8, 6
+    glob = {"head": torch.randn(3, H, generator=g)}
+    layers = []
+    for l in range(L):
+        glob[f"r{l}"] = torch.randn(E, H, generator=g)
+        glob[f"u{l}"], glob[f"d{l}"] = torch.randn(E, I, H, generator=g), torch.randn(E, H, I, generator=g)
+        layers.append(LayerNames(f"r{l}", (f"u{l}", f"d{l}")))
+    camp_E = {k: torch.randn(v.shape, generator=g) for k, v in glob.items()}
+    clients = []
+    for c in range(C):
+        sign = 1.0 if c % 3 else -1.0  # a third of the clients pull the other way
+        clients.append({k: v + 0.05 * sign * camp_E[k] + 0.02 * torch.randn(v.shape, generator=g) for k, v in glob.items()})
+    p = torch.rand(C, L, E, generator=g) + 0.1
+    stats = {"p": p / p.sum(-1, keepdim=True), "n": torch.randint(0, 30, (C, L, E), generator=g).float(),
+             "o": torch.rand(C, L, E, generator=g), "m": torch.rand(C, L, E, generator=g),
+             "mu": torch.randn(C, L, E, H, generator=g)}
+    examples = torch.randint(5, 50, (C,), generator=g).float()
+    return glob, clients, examples, stats, layers
+
+
+@pytest.mark.parametrize("opts", [AlignOptions(), AlignOptions(consistency_floor=0.5), AlignOptions(beta=0.3),
+                                  AlignOptions(expert_aggregation="fedavg"), AlignOptions(gate_aggregation="uniform"),
+                                  AlignOptions(gate_aggregation="fedavg", adaptive_alpha=False, omega_times_tokens=True)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_streaming_aggregation_equals_the_float64_reference(opts, seed):
+    import reference_aggregate
+
+    glob, clients, examples, stats, layers = _grid_case(seed)
+    ref = reference_aggregate.fedalign_aggregate(glob, clients, examples, stats, layers, opts)
+    res = fedalign_aggregate(glob, clients, examples, stats, layers, opts)
+    assert set(res.state) == set(ref.state)
+    for name in ref.state:
+        torch.testing.assert_close(res.state[name], ref.state[name], rtol=1e-5, atol=1e-6)
+    assert torch.equal(res.aligned_LEC, ref.aligned_LEC)
+    assert 0 < int(res.aligned_LEC.sum()) < res.aligned_LEC.numel() or opts.expert_aggregation == "fedavg"
+    torch.testing.assert_close(res.tau_LE, ref.tau_LE, equal_nan=True)
+    for t in ("p_g_LE", "alpha_LE", "omega_LCE"):
+        torch.testing.assert_close(getattr(res, t), getattr(ref, t))
+
+
+def test_clients_read_lazily_give_the_same_state_and_the_global_is_untouched():
+    glob, clients, examples, stats, layers = _grid_case(5)
+    before = {k: v.clone() for k, v in glob.items()}
+    eager = fedalign_aggregate(glob, clients, examples, stats, layers, AlignOptions())
+    lazy = fedalign_aggregate(glob, [protocol.ArrayView(ArrayRecord(c))
+                                     for c in clients], examples, stats, layers, AlignOptions())
+    for name in eager.state:
+        assert torch.equal(lazy.state[name], eager.state[name])
+    for name in glob:
+        assert torch.equal(glob[name], before[name])

@@ -5,6 +5,7 @@ Bad input ends with one ``error:`` line on stderr and exit code 2, never a trace
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -260,6 +261,44 @@ def compare(
     except UserError as err:
         _fail(str(err))
     console.print((out / "results.md").read_text(), markup=False)
+
+
+@app.command()
+def premise(
+    preset: PresetOpt = "specialised",
+    config: ConfigOpt = None,
+    recipes: Annotated[str, typer.Option(help="comma-separated model recipes: upcycle, drop-upcycle, btx")] = "upcycle,drop-upcycle,btx",
+    seed: Annotated[int, typer.Option(help="seed of the runs and of the model built for each recipe")] = 0,
+    out: Annotated[Path, typer.Option(help="output directory (premise.json, and the runs under premise/)")] = Path("runs/premise"),
+    set_: SetOpt = None,
+    verbose: Annotated[bool, typer.Option(help="show Flower's and the client processes' own output as it comes")] = False,
+) -> None:
+    """Measure whether the method's premise holds, per model recipe: expert-label information, client routing
+    divergence under FedAvg at alpha 0.1, and the non-IID drop (centralised minus FedAvg). Writes premise.json."""
+    try:
+        names = _csv(recipes, str, "recipes")
+        known = ("upcycle", "drop-upcycle", "btx")
+        if any(r not in known for r in names):
+            raise ConfigError(f"unknown recipe {next(r for r in names if r not in known)!r}; choose from {', '.join(known)}")
+        base = load_config(preset, config, _overrides(None, 0.1, None, None, seed, None, set_))
+        _check_out_dir(out)
+        from .experiment import measure_premise
+
+        with _Display(2 * len(names), unit="runs") as display:
+            started = []
+
+            def on_run(c: Config) -> None:
+                display.status(f"{c.model.recipe}: {c.federation.strategy}", advance=len(started) > 0)
+                started.append(c)
+                console.print(f"[bold]== {c.model.recipe}: {c.federation.strategy}, alpha=0.1, seed={c.seed}[/bold]")
+
+            path = measure_premise(base, names, seed, out, on_run=on_run, on_round=_print_round, verbose=verbose)
+    except UserError as err:
+        _fail(str(err))
+    from .report.premise import premise_table
+
+    console.print(premise_table(json.loads(path.read_text())), markup=False)
+    console.print(f"premise figures in {path} and {path.with_name('premise_routing.png')}")
 
 
 @app.command()

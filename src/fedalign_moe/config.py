@@ -54,6 +54,7 @@ class DataConfig(_Section):
     path: str | None = None  # for source = "file": a .csv/.jsonl/.json/.parquet file
     text_column: str = "text"
     label_column: str = "label"
+    group_column: str | None = None  # file/hub sources: a topic finer than the label (default: the label)
     wordnet_dir: str | None = None  # default /usr/share/wordnet (Debian wordnet-base)
     max_length: StrictInt = Field(64, ge=4, le=4096)  # tokens per example
     test_fraction: float = Field(0.2, gt=0, lt=1)  # global test split, stratified
@@ -65,6 +66,11 @@ class DataConfig(_Section):
     # client's own evaluation split is carved from what is left, and the test split is never read.
     holdout: Literal["test", "validation"] = "test"
     validation_fraction: float = Field(0.2, gt=0, lt=1)
+    # a public split set aside before anything else (stratified by group, seeded by public_seed, so every
+    # run seed sees the same one): no client and no test split ever holds it. model.recipe = "btx" trains
+    # its experts on it; 0 sets nothing aside.
+    public_fraction: float = Field(0.0, ge=0, lt=1)
+    public_seed: StrictInt = Field(0, ge=0, lt=2**32)
 
 
 class PartitionConfig(_Section):
@@ -85,6 +91,19 @@ class ModelConfig(_Section):
     moe_layers: tuple[StrictInt, ...] = (4, 5)  # encoder layers whose FFN becomes MoE (minilm only)
     router_std: float = Field(0.02, ge=0)  # new routers start as N(0, std^2)
     expert_noise: float = Field(0.01, ge=0)  # relative noise that breaks expert symmetry at upcycling
+    # how the experts get their roles (minilm): "upcycle" copies the dense FFN into every expert (sparse
+    # upcycling); "drop-upcycle" re-initialises a share drop_ratio of each expert's inner dimensions from
+    # the FFN's statistics (Drop-Upcycling, arXiv 2502.19261); "btx" trains each expert as a dense copy on
+    # its own domain of the public split, then the routers on the whole public split (Branch-Train-MiX,
+    # arXiv 2403.07816). A btx model is built once per machine and kept in build_cache_dir.
+    recipe: Literal["upcycle", "drop-upcycle", "btx"] = "upcycle"
+    drop_ratio: float = Field(0.5, ge=0, le=1)
+    btx_epochs: StrictInt = Field(4, ge=1)  # passes over each domain's public examples (expert training)
+    btx_router_epochs: StrictInt = Field(2, ge=1)  # passes over the public split (router training)
+    btx_lr: float = Field(2e-4, gt=0)
+    btx_balance_coef: float = Field(0.01, ge=0)  # Switch load-balancing loss weight during router training
+    build_seed: StrictInt = Field(0, ge=0, lt=2**32)  # seed of the btx build (the same model for every run seed)
+    build_cache_dir: str | None = "~/.cache/fedalign-moe/models"  # None: build in every process, keep nothing
     trainable: Literal["experts-routers", "all", "lora-experts"] = "experts-routers"
     lora_rank: StrictInt = Field(8, ge=1)
     lora_alpha: float = Field(16.0, gt=0)
@@ -97,6 +116,9 @@ class ModelConfig(_Section):
     def _check_top_k(self) -> "ModelConfig":
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts})")
+        if self.recipe != "upcycle" and self.backbone != "minilm":
+            raise ValueError(f"recipe {self.recipe!r} builds minilm experts; backbone {self.backbone!r} takes "
+                             "recipe = 'upcycle' (its own experts, or upcycled copies)")
         return self
 
 
@@ -179,6 +201,9 @@ class Config(_Section):
         if self.federation.min_available_nodes > self.partition.num_clients:
             raise ValueError(f"federation.min_available_nodes ({self.federation.min_available_nodes}) cannot exceed "
                              f"partition.num_clients ({self.partition.num_clients})")
+        if self.model.recipe == "btx" and self.data.public_fraction == 0:
+            raise ValueError("model.recipe = 'btx' trains its experts on a public split: set data.public_fraction "
+                             "(for example 0.2)")
         return self
 
     def effective_fedalign(self) -> FedAlignConfig:
@@ -195,6 +220,7 @@ class Config(_Section):
         raw.pop("out_dir")
         raw.pop("output")
         raw["model"].pop("prefix_cache_dir")
+        raw["model"].pop("build_cache_dir")
         return raw
 
     @classmethod

@@ -102,3 +102,31 @@ def run_comparison(configs: list[Config], out: Path, on_run: Callable[[Config], 
     draw_comparison(summaries, out)
     write_evidence(out)
     return summaries
+
+
+def measure_premise(base: Config, recipes: list[str], seed: int, out: Path, on_run: Callable[[Config], None] | None = None,
+                    on_round: Callable[[dict], None] | None = None, verbose: bool = False) -> Path:
+    """Issue 9's premise figures for each model recipe on ``base``: FedAvg and centralised at alpha 0.1 (runs in
+    ``out/premise/<recipe>``, finished ones kept), the built model's expert-label information on the global
+    test split; writes ``out/premise.json`` and ``out/premise_routing.png``."""
+    import numpy as np
+
+    from .report.premise import recipe_figures, write_premise
+    from .training.local import routing_by_label
+
+    premise = {}
+    for recipe in recipes:
+        raw = base.model_dump()
+        raw["model"]["recipe"] = recipe
+        cfg = Config.model_validate(raw)
+        runs = run_comparison(grid_configs(cfg, ["fedavg", "centralised"], [0.1], [seed], out / "premise" / recipe),
+                              out / "premise" / recipe, on_run, on_round, verbose)
+        by_strategy = {s["strategy"]: s for s in runs}
+        ws = open_workspace(cfg.model_copy(update={"seed": seed}))
+        counts_LKE = routing_by_label(ws.built.model, ws.built.adapter, ws.global_test(),
+                                      len(ws.data.source.label_names), cfg.train.eval_batch_size, ws.device).numpy()
+        fedavg_dir = out / "premise" / recipe / f"fedavg-alpha0.1-seed{seed}"
+        premise[recipe] = recipe_figures(np.asarray(counts_LKE), ws.data.source.label_names, by_strategy.get("fedavg"),
+                                         by_strategy.get("centralised"), fedavg_dir, ws.built.build_seconds)
+        del ws
+    return write_premise(premise, out)

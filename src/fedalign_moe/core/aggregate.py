@@ -2,17 +2,26 @@
 
 Routers: component 1 (or the ablation's uniform / FedAvg weights). Experts: component 3 (or FedAvg).
 Everything else that travels: example-weighted FedAvg. The MoE layout arrives as plain names.
+
+Cost [ours]: every sum is accumulated in place in float32 (float64 only for the Gram matrices and the
+weights), and a client's state is read one tensor at a time, so a client state may be a lazy mapping that
+deserialises a tensor when asked (``federation.protocol.TrainReply.state``). Beside the new state, the
+aggregation holds at most C copies of one expert tensor (for the Gram matrices) at a time; the experts'
+tensors are read twice (Gram matrices, then the update), everything else once.
 Shapes: C clients, L MoE layers, E experts, H hidden, P parameters of one expert.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from .gate_alignment import adaptive_alpha, aggregate_router, consistency_weights, global_routing_distribution, routing_consistency
-from .semantic_alignment import align_expert, apply_expert_update
+from .semantic_alignment import align_expert_gram
+
+State = Mapping[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -42,9 +51,22 @@ class AlignResult:
     gamma: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (l, e) -> [C, C]
 
 
-def fedavg_tensor(tensors_C: list[torch.Tensor], weights_C: torch.Tensor) -> torch.Tensor:
-    stacked = torch.stack([t.double() for t in tensors_C])
-    return torch.einsum("c,c...->...", weights_C.double(), stacked).to(tensors_C[0].dtype)
+def fedavg_tensor(tensors_C: Iterable[torch.Tensor], weights_C: torch.Tensor) -> torch.Tensor:
+    """sum_c w_c t_c, accumulated in place in one tensor: one pass over each input, no [C, ...] stack.
+
+    Float32 inputs sum in float32 (weights summing to 1: relative error about C x 6e-8); half-precision
+    inputs sum in float32 and come back in their own dtype.
+    """
+    out, dtype = None, None
+    for t, w in zip(tensors_C, weights_C.double().tolist()):
+        if out is None:
+            dtype = t.dtype
+            out = torch.mul(t.float() if t.dtype in (torch.float16, torch.bfloat16) else t, w)
+        else:
+            out.add_(t, alpha=w)
+    if out is None:
+        raise ValueError("fedavg_tensor needs at least one tensor")
+    return out.to(dtype)
 
 
 def _router_weights(opts: AlignOptions, stats: dict[str, torch.Tensor], l: int, examples_C: torch.Tensor) -> torch.Tensor:
@@ -58,44 +80,73 @@ def _router_weights(opts: AlignOptions, stats: dict[str, torch.Tensor], l: int, 
     return consistency_weights(s_CE, stats["n"][:, l] if opts.omega_times_tokens else None)
 
 
-def _align_experts(layer: LayerNames, l: int, global_state, client_states, stats, examples_C, opts, result: AlignResult):
-    """Aggregate every expert of one layer in place in ``result.state``."""
+def expert_gram(names: Sequence[str], global_state: State, client_states: Sequence[State]) -> torch.Tensor:
+    """gram [E, C, C] of the clients' expert updates, gram[e, i, j] = <Delta_i[e], Delta_j[e]> over ``names``.
+
+    Read one tensor name at a time: C float32 copies of one stacked expert tensor are live at once.
+    """
+    E, C = global_state[names[0]].shape[0], len(client_states)
+    gram_ECC = torch.zeros(E, C, C, dtype=torch.float64)
+    buffer = torch.empty(E * C * max(global_state[n].numel() // E for n in names))  # reused for every name
+    for n in names:
+        g_EP = global_state[n].reshape(E, -1).float()
+        delta_CEP = buffer[: g_EP.numel() * C].view(C, E, -1)
+        for c, cs in enumerate(client_states):
+            torch.sub(cs[n].reshape(E, -1), g_EP, out=delta_CEP[c])
+        delta_ECP = delta_CEP.transpose(0, 1)
+        gram_ECC += torch.bmm(delta_ECP, delta_ECP.transpose(1, 2)).double()
+    return gram_ECC
+
+
+def apply_expert_weights(global_EX: torch.Tensor, client_tensors_C: Iterable[torch.Tensor],
+                         weights_EC: torch.Tensor) -> torch.Tensor:
+    """Theta_g[e] + sum_c w_ec Delta_c[e] for every expert e of one stacked tensor [E, ...], folded client by
+    client; w_ec are zero outside A(e) and sum to 1 or 0 over c (0: expert e keeps Theta_g[e])."""
+    kept_E = 1.0 - weights_EC.double().sum(1)  # 0 where A(e) is non-empty, 1 where nobody moves e
+    out_EX = global_EX.float() * kept_E.float().view(-1, *[1] * (global_EX.dim() - 1))
+    w_EC = weights_EC.double()
+    for c, x_EX in enumerate(client_tensors_C):
+        for e in torch.nonzero(w_EC[:, c]).flatten().tolist():
+            out_EX[e].add_(x_EX[e], alpha=float(w_EC[e, c]))
+    return out_EX.to(global_EX.dtype)
+
+
+def _align_experts(layer: LayerNames, l: int, global_state: State, client_states: Sequence[State], stats,
+                   examples_C, opts, result: AlignResult) -> None:
+    """Aggregate every expert of one layer into ``result.state``."""
     names = [n for n in layer.experts if n in global_state]  # frozen experts (e.g. LoRA) do not travel
     if not names:
         return
-    E = global_state[names[0]].shape[0]
-    for e in range(E):
-        delta_CP = torch.stack([torch.cat([(cs[n][e] - global_state[n][e]).reshape(-1).double() for n in names])
-                                for cs in client_states])
-        if opts.expert_aggregation == "semantic":
-            dec = align_expert(stats["mu"][:, l, e], delta_CP, stats["n"][:, l, e], opts.beta, opts.consistency_floor)
-            weights_C, result.tau_LE[l, e] = dec.weights_C, dec.tau
+    E, C = global_state[names[0]].shape[0], len(client_states)
+    if opts.expert_aggregation == "semantic":
+        gram_ECC = expert_gram(names, global_state, client_states)
+        weights_EC = torch.zeros(E, C, dtype=torch.float64)
+        for e in range(E):
+            dec = align_expert_gram(stats["mu"][:, l, e], gram_ECC[e], stats["n"][:, l, e], opts.beta,
+                                    opts.consistency_floor)
+            weights_EC[e], result.tau_LE[l, e] = dec.weights_C, dec.tau
             result.aligned_LEC[l, e] = dec.aligned_C
             result.gamma[(l, e)] = dec.gamma_CC
-        else:
-            weights_C = examples_C.double() / examples_C.sum()
-            result.aligned_LEC[l, e] = True
-        flat_P = torch.cat([global_state[n][e].reshape(-1).double() for n in names])
-        new_P = apply_expert_update(flat_P, delta_CP, weights_C)
-        offset = 0
-        for n in names:
-            size = global_state[n][e].numel()
-            result.state[n][e] = new_P[offset:offset + size].reshape(global_state[n][e].shape).to(global_state[n].dtype)
-            offset += size
+    else:
+        weights_EC = (examples_C.double() / examples_C.sum())[None, :].expand(E, C)
+        result.aligned_LEC[l] = True
+    for n in names:
+        result.state[n] = apply_expert_weights(global_state[n], (cs[n] for cs in client_states), weights_EC)
 
 
-def fedalign_aggregate(global_state: dict[str, torch.Tensor], client_states: list[dict[str, torch.Tensor]],
+def fedalign_aggregate(global_state: State, client_states: Sequence[State],
                        examples_C: torch.Tensor, stats: dict[str, torch.Tensor], layers: list[LayerNames],
                        opts: AlignOptions) -> AlignResult:
     """The new global state and the next round's p_g and alpha.
 
     ``stats`` holds the clients' uploads stacked on a leading C axis: p, n, o, m [C, L, E], mu [C, L, E, H].
+    ``client_states`` are read one tensor at a time (they may deserialise on access).
     """
     C, L, E = stats["p"].shape
     fedavg_C = examples_C.double() / examples_C.sum()
     moe_names = {n for layer in layers for n in (layer.router, *layer.experts)}
-    state = {n: (t.clone() if n in moe_names else fedavg_tensor([cs[n] for cs in client_states], fedavg_C))
-             for n, t in global_state.items()}
+    state = {n: (t if n in moe_names else fedavg_tensor((cs[n] for cs in client_states), fedavg_C))
+             for n, t in global_state.items()}  # every MoE entry is replaced below
     result = AlignResult(state, torch.zeros(L, E), torch.ones(L, E), torch.zeros(L, C, E),
                          torch.full((L, E), float("nan")), torch.zeros(L, E, C, dtype=torch.bool))
     for l, layer in enumerate(layers):

@@ -9,7 +9,8 @@ For one expert e of one MoE layer, over the round's C clients:
 Clients outside A, and clients that routed no token to e, do not move expert e; an empty A keeps it.
 The absolute ``floor`` [ours] keeps clients whose consistency is high in absolute terms: without it,
 "mean - beta * std" drops the least consistent client even when every client agrees (std ~ 0).
-Cost: one C x C Gram matrix per expert; no per-pair copies of expert weights.
+Cost: one C x C Gram matrix per expert (``align_expert_gram`` takes it ready-made, so the caller can sum
+it over tensors and never hold an expert's whole update); no per-pair copies of expert weights.
 Shapes: C clients, H hidden, P parameters of one expert (flattened).
 """
 
@@ -27,9 +28,16 @@ def cosine_matrix(x_CD: torch.Tensor) -> torch.Tensor:
     return unit_CD @ unit_CD.T
 
 
-def semantic_consistency(mu_CH: torch.Tensor, delta_CP: torch.Tensor) -> torch.Tensor:
-    """gamma [C, C]: role similarity times (non-negative) update-direction consensus."""
-    return cosine_matrix(mu_CH) * cosine_matrix(delta_CP).clamp(min=0.0)
+def cosine_from_gram(gram_CC: torch.Tensor) -> torch.Tensor:
+    """Pairwise cosines [C, C] from the Gram matrix of inner products; a zero vector has cosine 0 with all."""
+    norm_C = gram_CC.double().diagonal().clamp(min=0).sqrt()
+    scale_CC = norm_C[:, None] * norm_C[None, :]
+    return torch.where(scale_CC > 0, gram_CC.double() / scale_CC.clamp(min=1e-300), torch.zeros_like(scale_CC))
+
+
+def semantic_consistency(mu_CH: torch.Tensor, delta_cos_CC: torch.Tensor) -> torch.Tensor:
+    """gamma [C, C]: role similarity times (non-negative) update-direction consensus (cosines of the updates)."""
+    return cosine_matrix(mu_CH) * delta_cos_CC.clamp(min=0.0)
 
 
 def client_consistency(gamma_CC: torch.Tensor) -> torch.Tensor:
@@ -60,7 +68,14 @@ class ExpertAlignment:
 def align_expert(mu_CH: torch.Tensor, delta_CP: torch.Tensor, n_C: torch.Tensor, beta: float,
                  floor: float = float("inf"), tolerance: float = 1e-9) -> ExpertAlignment:
     """Aligned set and aggregation weights for one expert (``floor = inf``: the spec's rule alone)."""
-    gamma_CC = semantic_consistency(mu_CH, delta_CP)
+    delta_CP = delta_CP.double()
+    return align_expert_gram(mu_CH, delta_CP @ delta_CP.T, n_C, beta, floor, tolerance)
+
+
+def align_expert_gram(mu_CH: torch.Tensor, gram_CC: torch.Tensor, n_C: torch.Tensor, beta: float,
+                      floor: float = float("inf"), tolerance: float = 1e-9) -> ExpertAlignment:
+    """``align_expert`` from the Gram matrix of the expert's updates, gram_ij = <Delta_i, Delta_j>."""
+    gamma_CC = semantic_consistency(mu_CH, cosine_from_gram(gram_CC))
     c_C = client_consistency(gamma_CC)
     tau = float(adaptive_threshold(c_C, beta))
     aligned_C = ((c_C >= tau - tolerance) | (c_C >= floor)) & (n_C > 0)

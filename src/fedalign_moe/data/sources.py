@@ -15,6 +15,7 @@ import codecs
 import importlib.metadata
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -210,20 +211,23 @@ def _encode_labels(values: list[Any], feature: Any) -> tuple[list[int], list[str
     raise DataError("labels must be all strings or all integers (regression targets are not supported)")
 
 
-def _from_table(ds: datasets.Dataset, name: str, text_column: str, label_column: str) -> LabeledText:
-    """Turn a user dataset with a text and a label column into a classification ``LabeledText``."""
-    for column in (text_column, label_column):
+def _from_table(ds: datasets.Dataset, name: str, text_column: str, label_column: str,
+                group_column: str | None = None) -> LabeledText:
+    """Turn a user dataset with a text and a label column into a classification ``LabeledText``; the group
+    of an example is its ``group_column`` value (a finer topic than the label), or else its label name."""
+    for column in (text_column, label_column, *([group_column] if group_column else [])):
         if column not in ds.column_names:
             raise DataError(f"{name}: column {column!r} not found; columns are {ds.column_names}")
     texts = column_values(ds, text_column)
     if any(not isinstance(t, str) for t in texts):
         raise DataError(f"{name}: column {text_column!r} must hold text in every row")
     labels, names = _encode_labels(column_values(ds, label_column), ds.features[label_column])
-    groups = [names[i] for i in labels]
+    groups = [names[i] for i in labels] if not group_column else [str(g) for g in column_values(ds, group_column)]
     return LabeledText(_make_dataset(texts, labels, groups), names, "classification", "label", name)
 
 
-def _load_file(name: str, path: str | None, text_column: str, label_column: str) -> LabeledText:
+def _load_file(name: str, path: str | None, text_column: str, label_column: str,
+               group_column: str | None = None) -> LabeledText:
     """Load a local csv / jsonl / json / parquet file."""
     if not path:
         raise DataError(f"source {name!r} needs a path to a .csv, .jsonl, .json or .parquet file")
@@ -239,7 +243,7 @@ def _load_file(name: str, path: str | None, text_column: str, label_column: str)
         ds = datasets.load_dataset(fmt, data_files=str(file), split="train")
     except Exception as exc:  # any parse error from the builders becomes one clear line
         raise DataError(f"could not read {path} as {fmt}: {_one_line(exc)}") from exc
-    return _from_table(ds, str(file.name), text_column, label_column)
+    return _from_table(ds, str(file.name), text_column, label_column, group_column)
 
 
 def _check_utf8(file: Path, chunk: int = 1 << 20) -> None:
@@ -258,7 +262,8 @@ def _check_utf8(file: Path, chunk: int = 1 << 20) -> None:
             offset += len(block)
 
 
-def _load_hub(name: str, hf_split: str, text_column: str, label_column: str) -> LabeledText:
+def _load_hub(name: str, hf_split: str, text_column: str, label_column: str,
+              group_column: str | None = None) -> LabeledText:
     """Load a Hugging Face hub dataset split; any failure becomes a ``DataError``."""
     repo = name.removeprefix("hf:").strip()
     if not repo:
@@ -269,7 +274,7 @@ def _load_hub(name: str, hf_split: str, text_column: str, label_column: str) -> 
         raise DataError(f"could not load Hugging Face dataset {repo!r} split {hf_split!r}: "
                         f"{_one_line(exc)} (offline? use a local file or a cached copy with "
                         "HF_HUB_OFFLINE=1)") from exc
-    return _from_table(ds, name, text_column, label_column)
+    return _from_table(ds, name, text_column, label_column, group_column)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -284,6 +289,7 @@ def load_source(
     path: str | None = None,
     text_column: str = "text",
     label_column: str = "label",
+    group_column: str | None = None,
     wordnet_dir: str | None = None,
     hf_split: str = "train",
     max_examples: int | None = None,
@@ -300,6 +306,9 @@ def load_source(
         The local file for the file sources.
     text_column, label_column : str
         Columns of a file or hub dataset holding the text and the label.
+    group_column : str, optional
+        Column holding each example's group (a topic finer than the label: splits are stratified by it,
+        and ``model.recipe = "btx"`` trains experts to tell groups apart); default: the label.
     wordnet_dir : str, optional
         Directory with WordNet's ``data.*`` files (default ``/usr/share/wordnet``).
     hf_split : str
@@ -326,9 +335,9 @@ def load_source(
     elif name == "wordnet":
         data = _load_wordnet(wordnet_dir)
     elif name.startswith("hf:"):
-        data = _load_hub(name, hf_split, text_column, label_column)
+        data = _load_hub(name, hf_split, text_column, label_column, group_column)
     elif name in NAMED_FORMATS or name == "file":
-        data = _load_file(name, path, text_column, label_column)
+        data = _load_file(name, path, text_column, label_column, group_column)
     else:
         raise DataError(f"unknown data source {name!r}; choose one of {', '.join(SOURCE_NAMES)}")
     if len(data.dataset) == 0:
@@ -466,3 +475,62 @@ def train_test_split(
     test_idx = _cap(test_idx, max_test, groups, rng)
     train, test = take(data.dataset, train_idx), take(data.dataset, test_idx)
     return _with_dataset(data, train), _with_dataset(data, test)
+
+
+def public_split(data: LabeledText, fraction: float, seed: int) -> tuple[LabeledText, LabeledText]:
+    """``(public, rest)``: a share ``fraction`` of every group set aside, seeded, before any other split.
+
+    A recipe that trains on public data (``model.recipe = "btx"``) reads ``public`` only; every run
+    split (train pool, test, validation, clients) comes from ``rest``, so none of them holds a public
+    example. ``seed`` is the split's own, not the run's: every run seed gets the same public split.
+    """
+    rest, public = train_test_split(data, fraction, seed)
+    return public, rest
+
+
+def domains(data: LabeledText, num_domains: int) -> tuple[np.ndarray, list[str]]:
+    """Group the examples' groups (MMLU subjects, WordNet lexnames) into ``num_domains`` domains.
+
+    Domains follow the labels: each label gets a share of the domains in proportion to its examples
+    (at least one while there are as many domains as labels), and its groups, in name order, are cut
+    into that many runs of about equal size; with fewer domains than labels, the groups in (label,
+    name) order are cut into ``num_domains`` runs. Returns the domain of every example and each
+    domain's name (its groups, joined).
+    """
+    groups, labels = column_values(data.dataset, "group"), column_values(data.dataset, "label")
+    size = Counter(groups)
+    label_of = {g: l for g, l in zip(groups, labels)}
+    ordered = sorted(size, key=lambda g: (label_of[g], g))
+    if num_domains > len(ordered):
+        raise DataError(f"{num_domains} domains need at least as many groups; the public split has {len(ordered)}")
+    runs: list[list[str]] = []
+    label_ids = sorted(set(labels))
+    if num_domains >= len(label_ids):
+        members = {l: [g for g in ordered if label_of[g] == l] for l in label_ids}
+        per_label = _allocate(np.array([sum(size[g] for g in members[l]) for l in label_ids]), num_domains)
+        per_label = np.minimum(per_label, [len(members[l]) for l in label_ids])
+        while per_label.sum() < num_domains:  # a label with too few groups gave its share back
+            room = np.array([len(members[l]) for l in label_ids]) - per_label
+            per_label[int(np.argmax(room))] += 1
+        for l, k in zip(label_ids, per_label):
+            runs += _cut(members[l], [size[g] for g in members[l]], int(k))
+    else:
+        runs = _cut(ordered, [size[g] for g in ordered], num_domains)
+    single = [run[0] for run in runs if len(run) < 2]
+    if single:
+        raise DataError(f"{num_domains} domains leave domain {single[0]!r} with a single group, and a btx expert learns to "
+                        f"tell its domain's groups apart: use fewer experts, or a source with finer groups "
+                        f"(data.group_column) than its {len(label_ids)} labels")
+    domain_of = {g: d for d, run in enumerate(runs) for g in run}
+    return np.array([domain_of[g] for g in groups]), ["+".join(run) for run in runs]
+
+
+def _cut(items: list[str], sizes: list[int], k: int) -> list[list[str]]:
+    """Cut ``items`` (in order) into ``k`` non-empty runs whose total sizes are about equal."""
+    total, n, runs, used, prev = sum(sizes), len(items), [[] for _ in range(k)], 0, 0
+    for i, (item, size) in enumerate(zip(items, sizes)):
+        target = int(k * (used + size / 2) / total)  # the run that holds this item's middle
+        prev = 0 if i == 0 else min(max(target, prev, k - (n - i)), prev + 1)  # no run left empty
+        runs[prev].append(item)
+        used += size
+    return runs

@@ -66,7 +66,7 @@ class FedAlignMoE(ScreenedReplies, FedAvg):
         o = self.options
         opts = AlignOptions(o.gate_aggregation, o.adaptive_alpha, o.expert_aggregation, o.beta, o.omega_times_tokens,
                             o.consistency_floor)
-        result = fedalign_aggregate(self.global_state, [r.arrays.to_torch_state_dict() for r in replies],
+        result = fedalign_aggregate(self.global_state, [r.state() for r in replies],
                                     examples_C, stats, layers, opts)
         self.p_g_LE, self.alpha_LE, self.last = result.p_g_LE, result.alpha_LE, result
         self.last_partition_ids = [r.partition_id for r in replies]

@@ -22,12 +22,15 @@ one MetricRecord carrying ``num-examples`` (the statistics beside them travel as
 
 from __future__ import annotations
 
+import io
 import math
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from ..core.aggregate import LayerNames
 from ..core.fedmoe import keep_rows
@@ -128,6 +131,43 @@ class TrainReply:
     arrays: ArrayRecord  # as sent (sub-MoE rows only when ``sub_moe_LE`` is set)
     sub_moe_LE: torch.Tensor | None
     message: Message  # the reply itself, for Flower's own aggregation
+
+    def state(self) -> "ArrayView":
+        """The update as a name -> tensor mapping that deserialises one array when it is read (and keeps none)."""
+        return ArrayView(self.arrays)
+
+
+def array_view(array: Array) -> torch.Tensor:
+    """A tensor over the bytes of a received array, without copying them: NumPy's own .npy header reader
+    finds shape and dtype, and the tensor is a view of the data behind it. Read-only by contract (the
+    bytes are the message's); a Fortran-ordered array is deserialised the ordinary way."""
+    buf = io.BytesIO(array.data)
+    version = np.lib.format.read_magic(buf)
+    header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = header(buf)
+    if fortran_order or dtype.hasobject:
+        return torch.from_numpy(array.numpy())
+    flat = np.frombuffer(array.data, dtype=dtype, count=math.prod(shape), offset=buf.tell())
+    with warnings.catch_warnings():  # torch warns that the buffer is not writable: nothing here writes to it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(flat).view(shape)
+
+
+class ArrayView(Mapping):
+    """Read-only ``name -> torch.Tensor`` view of an ArrayRecord: each read is a zero-copy ``array_view``,
+    so a server that reads C replies tensor by tensor holds nothing beyond the replies themselves."""
+
+    def __init__(self, arrays: ArrayRecord):
+        self._arrays = arrays
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return array_view(self._arrays[name])
+
+    def __iter__(self):
+        return iter(self._arrays.keys())
+
+    def __len__(self) -> int:
+        return len(self._arrays)
 
 
 # ---------------------------------------------------------------- server side: building instructions
@@ -300,7 +340,7 @@ def _check_arrays(arrays: ArrayRecord, expect: Expectation, sub_moe_LE: torch.Te
             shape = (rows[name], *shape[1:])
         if tuple(array.shape) != shape or str(array.dtype) != dtype:
             raise ReplyError(f"array {name}: {array.dtype} {tuple(array.shape)}, expected {dtype} {shape}")
-        if not np.isfinite(array.numpy()).all():
+        if not torch.isfinite(array_view(array)).all():
             raise ReplyError(f"array {name} holds NaN or Inf")
 
 

@@ -83,8 +83,8 @@ def update_norm(reply: TrainReply, global_state: dict[str, torch.Tensor], layout
     if reply.sub_moe_LE is not None:
         global_state = keep_rows(global_state, [LayerNames(l.router, l.experts) for l in layout.layers], reply.sub_moe_LE)
     total = 0.0
-    for name, array in reply.arrays.items():
-        total += float(torch.linalg.vector_norm(torch.from_numpy(array.numpy()) - global_state[name])) ** 2
+    for name, tensor in reply.state().items():
+        total += float(torch.linalg.vector_norm(tensor - global_state[name])) ** 2
     return total ** 0.5
 
 

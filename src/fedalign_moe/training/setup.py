@@ -19,8 +19,10 @@ import torch
 import transformers
 
 from ..config import Config, UserError
-from ..data import LabeledText, label_counts, load_source, partition, skew_summary, split_client, train_test_split
+from ..data import (LabeledText, domains, label_counts, load_source, partition, public_split, skew_summary, split_client,
+                    train_test_split)
 from ..models.build import BuiltModel, build_model
+from ..models.recipes import PublicCorpus
 from ..runlog import RunLog
 from .local import ClientTensors, cache_prefix, tokenize
 
@@ -42,6 +44,7 @@ class FederatedData:
     client_test: list
     counts_CK: np.ndarray  # training examples per client and partition class
     count_names: list[str]
+    public: LabeledText | None = None  # data.public_fraction of the source, read by model recipes only
 
 
 def prepare_data(cfg: Config) -> FederatedData:
@@ -52,8 +55,10 @@ def prepare_data(cfg: Config) -> FederatedData:
     """
     d, p = cfg.data, cfg.partition
     source = load_source(d.source, path=d.path, text_column=d.text_column, label_column=d.label_column,
+                         group_column=d.group_column,
                          wordnet_dir=d.wordnet_dir, seed=cfg.seed)
-    train, test = train_test_split(source, d.test_fraction, seed=cfg.seed, max_train=d.max_train, max_test=d.max_test)
+    public, pool = public_split(source, d.public_fraction, d.public_seed) if d.public_fraction > 0 else (None, source)
+    train, test = train_test_split(pool, d.test_fraction, seed=cfg.seed, max_train=d.max_train, max_test=d.max_test)
     if d.holdout == "validation":  # tuning: evaluate on data carved from the training pool only
         train, test = train_test_split(train, d.validation_fraction, seed=cfg.seed + 1)
     if p.num_clients > len(train.dataset):
@@ -64,7 +69,17 @@ def prepare_data(cfg: Config) -> FederatedData:
     key = source.partition_key
     names = source.label_names if key == "label" else sorted(set(source.dataset[key]))
     counts = label_counts([s[0] for s in splits], key, names)
-    return FederatedData(source, test.dataset, [s[0] for s in splits], [s[1] for s in splits], counts, names)
+    return FederatedData(source, test.dataset, [s[0] for s in splits], [s[1] for s in splits], counts, names, public)
+
+
+def public_corpus(public: LabeledText | None, num_domains: int) -> PublicCorpus | None:
+    """The public split as a model recipe reads it: texts, each one's group and its domain (``data.domains``)."""
+    if public is None:
+        return None
+    domain_N, names = domains(public, num_domains)
+    groups = list(public.dataset["group"])
+    group_ids = {g: i for i, g in enumerate(sorted(set(groups)))}
+    return PublicCorpus(list(public.dataset["text"]), [group_ids[g] for g in groups], domain_N.tolist(), names)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -157,7 +172,8 @@ def open_workspace(cfg: Config, client_process: bool = False) -> Workspace:
     if client_process and cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)
     data = prepare_data(cfg)
-    built = build_model(cfg.model, data.source.label_names, data.source.task, seed=cfg.seed)
+    built = build_model(cfg.model, data.source.label_names, data.source.task, seed=cfg.seed,
+                        public=public_corpus(data.public, cfg.model.num_experts), max_length=cfg.data.max_length)
     device = resolve_device(cfg.model.device)
     built.model.to(device)
     return Workspace(cfg, data, built, device)
