@@ -10,6 +10,7 @@ they reach the server. Measured side by side, median of --repeats runs:
 Peak memory: a fresh process per client count resets the peak RSS, aggregates, and reads it back.
 
 Usage: .venv/bin/python benchmarks/aggregation.py [--clients 10] [--repeats 5] [--memory 5,20,50]
+       [--reference-memory 5,20]
 Writes benchmarks/results/aggregation/<host>.json and prints a table.
 """
 
@@ -137,6 +138,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--memory", default="5,20,50")
+    ap.add_argument("--reference-memory", default="5,20", help="client counts for the float64 reference (it needs "
+                    "about 8 models per client: 15 GB at 50 clients)")
     ap.add_argument("--child", nargs=2, metavar=("CLIENTS", "WHICH"))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -145,8 +148,9 @@ def main() -> None:
         return
     out = {"host": platform.node(), "torch": torch.__version__, "threads": 1, "params_per_reply": sum(
         t.numel() for t in model(0).values()), "speed": speed(args.clients, args.repeats), "memory": []}
+    reference_counts = {int(c) for c in args.reference_memory.split(",") if c}
     for C in [int(c) for c in args.memory.split(",") if c]:
-        for which in ("flower_fedavg", "fedalign", "reference"):
+        for which in ("flower_fedavg", "fedalign", "reference")[: 3 if C in reference_counts else 2]:
             child = subprocess.run([sys.executable, __file__, "--child", str(C), which], capture_output=True, text=True,
                                    check=True)
             out["memory"].append(json.loads(child.stdout.strip().splitlines()[-1]))

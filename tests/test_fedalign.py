@@ -218,3 +218,16 @@ def test_clients_read_lazily_give_the_same_state_and_the_global_is_untouched():
         assert torch.equal(lazy.state[name], eager.state[name])
     for name in glob:
         assert torch.equal(glob[name], before[name])
+
+
+def test_gram_matrices_taken_in_slices_equal_the_whole_ones():
+    from fedalign_moe.core.aggregate import expert_gram
+
+    glob, clients, *_ = _grid_case(3)
+    whole = expert_gram(["u0", "d0"], glob, clients)
+    for floats in (1, 7, 4 * 6 * 5, 10_000):  # a column at a time, odd slices, one expert row, everything
+        torch.testing.assert_close(expert_gram(["u0", "d0"], glob, clients, buffer_floats=floats), whole)
+    deltas = [torch.cat([(c[n] - glob[n]).reshape(4, -1) for n in ("u0", "d0")], 1) for c in clients]
+    exact = torch.stack([torch.stack([(deltas[i].double() * deltas[j].double()).sum(1) for j in range(6)], 1)
+                         for i in range(6)], 1)  # [E, C, C]
+    torch.testing.assert_close(whole, exact, rtol=1e-5, atol=1e-8)

@@ -162,3 +162,37 @@ def test_premise_figures_from_runs(tmp_path):
     assert fig["non_iid_drop_points"] == pytest.approx(15.0)
     assert fig["mi_expert_label_nats"] == pytest.approx(np.log(2))
     assert "| btx | 0.693 (of 0.69) | 0.0000 / 0.6931 | 0.600 | 0.750 | 15.0 | 12 |" in premise_table({"btx": fig})
+
+
+def test_premise_command_writes_premise_json_for_each_recipe(tmp_path):
+    """The CLI end to end: FedAvg (Flower simulation) and centralised per recipe, then premise.json."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from fedalign_moe.cli import app
+
+    toy = _toy_csv(tmp_path / "toy.csv", per_group=20)
+    args = ["premise", "--preset", "tiny", "--recipes", "btx", "--out", str(tmp_path / "out"),
+            "--set", "data.source=csv", "--set", f"data.path={toy}", "--set", "data.group_column=topic",
+            "--set", "data.public_fraction=0.5", "--set", "data.max_train=null", "--set", "data.max_test=null",
+            "--set", "model.backbone=minilm", "--set", "model.num_experts=4", "--set", "model.top_k=1",
+            "--set", "model.moe_layers=[5]", "--set", "model.btx_epochs=3", "--set", "model.btx_lr=1e-3",
+            "--set", f"model.build_cache_dir={tmp_path / 'models'}", "--set", "partition.num_clients=2",
+            "--set", "federation.rounds=2"]
+    (tmp_path / "out").mkdir()
+    earlier = recipe_figures(np.ones((1, 4, 4)), list("abcd"), None, None, None, None)  # another recipe's figures
+    (tmp_path / "out" / "premise.json").write_text(json.dumps({"upcycle": earlier, "junk": {"kept": False}}))
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.stdout
+    premise = json.loads((tmp_path / "out" / "premise.json").read_text())
+    assert premise["upcycle"] == json.loads(json.dumps(earlier))  # other recipes' figures stay
+    assert "junk" not in premise  # what is not a recipe's figures is dropped
+    p = premise["btx"]
+    assert p["fedavg_accuracy"] is not None and p["centralised_accuracy"] is not None
+    assert p["non_iid_drop_points"] == pytest.approx(100 * (p["centralised_accuracy"] - p["fedavg_accuracy"]))
+    assert p["routing_js_first_round_nats"] is not None and p["routing_js_last_round_nats"] >= 0
+    assert len(p["routing_shares_by_layer"]) == 1 and len(p["routing_shares_by_layer"][0]) == 4
+    assert p["mi_expert_label_nats"] > 0.1 and p["build_seconds"] > 0
+    assert (tmp_path / "out" / "premise_routing.png").stat().st_size > 0
+    assert "| btx |" in res.stdout and "| upcycle | 0.000" in res.stdout and "premise figures in" in res.stdout

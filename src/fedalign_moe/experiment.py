@@ -111,10 +111,11 @@ def measure_premise(base: Config, recipes: list[str], seed: int, out: Path, on_r
     test split; writes ``out/premise.json`` and ``out/premise_routing.png``."""
     import numpy as np
 
-    from .report.premise import recipe_figures, write_premise
+    from .report.premise import is_recipe_figures, recipe_figures, write_premise
     from .training.local import routing_by_label
 
-    premise = {}
+    previous = read_summary(out / "premise.json") or {}  # a JSON object or nothing: recipes measured before stay
+    premise = {k: v for k, v in previous.items() if k not in recipes and is_recipe_figures(v)}
     for recipe in recipes:
         raw = base.model_dump()
         raw["model"]["recipe"] = recipe
@@ -129,4 +130,5 @@ def measure_premise(base: Config, recipes: list[str], seed: int, out: Path, on_r
         premise[recipe] = recipe_figures(np.asarray(counts_LKE), ws.data.source.label_names, by_strategy.get("fedavg"),
                                          by_strategy.get("centralised"), fedavg_dir, ws.built.build_seconds)
         del ws
-    return write_premise(premise, out)
+        path = write_premise(premise, out)  # after each recipe: an interrupted call keeps what it measured
+    return path

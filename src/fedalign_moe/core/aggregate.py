@@ -5,9 +5,10 @@ Everything else that travels: example-weighted FedAvg. The MoE layout arrives as
 
 Cost [ours]: every sum is accumulated in place in float32 (float64 only for the Gram matrices and the
 weights), and a client's state is read one tensor at a time, so a client state may be a lazy mapping that
-deserialises a tensor when asked (``federation.protocol.TrainReply.state``). Beside the new state, the
-aggregation holds at most C copies of one expert tensor (for the Gram matrices) at a time; the experts'
-tensors are read twice (Gram matrices, then the update), everything else once.
+reads a tensor when asked (``federation.protocol.TrainReply.state``: a zero-copy view of the reply's
+bytes). Beside the new state, the aggregation holds one 64 MB buffer of update slices (for the Gram
+matrices), whatever the number of clients; the experts' tensors are read twice (Gram matrices, then the
+update), everything else once.
 Shapes: C clients, L MoE layers, E experts, H hidden, P parameters of one expert.
 """
 
@@ -80,21 +81,27 @@ def _router_weights(opts: AlignOptions, stats: dict[str, torch.Tensor], l: int, 
     return consistency_weights(s_CE, stats["n"][:, l] if opts.omega_times_tokens else None)
 
 
-def expert_gram(names: Sequence[str], global_state: State, client_states: Sequence[State]) -> torch.Tensor:
+def expert_gram(names: Sequence[str], global_state: State, client_states: Sequence[State],
+                buffer_floats: int = 1 << 24) -> torch.Tensor:
     """gram [E, C, C] of the clients' expert updates, gram[e, i, j] = <Delta_i[e], Delta_j[e]> over ``names``.
 
-    Read one tensor name at a time: C float32 copies of one stacked expert tensor are live at once.
+    The updates are taken a slice of columns at a time into one float32 buffer of at most ``buffer_floats``
+    (64 MB by default), so the memory it needs does not grow with the number of clients or the expert size.
     """
     E, C = global_state[names[0]].shape[0], len(client_states)
     gram_ECC = torch.zeros(E, C, C, dtype=torch.float64)
-    buffer = torch.empty(E * C * max(global_state[n].numel() // E for n in names))  # reused for every name
+    width = max(1, buffer_floats // (C * E))  # columns of one expert per slice
+    buffer = torch.empty(C * E * min(width, max(global_state[n].numel() // E for n in names)))
     for n in names:
         g_EP = global_state[n].reshape(E, -1).float()
-        delta_CEP = buffer[: g_EP.numel() * C].view(C, E, -1)
-        for c, cs in enumerate(client_states):
-            torch.sub(cs[n].reshape(E, -1), g_EP, out=delta_CEP[c])
-        delta_ECP = delta_CEP.transpose(0, 1)
-        gram_ECC += torch.bmm(delta_ECP, delta_ECP.transpose(1, 2)).double()
+        x_C = [cs[n].reshape(E, -1) for cs in client_states]  # views (protocol.ArrayView reads without copying)
+        for start in range(0, g_EP.shape[1], width):
+            stop = min(start + width, g_EP.shape[1])
+            delta_CEP = buffer[: C * E * (stop - start)].view(C, E, stop - start)
+            for c, x_EP in enumerate(x_C):
+                torch.sub(x_EP[:, start:stop], g_EP[:, start:stop], out=delta_CEP[c])
+            delta_ECP = delta_CEP.transpose(0, 1)
+            gram_ECC += torch.bmm(delta_ECP, delta_ECP.transpose(1, 2)).double()
     return gram_ECC
 
 

@@ -62,6 +62,16 @@ def recipe_figures(counts_LKE: np.ndarray, label_names: list[str], fedavg: dict 
     }
 
 
+FIGURE_KEYS = ("mi_expert_label_nats", "mi_by_layer_nats", "label_entropy_nats", "routing_js_first_round_nats",
+               "routing_js_last_round_nats", "fedavg_accuracy", "centralised_accuracy", "non_iid_drop_points", "labels",
+               "routing_shares_by_layer", "build_seconds")
+
+
+def is_recipe_figures(value) -> bool:
+    """Whether ``value`` (read back from a premise.json) holds one recipe's figures as ``recipe_figures`` writes them."""
+    return isinstance(value, dict) and set(FIGURE_KEYS) <= set(value)
+
+
 def draw_premise(premise: dict, path: Path) -> Path:
     """Per recipe (rows) and MoE layer (columns): each label's routing shares over the experts."""
     recipes = list(premise)
