@@ -208,3 +208,62 @@ def test_a_finished_workspace_is_not_kept_alive_by_its_caches():
     del ws, first
     gc.collect()
     assert model() is None
+
+
+# ------------------------------------------------ checked checkpoints (issue 10 section 3)
+
+def _saved_checkpoint(tmp_path, family="qwen3_moe", vocab_size=512, tokenizer=None):
+    from fedalign_moe.models.hf_moe import build_tiny_causal_lm
+
+    folder = tmp_path / family
+    build_tiny_causal_lm(family, 0, num_experts=5, top_k=2, vocab_size=vocab_size).save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _run_cli(*args):
+    from typer.testing import CliRunner
+
+    from fedalign_moe.cli import app
+
+    res = CliRunner().invoke(app, list(args))
+    res.text = res.stdout + res.stderr  # the header on stdout, the error line on stderr
+    return res
+
+
+def test_a_checkpoint_without_tokenizer_files_is_one_clear_error(tmp_path):
+    """transformers builds an empty tokenizer from a folder without tokenizer files: every text became zero
+    tokens and the run ended at chance accuracy with exit 0."""
+    folder = _saved_checkpoint(tmp_path)
+    res = _run_cli("run", "--preset", "tiny", "--set", f"model.backbone={folder}", "--out", str(tmp_path / "o"))
+    assert res.exit_code == 2
+    assert f"error: the tokenizer of {folder} turns text into no tokens" in res.text
+    assert "tokenizer.json" in res.text and "Traceback" not in res.text
+    assert "(5 experts, top-2)" in res.stdout  # the checkpoint's, not the preset's 4
+
+
+def test_a_tokenizer_from_another_model_is_one_clear_error(tmp_path):
+    from fedalign_moe.models.build import minilm_tokenizer
+
+    folder = _saved_checkpoint(tmp_path, vocab_size=512, tokenizer=minilm_tokenizer())  # ids up to 30,521
+    res = _run_cli("run", "--preset", "tiny", "--set", f"model.backbone={folder}", "--out", str(tmp_path / "o"))
+    assert res.exit_code == 2
+    assert "but the model's embeddings have 512 rows" in res.text
+
+
+def test_the_checkpoints_own_expert_count_and_top_k_are_what_the_run_uses(tmp_path, caplog):
+    from fedalign_moe.config import load_config
+    from fedalign_moe.models.build import agree_with_checkpoint
+
+    folder = _saved_checkpoint(tmp_path)
+    cfg = load_config("tiny", overrides={"model": {"backbone": str(folder)}})
+    assert (cfg.model.num_experts, cfg.model.top_k) == (4, 2)  # the preset's
+    with caplog.at_level("WARNING"):
+        agreed = agree_with_checkpoint(cfg)
+    assert (agreed.model.num_experts, agreed.model.top_k) == (5, 2)
+    assert f"checkpoint {folder} has 5 experts, top-2; the config's 4 experts, top-2 do not apply" in caplog.text
+    caplog.clear()
+    assert agree_with_checkpoint(agreed) == agreed and not caplog.text  # nothing to say when they agree
+    built = build_model(agreed.model, ["a", "b"], "classification", 0)
+    assert (built.layout.num_experts, built.layout.top_k) == (5, 2)

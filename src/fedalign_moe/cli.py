@@ -121,6 +121,15 @@ def _overrides(strategy, alpha, num_clients, rounds, seed, out, sets) -> dict:
     return over
 
 
+def _with_checkpoint(cfg: Config) -> Config:
+    """A checkpoint backbone decides the expert count and top-k (``models.build.agree_with_checkpoint``)."""
+    if not cfg.model.is_checkpoint:
+        return cfg  # no torch import for the built-in backbones: an error line stays instant
+    from .models.build import agree_with_checkpoint
+
+    return agree_with_checkpoint(cfg)
+
+
 PresetOpt = Annotated[str, typer.Option("--preset", "-p", help="preset name (see `fedalign-moe presets`)")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML or JSON file merged over the preset")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override any field: section.key=value")]
@@ -141,7 +150,7 @@ def run(
 ) -> None:
     """Run one experiment: writes metrics.jsonl, summary.json and plots to the output directory."""
     try:
-        cfg = load_config(preset, config, _overrides(strategy, alpha, num_clients, rounds, seed, out, set_))
+        cfg = _with_checkpoint(load_config(preset, config, _overrides(strategy, alpha, num_clients, rounds, seed, out, set_)))
         _check_out_dir(Path(cfg.out_dir))
         console.print(f"[bold]{cfg.federation.strategy}[/bold] on {cfg.data.source} with {cfg.model.backbone} "
                       f"({cfg.model.num_experts} experts, top-{cfg.model.top_k}), {cfg.partition.num_clients} clients, "
@@ -242,7 +251,8 @@ def compare(
         if unknown:
             raise ConfigError(f"unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
         alpha_list, seed_list = _csv(alphas, float, "alphas"), _csv(seeds, int, "seeds")
-        base = load_config(preset, config, _overrides(None, alpha_list[0], num_clients, rounds, None, None, set_))
+        base = _with_checkpoint(load_config(preset, config, _overrides(None, alpha_list[0], num_clients, rounds, None, None,
+                                                                       set_)))
         _check_out_dir(out)
         from .experiment import grid_configs, run_comparison
 

@@ -112,6 +112,11 @@ class ModelConfig(_Section):
     prefix_cache_dir: str | None = "~/.cache/fedalign-moe/prefix"
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
+    @property
+    def is_checkpoint(self) -> bool:
+        """Whether ``backbone`` names a checkpoint folder (or hub id) rather than a built-in backbone."""
+        return self.backbone not in ("minilm", "smollm2") and not self.backbone.startswith("tiny-")
+
     @model_validator(mode="after")
     def _check_top_k(self) -> "ModelConfig":
         if self.top_k > self.num_experts:

@@ -8,6 +8,7 @@ Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE checkpoint.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -16,12 +17,15 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from ..config import ModelConfig, UserError
+from ..config import Config, ModelConfig, UserError
 from .base import MoEAdapter, MoELayout
 from .encoder_moe import EncoderMoEAdapter, MoEOutput, upcycle_bert_classifier
-from .hf_moe import FAMILIES, HFMoEAdapter, build_tiny_causal_lm
+from .hf_moe import FAMILIES, HFMoEAdapter, build_tiny_causal_lm, moe_shape
 from .recipes import PublicCorpus, btx_state, build_key, cached_build, drop_upcycle_, file_fingerprint
 from .task import CausalLMTaskModel
+
+
+logger = logging.getLogger(__name__)
 
 
 class ModelLoadError(UserError):
@@ -70,7 +74,7 @@ def _causal_task_model(lm, tokenizer, label_names, task) -> CausalLMTaskModel:
     return CausalLMTaskModel(lm, len(label_names), letters)
 
 
-def _load_checkpoint(path: str):
+def _checkpoint_config(path: str):
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
@@ -79,6 +83,39 @@ def _load_checkpoint(path: str):
         raise ModelLoadError(
             f"checkpoint {path} is a {config.model_type!r} model; supported MoE families: {', '.join(FAMILIES)}"
         )
+    return config
+
+
+def agree_with_checkpoint(cfg: Config) -> Config:
+    """``cfg`` with the checkpoint's own expert count and top-k (a checkpoint backbone decides them); a
+    config that said otherwise gets one warning naming both."""
+    if not cfg.model.is_checkpoint:
+        return cfg
+    E, k = moe_shape(_checkpoint_config(cfg.model.backbone))
+    if (E, k) == (cfg.model.num_experts, cfg.model.top_k):
+        return cfg
+    logger.warning("checkpoint %s has %d experts, top-%d; the config's %d experts, top-%d do not apply: the run uses "
+                   "the checkpoint's", cfg.model.backbone, E, k, cfg.model.num_experts, cfg.model.top_k)
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"num_experts": E, "top_k": k})})
+
+
+def check_tokenizer(tokenizer, texts: list[str], model: nn.Module, where: str) -> None:
+    """Refuse a tokenizer that turns real text into nothing, or into ids the model's embeddings lack."""
+    ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts[:64] if t.strip()]
+    if ids and not any(ids):
+        raise ModelLoadError(f"the tokenizer of {where} turns text into no tokens (its vocabulary holds {len(tokenizer)} "
+                             "entries): the folder lacks the tokenizer's files; add them (tokenizer.json, or the "
+                             "vocab/merges files, and tokenizer_config.json) from the model's source")
+    rows = next((m.num_embeddings for n, m in model.named_modules()
+                 if isinstance(m, nn.Embedding) and n.endswith(("embed_tokens", "word_embeddings"))), None)
+    top = max((max(i) for i in ids if i), default=-1)
+    if rows is not None and top >= rows:
+        raise ModelLoadError(f"the tokenizer of {where} gives token id {top}, but the model's embeddings have {rows} "
+                             "rows: the tokenizer belongs to another model; add this model's own tokenizer files")
+
+
+def _load_checkpoint(path: str):
+    _checkpoint_config(path)
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:

@@ -30,6 +30,11 @@ def _num_experts(config) -> int:
     return int(getattr(config, "num_local_experts", None) or getattr(config, "num_experts"))
 
 
+def moe_shape(config) -> tuple[int, int]:
+    """(experts per MoE layer, top-k) of a transformers MoE config."""
+    return _num_experts(config), _top_k(config)
+
+
 class HFMoEAdapter(MoEAdapter):
     """Adapter for any model (possibly wrapped) containing transformers' sparse MoE blocks."""
 

@@ -21,7 +21,7 @@ import transformers
 from ..config import Config, UserError
 from ..data import (LabeledText, domains, label_counts, load_source, partition, public_split, skew_summary, split_client,
                     train_test_split)
-from ..models.build import BuiltModel, build_model
+from ..models.build import BuiltModel, build_model, check_tokenizer
 from ..models.recipes import PublicCorpus
 from ..runlog import RunLog
 from .local import ClientTensors, cache_prefix, tokenize
@@ -174,6 +174,8 @@ def open_workspace(cfg: Config, client_process: bool = False) -> Workspace:
     data = prepare_data(cfg)
     built = build_model(cfg.model, data.source.label_names, data.source.task, seed=cfg.seed,
                         public=public_corpus(data.public, cfg.model.num_experts), max_length=cfg.data.max_length)
+    check_tokenizer(built.tokenizer, list(data.client_train[0]["text"][:64]) or list(data.global_test["text"][:64]),
+                    built.model, cfg.model.backbone)
     device = resolve_device(cfg.model.device)
     built.model.to(device)
     return Workspace(cfg, data, built, device)
