@@ -3,6 +3,12 @@
 # processes, each with its own data partition), one run submitted with `flwr run`, then everything
 # stopped again. Exits 0 only if the run finished and wrote a fresh summary.json into OUT_DIR.
 #
+# Secure by default: the script makes a throwaway CA and a server certificate for 127.0.0.1
+# (openssl), serves every SuperLink API over TLS, gives each SuperNode its own ECDSA P-384 key pair
+# (ssh-keygen), registers the public keys with `flwr supernode register`, and starts the SuperLink with
+# --enable-supernode-auth: only registered SuperNodes that trust the CA join. FEDALIGN_DEPLOY_INSECURE=1
+# runs everything with --insecure instead (plain text, any SuperNode), with a warning.
+#
 # Usage: scripts/deploy_local.sh [preset] [num_clients] [out_dir] [section.key=value ...]
 #   defaults: tiny, 3, /tmp/fedalign-deploy; extra arguments are passed to the ServerApp as
 #   run-config overrides (e.g. federation.rounds=3 train.lr=1e-4).
@@ -14,6 +20,11 @@
 #   FEDALIGN_DEPLOY_TIMEOUT       seconds to wait for the run to finish                [600]
 #   FEDALIGN_DEPLOY_KEEP          1: keep the work directory (staged app, FLWR_HOME, logs)
 #   FEDALIGN_OVERRIDES            more overrides, space separated (added after the arguments)
+#   FEDALIGN_DEPLOY_INSECURE      1: no TLS, no SuperNode authentication (a warning says so)
+#   FEDALIGN_DEPLOY_PROBES        1: once the nodes are up, also start a SuperNode with an unregistered key
+#                                 and one without the CA, and write whether each was refused to
+#                                 OUT_DIR/deploy-logs/probes.json (what the tests check); their Runtime API
+#                                 ports: FEDALIGN_PROBE_PORTS="a,b" (default: after the SuperNodes')
 #
 # Flower 1.41 serves the SuperLink's Fleet, Control and Runtime APIs on one HTTP port
 # (--host/--port, default 127.0.0.1:8000); each SuperNode has its own Runtime API port (default
@@ -49,6 +60,10 @@ if [ -z "${VIRTUAL_ENV:-}" ] && [ -f "$ROOT/.venv/bin/activate" ]; then
   # shellcheck disable=SC1091
   . "$ROOT/.venv/bin/activate"
 fi
+INSECURE="${FEDALIGN_DEPLOY_INSECURE:-0}"
+[ "$INSECURE" = 1 ] || for bin in openssl ssh-keygen; do
+  command -v "$bin" >/dev/null || die "'$bin' not found on PATH (it makes the TLS certificates and SuperNode keys; or set FEDALIGN_DEPLOY_INSECURE=1)" 127
+done
 for bin in flower-superlink flower-supernode flwr python; do
   command -v "$bin" >/dev/null || die "'$bin' not found on PATH (run scripts/setup.sh first)" 127
 done
@@ -128,6 +143,35 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
+# ---------------------------------------------------------------- certificates and SuperNode keys
+PKI="$WORK/pki"
+TLS_LINK=(--insecure)
+TLS_NODE=(--insecure)
+if [ "$INSECURE" = 1 ]; then
+  say "WARNING: FEDALIGN_DEPLOY_INSECURE=1: no TLS and no SuperNode authentication; anyone who reaches" \
+      "$HOST:$SUPERLINK_PORT can join as a SuperNode, read the model and submit or stop runs"
+else
+  mkdir -p "$PKI"
+  (
+    cd "$PKI"
+    openssl req -x509 -newkey rsa:3072 -nodes -days 2 -subj "/CN=fedalign-deploy throwaway CA" \
+      -keyout ca.key -out ca.crt
+    openssl req -newkey rsa:3072 -nodes -subj "/CN=$HOST" -keyout server.key -out server.csr
+    printf 'subjectAltName=IP:%s\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n' \
+      "$HOST" > server.ext
+    openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 -extfile server.ext \
+      -out server.pem
+    for ((i = 0; i < NUM_CLIENTS; i++)); do ssh-keygen -q -t ecdsa -b 384 -N "" -C "supernode-$i" -f "node-$i"; done
+    ssh-keygen -q -t ecdsa -b 384 -N "" -C "never registered" -f node-unregistered
+  ) > "$LOGS/pki.log" 2>&1 || die "could not make the certificates and keys (see $LOGS/pki.log)"
+  chmod 600 "$PKI"/*.key "$PKI"/node-*
+  export FEDALIGN_CA_CERT="$PKI/ca.crt"
+  TLS_LINK=(--ssl-ca-certfile "$PKI/ca.crt" --ssl-certfile "$PKI/server.pem" --ssl-keyfile "$PKI/server.key"
+            --enable-supernode-auth)
+  TLS_NODE=(--root-certificates "$PKI/ca.crt")
+  say "TLS with a throwaway CA ($PKI/ca.crt) and SuperNode authentication"
+fi
+
 # ---------------------------------------------------------------- the app, as `flwr run` sees it
 # `flwr run DIR` migrates a [tool.flwr.federations] table of DIR/pyproject.toml into the Flower
 # config and comments it out in place; run from a staged copy so the checkout is never modified.
@@ -138,7 +182,7 @@ find "$APP" -name __pycache__ -type d -prune -exec rm -rf {} +
 python - "$ROOT/pyproject.toml" "$APP/pyproject.toml" "$WORK/run_config.toml" "$FLWR_HOME/config.toml" \
   "$PRESET" "$OUT_DIR" "$NUM_CLIENTS" "$HOST:$SUPERLINK_PORT" "$CONNECTION" \
   "${EXTRA_OVERRIDES[@]}" ${FEDALIGN_OVERRIDES:-} <<'PY'
-import sys, tomllib
+import os, sys, tomllib
 import tomli_w
 
 src, app_toml, run_toml, flwr_config, preset, out_dir, n, address, conn, *extra = sys.argv[1:]
@@ -150,14 +194,16 @@ with open(app_toml, "wb") as f:
 overrides = [f"out_dir={out_dir}", f"partition.num_clients={n}", *extra]
 with open(run_toml, "wb") as f:
     tomli_w.dump({"preset": preset, "overrides": " ".join(overrides)}, f)
+ca = os.environ.get("FEDALIGN_CA_CERT")  # TLS: the CLI trusts the throwaway CA; otherwise plain text
+security = {"root-certificates": ca} if ca else {"insecure": True}
 with open(flwr_config, "wb") as f:
-    tomli_w.dump({"superlink": {"default": conn, conn: {"address": address, "insecure": True}}}, f)
+    tomli_w.dump({"superlink": {"default": conn, conn: {"address": address, **security}}}, f)
 PY
 
 # ---------------------------------------------------------------- SuperLink and SuperNodes
 say "SuperLink on $HOST:$SUPERLINK_PORT; $NUM_CLIENTS SuperNodes on ports ${SUPERNODE_PORTS[*]:0:NUM_CLIENTS}"
 say "logs: $LOGS"
-flower-superlink --insecure --host "$HOST" --port "$SUPERLINK_PORT" \
+flower-superlink "${TLS_LINK[@]}" --host "$HOST" --port "$SUPERLINK_PORT" \
   --isolation subprocess --disable-runtime-dependency-installation \
   > "$LOGS/superlink.log" 2>&1 &
 SUPERLINK_PID=$!
@@ -173,9 +219,18 @@ wait_port() {  # port pid what
 }
 wait_port "$SUPERLINK_PORT" "$SUPERLINK_PID" "the SuperLink"
 
+if [ "$INSECURE" != 1 ]; then  # register every SuperNode's public key before it connects
+  for ((i = 0; i < NUM_CLIENTS; i++)); do
+    flwr supernode register "$PKI/node-$i.pub" "$CONNECTION" --name "supernode-$i" >> "$LOGS/register.log" 2>&1 \
+      || die "could not register SuperNode $i's key (see $LOGS/register.log)"
+  done
+fi
+
+node_key() { [ "$INSECURE" = 1 ] || printf '%s\n' --auth-supernode-private-key "$PKI/node-$1"; }
 NODE_PIDS=()
 for ((i = 0; i < NUM_CLIENTS; i++)); do
-  flower-supernode --insecure --superlink "$HOST:$SUPERLINK_PORT" \
+  mapfile -t KEY_ARGS < <(node_key "$i")
+  flower-supernode "${TLS_NODE[@]}" "${KEY_ARGS[@]}" --superlink "$HOST:$SUPERLINK_PORT" \
     --host "$HOST" --port "${SUPERNODE_PORTS[$i]}" --isolation subprocess \
     --node-config "partition-id=$i num-partitions=$NUM_CLIENTS" \
     > "$LOGS/supernode-$i.log" 2>&1 &
@@ -186,6 +241,48 @@ for ((i = 0; i < NUM_CLIENTS; i++)); do
   wait_port "${SUPERNODE_PORTS[$i]}" "${NODE_PIDS[$i]}" "SuperNode $i"
 done
 say "all processes up ($((SECONDS))s)"
+
+# ---------------------------------------------------------------- probes: who must be refused
+probe() {  # name, the refusal its log must show, then flower-supernode arguments; prints true when refused
+  local name=$1 expect=$2 pid t0=$SECONDS
+  shift 2
+  flower-supernode "$@" --superlink "$HOST:$SUPERLINK_PORT" --host "$HOST" --max-retries 1 \
+    --max-wait-time 5 --isolation subprocess --node-config "partition-id=0 num-partitions=$NUM_CLIENTS" \
+    > "$LOGS/probe-$name.log" 2>&1 &
+  pid=$!
+  while kill -0 "$pid" 2>/dev/null && [ $((SECONDS - t0)) -lt 40 ]; do sleep 0.5; done
+  if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; echo false; return; fi
+  grep -q "$expect" "$LOGS/probe-$name.log" && echo true || echo false
+}
+if [ "${FEDALIGN_DEPLOY_PROBES:-0}" = 1 ] && [ "$INSECURE" != 1 ]; then
+  IFS=',' read -r P1 P2 <<< "${FEDALIGN_PROBE_PORTS:-$((SUPERNODE_BASE_PORT + NUM_CLIENTS + 10)),$((SUPERNODE_BASE_PORT + NUM_CLIENTS + 11))}"
+  unregistered=$(probe unregistered "Failed to activate SuperNode" --port "$P1" "${TLS_NODE[@]}" \
+    --auth-supernode-private-key "$PKI/node-unregistered")
+  no_ca=$(probe no-ca "CERTIFICATE_VERIFY_FAILED" --port "$P2" --auth-supernode-private-key "$PKI/node-0")
+  bound=$(python - "$SUPERLINK_PORT" <<'PY'
+import sys
+port = int(sys.argv[1])
+listen = set()
+for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    try:
+        lines = open(table).read().splitlines()[1:]
+    except OSError:
+        continue
+    for line in lines:
+        local, state = line.split()[1], line.split()[3]
+        address, p = local.rsplit(":", 1)
+        if state == "0A" and int(p, 16) == port:  # LISTEN
+            raw = bytes.fromhex(address)
+            if len(raw) == 4:  # /proc/net/tcp: little-endian IPv4
+                listen.add(".".join(str(b) for b in reversed(raw)))
+            else:
+                listen.add(raw.hex())
+print(",".join(sorted(listen)))
+PY
+)
+  PROBES="{\"unregistered_key_refused\": $unregistered, \"no_ca_refused\": $no_ca, \"superlink_listen\": \"$bound\"}"
+  say "probes: $PROBES"
+fi
 
 # ---------------------------------------------------------------- submit and wait
 say "flwr run $CONNECTION: preset=$PRESET, out_dir=$OUT_DIR"
@@ -228,6 +325,7 @@ if [ ! -f "$SUMMARY" ] || [ ! "$SUMMARY" -nt "$WORK/started" ]; then
 fi
 [[ "$STATUS" == *failed* || "$STATUS" == *stopped* ]] && die "run status is $STATUS"
 RUN_OK=1
+if [ -n "${PROBES:-}" ]; then mkdir -p "$OUT_DIR/deploy-logs" && printf '%s\n' "$PROBES" > "$OUT_DIR/deploy-logs/probes.json"; fi
 python - "$SUMMARY" <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1]))

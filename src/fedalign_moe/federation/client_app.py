@@ -1,9 +1,10 @@
 """The Flower ClientApp: local training and evaluation on one partition (Message API).
 
 The server's message says everything a round asks (``protocol.read_instruction``): the run's config,
-the global parameters, FedProx's mu, whether to upload a sub-MoE (FedMoE), FedAlign-MoE's target. A
-client needs nothing else but its ``partition-id`` from the node config (set by the simulation
-engine, or by ``flower-supernode --node-config 'partition-id=3 num-partitions=10'``).
+the global parameters, FedProx's mu, whether to upload a sub-MoE (FedMoE), FedAlign-MoE's target. The
+node config gives the ``partition-id`` (set by the simulation engine, or by ``flower-supernode
+--node-config 'partition-id=3 num-partitions=10'``) and the node's own limits: what it reads, where it
+writes, its device (``node_policy.NodePolicy``); a run config that asks for more is refused.
 """
 
 from __future__ import annotations
@@ -12,18 +13,22 @@ import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from ..config import Config
 from ..core.fedmoe import sub_moe_LE
 from ..training.alignment import ClientAligner
 from ..training.local import evaluate, load_state, train_local, trainable_state
 from ..training.setup import Workspace, cached_workspace
 from . import protocol
+from .node_policy import NodePolicy
 from .protocol import Instruction, TrainFigures
 
 app = ClientApp()
 
 
 def _workspace(run_config: str, context: Context) -> tuple[Workspace, int]:
-    ws = cached_workspace(run_config)
+    """This node's workspace for the run: the run config's experiment within the node's own policy."""
+    policy = NodePolicy.of_node(context.node_config)
+    ws = cached_workspace(run_config if policy.trust_run_config else policy.apply(Config.from_json(run_config)).to_json())
     partition_id = int(context.node_config[protocol.PARTITION_ID])
     if not 0 <= partition_id < ws.cfg.partition.num_clients:
         raise ValueError(f"partition-id {partition_id} outside 0..{ws.cfg.partition.num_clients - 1}")

@@ -26,6 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 from ..config import Config, load_config, parse_overrides
 from ..training.setup import Workspace, open_log, open_workspace
 from .checkpoint import Checkpoint
+from .node_policy import TRUST_ENV
 from .server import run_federation
 
 
@@ -141,10 +142,19 @@ def simulate(cfg: Config, on_round: Callable[[dict], None] | None = None, resume
     # now, before Ray and the client processes start
     ws = open_workspace(cfg)
     holder: dict = {}
-    with third_party_output(Path(cfg.out_dir) / "run.log", verbose):
-        run_simulation(make_server_app(cfg, on_round, holder, resume, ws, on_reply), client_app, cfg.partition.num_clients, backend_config=backend)
-        if not verbose:  # on the terminal already otherwise
-            append_client_output(Path(cfg.out_dir) / "run.log")
+    trust_before = os.environ.get(TRUST_ENV)
+    os.environ[TRUST_ENV] = "run-config"  # the client processes Ray starts are this user's own (node_policy)
+    try:
+        with third_party_output(Path(cfg.out_dir) / "run.log", verbose):
+            run_simulation(make_server_app(cfg, on_round, holder, resume, ws, on_reply), client_app,
+                           cfg.partition.num_clients, backend_config=backend)
+            if not verbose:  # on the terminal already otherwise
+                append_client_output(Path(cfg.out_dir) / "run.log")
+    finally:
+        if trust_before is None:
+            os.environ.pop(TRUST_ENV, None)
+        else:
+            os.environ[TRUST_ENV] = trust_before
     if "summary" not in holder:
         raise RuntimeError(f"the simulation ended without a summary; see {Path(cfg.out_dir) / 'run.log'}")
     return holder["summary"]
