@@ -2,6 +2,7 @@
 premise figures. The BTX test builds a tiny diversified MoE on toy data, as CI must."""
 
 import csv
+import json
 import random
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from fedalign_moe.config import ConfigError, ModelConfig, validate
 from fedalign_moe.data import DataError, LabeledText, domains, load_source, public_split, train_test_split
 from fedalign_moe.models.build import build_model
 from fedalign_moe.models.encoder_moe import MoEOutput
-from fedalign_moe.report.premise import mutual_information, premise_table, recipe_figures, routing_shares
+from fedalign_moe.report.premise import (is_recipe_figures, mutual_information, premise_table, recipe_figures,
+                                         routing_shares, write_premise)
 from fedalign_moe.training.local import routing_by_label
 from fedalign_moe.training.setup import open_workspace, prepare_data
 
@@ -162,6 +164,8 @@ def test_premise_figures_from_runs(tmp_path):
     assert fig["non_iid_drop_points"] == pytest.approx(15.0)
     assert fig["mi_expert_label_nats"] == pytest.approx(np.log(2))
     assert "| btx | 0.693 (of 0.69) | 0.0000 / 0.6931 | 0.600 | 0.750 | 15.0 | 12 |" in premise_table({"btx": fig})
+    written = write_premise({"btx": fig}, tmp_path / "not" / "yet")  # the folder is made (a bug: it was not)
+    assert is_recipe_figures(json.loads(written.read_text())["btx"])
 
 
 def test_premise_command_writes_premise_json_for_each_recipe(tmp_path):

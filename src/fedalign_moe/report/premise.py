@@ -93,6 +93,7 @@ def draw_premise(premise: dict, path: Path) -> Path:
 
 
 def write_premise(premise: dict, out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "premise.json", dumps(premise, indent=1))
     draw_premise(premise, out / "premise_routing.png")
     return out / "premise.json"
