@@ -1,5 +1,6 @@
 """FedAlign-MoE's aggregation and strategy on hand-built replies (its run through Flower: test_resume.py)."""
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
@@ -231,3 +232,27 @@ def test_gram_matrices_taken_in_slices_equal_the_whole_ones():
     exact = torch.stack([torch.stack([(deltas[i].double() * deltas[j].double()).sum(1) for j in range(6)], 1)
                          for i in range(6)], 1)  # [E, C, C]
     torch.testing.assert_close(whole, exact, rtol=1e-5, atol=1e-8)
+
+
+def test_when_no_expert_tensor_travels_the_diagnostics_say_not_applied(server_identity, tmp_path):
+    """LoRA on the experts: the stacked expert tensors stay frozen and do not travel, so semantic expert
+    aggregation has nothing to act on. Its aligned sets read empty (0 merged) before: now "not applied"."""
+    from fedalign_moe.report.diagnostics import draw_fedalign
+    from fedalign_moe.report.evidence import aligned_fraction, alignment_summary
+    from fedalign_moe.tracking import TensorBoardTracker
+
+    cfg = load_config("tiny", overrides={"federation": {"strategy": "fedalign"}})
+    strategy = make_strategy(cfg, replies.LAYOUT)
+    glob = {k: v for k, v in replies.global_state().items() if k != "x"}  # the router and the head travel
+    sent = replies.instructions(strategy, glob, 3)
+    answers = [replies.reply(m, pid, replies.perturbed(glob, pid)) for pid, m in enumerate(sent)]
+    arrays, _ = strategy.aggregate_train(1, answers)
+    assert arrays is not None and not strategy.last.experts_applied_L.any()
+    diag = {"round": 1, **strategy.diagnostics()}
+    assert diag["aligned"] == ["not applied"]
+    assert aligned_fraction([diag], 3) == []  # not a 0 that reads as "nobody merged"
+    assert np.isnan(alignment_summary([diag], 3)["merged"])
+    assert [p.name for p in draw_fedalign([diag], tmp_path)][:2] == ["fedalign_omega.png", "fedalign_aligned.png"]
+    tracker = TensorBoardTracker(tmp_path / "tb")
+    tracker.diagnostics(diag)  # skips the layer instead of counting the letters of "not applied"
+    tracker.close()

@@ -48,6 +48,8 @@ class TensorBoardTracker:
                 for e, value in enumerate(row):
                     self.writer.add_scalar(f"fedalign/{name}/layer{l}/expert{e}", value, step)
         for l, experts in enumerate(record.get("aligned", [])):
+            if not isinstance(experts, list):  # "not applied": no expert tensors travel in this layer
+                continue
             for e, ids in enumerate(experts):
                 self.writer.add_scalar(f"fedalign/aligned_share/layer{l}/expert{e}", len(ids) / clients, step)
 

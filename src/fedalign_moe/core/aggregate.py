@@ -50,6 +50,9 @@ class AlignResult:
     tau_LE: torch.Tensor
     aligned_LEC: torch.Tensor  # bool: client c in A(e) of layer l
     gamma: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (l, e) -> [C, C]
+    # False for a layer none of whose expert tensors travel (LoRA on the experts): component 3 had nothing
+    # to act on there, and its aligned sets mean nothing
+    experts_applied_L: torch.Tensor | None = None
 
 
 def fedavg_tensor(tensors_C: Iterable[torch.Tensor], weights_C: torch.Tensor) -> torch.Tensor:
@@ -123,6 +126,7 @@ def _align_experts(layer: LayerNames, l: int, global_state: State, client_states
     """Aggregate every expert of one layer into ``result.state``."""
     names = [n for n in layer.experts if n in global_state]  # frozen experts (e.g. LoRA) do not travel
     if not names:
+        result.experts_applied_L[l] = False
         return
     E, C = global_state[names[0]].shape[0], len(client_states)
     if opts.expert_aggregation == "semantic":
@@ -155,7 +159,8 @@ def fedalign_aggregate(global_state: State, client_states: Sequence[State],
     state = {n: (t if n in moe_names else fedavg_tensor((cs[n] for cs in client_states), fedavg_C))
              for n, t in global_state.items()}  # every MoE entry is replaced below
     result = AlignResult(state, torch.zeros(L, E), torch.ones(L, E), torch.zeros(L, C, E),
-                         torch.full((L, E), float("nan")), torch.zeros(L, E, C, dtype=torch.bool))
+                         torch.full((L, E), float("nan")), torch.zeros(L, E, C, dtype=torch.bool),
+                         experts_applied_L=torch.ones(L, dtype=torch.bool))
     for l, layer in enumerate(layers):
         omega_CE = _router_weights(opts, stats, l, examples_C)
         result.omega_LCE[l] = omega_CE

@@ -25,6 +25,9 @@ from .protocol import AlignmentTarget, TrainReply
 from .screening import ReplyPolicy, ScreenedReplies
 
 
+NOT_APPLIED = "not applied"  # a layer's aligned sets when none of its expert tensors travel (LoRA experts)
+
+
 class FedAlignMoE(ScreenedReplies, FedAvg):
     """FedAlign-MoE: consistency-weighted gate alignment, gate regularisation, semantic expert aggregation.
 
@@ -82,12 +85,13 @@ class FedAlignMoE(ScreenedReplies, FedAvg):
         self.p_g_LE, self.alpha_LE = state["p_g"].clone().float(), state["alpha"].clone().float()
 
     def diagnostics(self, max_gamma: int = 4) -> dict:
-        """What the last aggregation decided, as JSON-ready lists (clients named by partition id)."""
+        """What the last aggregation decided, as JSON-ready lists (clients named by partition id); a layer whose
+        experts did not travel has ``"aligned": "not applied"`` instead of sets that would read as decisions."""
         if self.last is None:
             return {}
         r, ids = self.last, self.last_partition_ids
         aligned = [[[ids[c] for c in range(len(ids)) if r.aligned_LEC[l, e, c]] for e in range(r.aligned_LEC.shape[1])]
-                   for l in range(r.aligned_LEC.shape[0])]
+                   if r.experts_applied_L[l] else NOT_APPLIED for l in range(r.aligned_LEC.shape[0])]
         gamma = {f"layer{l}-expert{e}": g.tolist() for (l, e), g in list(r.gamma.items())[:max_gamma]}
         return {"clients": ids, "omega": r.omega_LCE.tolist(), "p_g": r.p_g_LE.tolist(), "alpha": r.alpha_LE.tolist(),
                 "tau": [[None if t != t else t for t in row] for row in r.tau_LE.tolist()], "aligned": aligned,

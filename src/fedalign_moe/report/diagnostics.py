@@ -37,13 +37,18 @@ def plot_omega(last: dict, path: Path) -> Path:
 
 def plot_aligned_sizes(diags: list[dict], path: Path) -> Path:
     rounds = [d["round"] for d in diags]
-    sizes_RLE = np.array([[[len(a) for a in layer] for layer in d["aligned"]] for d in diags])
-    L, E = sizes_RLE.shape[1], sizes_RLE.shape[2]
+    L = len(diags[-1]["aligned"])
     fig = Figure(figsize=(max(4 * (L + 1), 8), 3.8))
     for l in range(L):
         ax = fig.add_subplot(1, L + 1, l + 1)
-        for e in range(E):
-            ax.plot(rounds, sizes_RLE[:, l, e], marker=".", label=f"e{e}")
+        if not isinstance(diags[-1]["aligned"][l], list):  # no expert tensors travel (LoRA experts)
+            ax.text(0.5, 0.5, "semantic expert aggregation:\nnot applied\n(no expert tensors travel)",
+                    ha="center", va="center", transform=ax.transAxes)
+            ax.set(title=f"|A(e)|, MoE layer {l}", xticks=[], yticks=[])
+            continue
+        sizes_RE = np.array([[len(a) for a in d["aligned"][l]] for d in diags])
+        for e in range(sizes_RE.shape[1]):
+            ax.plot(rounds, sizes_RE[:, e], marker=".", label=f"e{e}")
         ax.set(title=f"|A(e)|, MoE layer {l}", xlabel="round", ylabel="aligned clients")
         ax.legend(fontsize=6, ncol=2)
     ax = fig.add_subplot(1, L + 1, L + 1)

@@ -181,14 +181,21 @@ def routing_table(summaries: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def applied_layers(diag: dict) -> list[list]:
+    """A round's aligned sets of the layers where semantic expert aggregation acted (a layer whose experts
+    did not travel reads "not applied" and is left out)."""
+    return [layer for layer in diag.get("aligned", []) if isinstance(layer, list)]
+
+
 def aligned_fraction(diags: list[dict], num_clients: int) -> list[float]:
     """Per round: mean over layers and experts of |A(e)| / clients of the round (1 = everyone merged)."""
     out = []
     for d in diags:
-        if "aligned" not in d:  # another strategy's diagnostics (FedMoE's sub-MoEs)
+        layers = applied_layers(d)
+        if not layers:  # another strategy's diagnostics (FedMoE's sub-MoEs), or nothing to act on
             continue
         n = len(d.get("clients") or []) or num_clients
-        out.append(float(np.mean([[len(a) / n for a in layer] for layer in d["aligned"]])))
+        out.append(float(np.mean([[len(a) / n for a in layer] for layer in layers])))
     return out
 
 
@@ -204,7 +211,7 @@ def alignment_summary(diags: list[dict], num_clients: int) -> dict[str, float]:
     sizes, p_g, alpha, reg = [], [], [], []
     for d in diags:
         n = len(d.get("clients") or []) or num_clients
-        sizes += [len(a) / n for layer in d.get("aligned", []) for a in layer]
+        sizes += [len(a) / n for layer in applied_layers(d) for a in layer]
         p_g += [v for layer in d.get("p_g", []) for v in layer]
         alpha += [v for layer in d.get("alpha", []) for v in layer]
         if d.get("reg_loss") is not None:
