@@ -243,22 +243,28 @@ done
 say "all processes up ($((SECONDS))s)"
 
 # ---------------------------------------------------------------- probes: who must be refused
-probe() {  # name, the refusal its log must show, then flower-supernode arguments; prints true when refused
-  local name=$1 expect=$2 pid t0=$SECONDS
-  shift 2
+probe_start() {  # name, then flower-supernode arguments: starts a SuperNode that should be refused
+  local name=$1
+  shift
   flower-supernode "$@" --superlink "$HOST:$SUPERLINK_PORT" --host "$HOST" --max-retries 1 \
     --max-wait-time 5 --isolation subprocess --node-config "partition-id=0 num-partitions=$NUM_CLIENTS" \
     > "$LOGS/probe-$name.log" 2>&1 &
-  pid=$!
-  while kill -0 "$pid" 2>/dev/null && [ $((SECONDS - t0)) -lt 40 ]; do sleep 0.5; done
-  if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; echo false; return; fi
-  grep -q "$expect" "$LOGS/probe-$name.log" && echo true || echo false
+  PROBE_PIDS+=($!)
+}
+probe_refused() {  # name, pid, the refusal its log must show: prints true when it was refused
+  local t0=$SECONDS
+  while kill -0 "$2" 2>/dev/null && [ $((SECONDS - t0)) -lt 40 ]; do sleep 0.5; done
+  if kill -0 "$2" 2>/dev/null; then kill -KILL "$2" 2>/dev/null; wait "$2" 2>/dev/null; echo false; return; fi
+  grep -q "$3" "$LOGS/probe-$1.log" && echo true || echo false
 }
 if [ "${FEDALIGN_DEPLOY_PROBES:-0}" = 1 ] && [ "$INSECURE" != 1 ]; then
   IFS=',' read -r P1 P2 <<< "${FEDALIGN_PROBE_PORTS:-$((SUPERNODE_BASE_PORT + NUM_CLIENTS + 10)),$((SUPERNODE_BASE_PORT + NUM_CLIENTS + 11))}"
-  unregistered=$(probe unregistered "Failed to activate SuperNode" --port "$P1" "${TLS_NODE[@]}" \
-    --auth-supernode-private-key "$PKI/node-unregistered")
-  no_ca=$(probe no-ca "CERTIFICATE_VERIFY_FAILED" --port "$P2" --auth-supernode-private-key "$PKI/node-0")
+  PROBE_PIDS=()  # both at once
+  probe_start unregistered --port "$P1" "${TLS_NODE[@]}" --auth-supernode-private-key "$PKI/node-unregistered"
+  probe_start no-ca --port "$P2" --auth-supernode-private-key "$PKI/node-0"
+  PIDS+=("${PROBE_PIDS[@]}")
+  unregistered=$(probe_refused unregistered "${PROBE_PIDS[0]}" "Failed to activate SuperNode")
+  no_ca=$(probe_refused no-ca "${PROBE_PIDS[1]}" "CERTIFICATE_VERIFY_FAILED")
   bound=$(python - "$SUPERLINK_PORT" <<'PY'
 import sys
 port = int(sys.argv[1])
