@@ -183,7 +183,7 @@ def test_premise_command_writes_premise_json_for_each_recipe(tmp_path):
             "--set", "model.backbone=minilm", "--set", "model.num_experts=4", "--set", "model.top_k=1",
             "--set", "model.moe_layers=[5]", "--set", "model.btx_epochs=3", "--set", "model.btx_lr=1e-3",
             "--set", f"model.build_cache_dir={tmp_path / 'models'}", "--set", "partition.num_clients=2",
-            "--set", "federation.rounds=2"]
+            "--set", "federation.rounds=1"]
     (tmp_path / "out").mkdir()
     earlier = recipe_figures(np.ones((1, 4, 4)), list("abcd"), None, None, None, None)  # another recipe's figures
     (tmp_path / "out" / "premise.json").write_text(json.dumps({"upcycle": earlier, "junk": {"kept": False}}))
