@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, Error, Message
+from flwr.app import Array, ArrayRecord, Error, Message
 from flwr.common.constant import ErrorCode
 
 import replies
@@ -66,7 +66,21 @@ BAD = {
         {"o": torch.full((1, 4), 1e6), "m": torch.full((1, 4), 0.2), "mu": torch.ones(1, 4, 3)})),
         "o must lie in [0, 1]|records"),  # FedAlign-MoE reads o; the others never asked for it
     "update-times-1e6": (None, "norm"),
+    # the record describes an array, its bytes say something else (a hostile client writes both)
+    "garbage-bytes": (lambda c: _forge_array(c, "head", lambda a: b"not an array at all"), "not a readable array"),
+    "truncated-bytes": (lambda c: _forge_array(c, "x", lambda a: a.data[: len(a.data) // 2]), "not a readable array"),
+    "bytes-of-another-shape": (lambda c: _forge_array(c, "head", lambda a: Array(np.zeros(3, np.float32)).data),
+                               "its bytes hold float32 (3,)"),
 }
+
+
+def _forge_array(content, name, new_bytes):
+    """Keep the record's dtype and shape for ``name``, replace the bytes behind them."""
+    arrays = _arrays(content)
+    old = arrays[name]
+    forged = {k: v for k, v in arrays.items()}
+    forged[name] = Array(dtype=old.dtype, shape=tuple(old.shape), stype=old.stype, data=new_bytes(old))
+    content[protocol.ARRAYS] = ArrayRecord(forged)
 
 
 def _run(name: str, bad_case: str | None):

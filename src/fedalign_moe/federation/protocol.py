@@ -340,7 +340,14 @@ def _check_arrays(arrays: ArrayRecord, expect: Expectation, sub_moe_LE: torch.Te
             shape = (rows[name], *shape[1:])
         if tuple(array.shape) != shape or str(array.dtype) != dtype:
             raise ReplyError(f"array {name}: {array.dtype} {tuple(array.shape)}, expected {dtype} {shape}")
-        if not torch.isfinite(array_view(array)).all():
+        try:  # the bytes themselves, not only the record's description of them
+            tensor = array_view(array)
+        except (ValueError, TypeError, EOFError, OSError) as err:
+            raise ReplyError(f"array {name}: its bytes are not a readable array ({str(err).splitlines()[0][:120]})") from None
+        if tuple(tensor.shape) != shape or str(tensor.dtype).removeprefix("torch.") != dtype:
+            raise ReplyError(f"array {name}: its bytes hold {str(tensor.dtype).removeprefix('torch.')} "
+                             f"{tuple(tensor.shape)}, the record says {dtype} {shape}")
+        if not torch.isfinite(tensor).all():
             raise ReplyError(f"array {name} holds NaN or Inf")
 
 
