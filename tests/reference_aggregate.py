@@ -15,7 +15,12 @@ import torch
 from fedalign_moe.core.aggregate import AlignOptions, LayerNames
 from fedalign_moe.core.gate_alignment import (adaptive_alpha, aggregate_router, consistency_weights,
                                               global_routing_distribution, routing_consistency)
-from fedalign_moe.core.semantic_alignment import align_expert, apply_expert_update
+from fedalign_moe.core.semantic_alignment import align_expert
+
+
+def apply_expert_update(global_P: torch.Tensor, delta_CP: torch.Tensor, weights_C: torch.Tensor) -> torch.Tensor:
+    """Theta_g + sum_i w_i Delta_i (weights are zero outside the aligned set)."""
+    return global_P + torch.einsum("c,cp->p", weights_C.to(delta_CP.dtype), delta_CP)
 
 
 @dataclass

@@ -12,7 +12,8 @@ from fedalign_moe.core.gate_alignment import (
     routing_consistency,
 )
 from fedalign_moe.core.gate_regulariser import gate_regulariser
-from fedalign_moe.core.semantic_alignment import align_expert, apply_expert_update, client_consistency
+from fedalign_moe.core.aggregate import apply_expert_weights
+from fedalign_moe.core.semantic_alignment import align_expert, client_consistency
 from fedalign_moe.core.statistics import RoutingAccumulator, topk_mask
 
 
@@ -117,7 +118,7 @@ def test_opposing_client_is_left_out_and_does_not_move_the_expert():
     assert res.aligned_C.tolist() == [True, True, True, False]
     assert res.weights_C[3] == 0 and torch.allclose(res.weights_C[:3].double(), torch.tensor([0.25, 0.25, 0.5], dtype=torch.float64))
     glob = torch.zeros(3)
-    new = apply_expert_update(glob, delta_CP, res.weights_C)
+    new = apply_expert_weights(glob[None], [(glob + d)[None] for d in delta_CP], res.weights_C[None])[0]
     expected = 0.25 * delta_CP[0] + 0.25 * delta_CP[1] + 0.5 * delta_CP[2]
     assert torch.allclose(new, expected)
 
@@ -129,7 +130,8 @@ def test_client_that_routed_no_token_is_excluded_and_empty_set_keeps_the_expert(
     nobody = align_expert(mu_CH, delta_CP, torch.zeros(4), beta=1.0)
     assert not nobody.aligned_C.any()
     glob = torch.tensor([1.0, 2.0, 3.0])
-    assert torch.equal(apply_expert_update(glob, delta_CP, nobody.weights_C), glob)
+    kept = apply_expert_weights(glob[None], [(glob + d)[None] for d in delta_CP], nobody.weights_C[None])[0]
+    assert torch.equal(kept, glob)
 
 
 def test_identical_clients_are_all_aligned():

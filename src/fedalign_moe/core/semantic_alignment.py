@@ -5,7 +5,7 @@ For one expert e of one MoE layer, over the round's C clients:
     c_i      = mean_{j != i} gamma_ij
     tau      = mean_i c_i - beta * std_i c_i                          adaptive threshold [paper; M, S ours]
     A        = {i : (c_i >= tau or c_i >= floor) and n_i > 0}        aligned set [floor: ours]
-    Theta_g' = Theta_g + sum_{i in A} w_i Delta_i,  w_i = n_i / sum_{A} n     [ours]
+    Theta_g' = Theta_g + sum_{i in A} w_i Delta_i,  w_i = n_i / sum_{A} n     [ours; core.aggregate.apply_expert_weights]
 Clients outside A, and clients that routed no token to e, do not move expert e; an empty A keeps it.
 The absolute ``floor`` [ours] keeps clients whose consistency is high in absolute terms: without it,
 "mean - beta * std" drops the least consistent client even when every client agrees (std ~ 0).
@@ -82,8 +82,3 @@ def align_expert_gram(mu_CH: torch.Tensor, gram_CC: torch.Tensor, n_C: torch.Ten
     mass_C = torch.where(aligned_C, n_C.double(), torch.zeros_like(c_C))
     weights_C = mass_C / mass_C.sum() if mass_C.sum() > 0 else mass_C
     return ExpertAlignment(gamma_CC, c_C, tau, aligned_C, weights_C)
-
-
-def apply_expert_update(global_P: torch.Tensor, delta_CP: torch.Tensor, weights_C: torch.Tensor) -> torch.Tensor:
-    """Theta_g + sum_i w_i Delta_i (weights are zero outside the aligned set)."""
-    return global_P + torch.einsum("c,cp->p", weights_C.to(delta_CP.dtype), delta_CP)
