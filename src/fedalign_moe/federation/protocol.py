@@ -133,7 +133,7 @@ class TrainReply:
     message: Message  # the reply itself, for Flower's own aggregation
 
     def state(self) -> "ArrayView":
-        """The update as a name -> tensor mapping that deserialises one array when it is read (and keeps none)."""
+        """The update as a name -> tensor mapping whose every read is a zero-copy view of the reply's bytes."""
         return ArrayView(self.arrays)
 
 
