@@ -200,3 +200,12 @@ def test_premise_command_writes_premise_json_for_each_recipe(tmp_path):
     assert p["mi_expert_label_nats"] > 0.1 and p["build_seconds"] > 0
     assert (tmp_path / "out" / "premise_routing.png").stat().st_size > 0
     assert "| btx |" in res.stdout and "| upcycle | 0.000" in res.stdout and "premise figures in" in res.stdout
+
+
+def test_a_public_split_without_btx_needs_no_domains(tmp_path):
+    """Domains are a btx matter: 16 experts over the toy data's 8 groups could not be cut into domains,
+    and an upcycled model with a public split set aside must not ask for them (it did)."""
+    ws = open_workspace(_cfg(tmp_path, "upcycle", num_experts=16))
+    assert ws.built.layout.num_experts == 16 and ws.data.public is not None
+    with pytest.raises(DataError, match="at least as many groups"):
+        open_workspace(_cfg(tmp_path, "btx", num_experts=16))

@@ -173,7 +173,8 @@ def open_workspace(cfg: Config, client_process: bool = False) -> Workspace:
         torch.set_num_threads(cfg.train.torch_threads)
     data = prepare_data(cfg)
     built = build_model(cfg.model, data.source.label_names, data.source.task, seed=cfg.seed,
-                        public=public_corpus(data.public, cfg.model.num_experts), max_length=cfg.data.max_length)
+                        public=public_corpus(data.public, cfg.model.num_experts) if cfg.model.recipe == "btx" else None,
+                        max_length=cfg.data.max_length)
     check_tokenizer(built.tokenizer, list(data.client_train[0]["text"][:64]) or list(data.global_test["text"][:64]),
                     built.model, cfg.model.backbone)
     device = resolve_device(cfg.model.device)
