@@ -13,7 +13,7 @@ from flwr.clientapp import ClientApp
 from fedalign_moe.federation import client_app, protocol
 
 RAISE = {1: {1, 4}, 2: {2}, 3: {0}}  # a third of 6 clients in round 1
-HANG = {2: {5}}
+HANG = {1: {5}}  # in round 1, whose timeout must cover the client processes' start anyway: no extra wait
 HANG_SECONDS = float(os.environ.get("FAULTY_HANG_SECONDS", "60"))
 
 app = ClientApp()

@@ -22,9 +22,11 @@ def test_a_third_of_the_clients_fail_and_the_run_goes_on(tmp_path, monkeypatch):
                                          "federation": {"strategy": "fedalign", "rounds": 3, "round_timeout": TIMEOUT}})
     summary = simulate(cfg, client_app=faulty_app.app)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["sent"], r["replied"], r["failures"]) for r in rows] == [(6, 4, 2), (6, 4, 2), (6, 5, 1)]
+    assert [(r["sent"], r["replied"], r["failures"]) for r in rows] == [(6, 3, 3), (6, 5, 1), (6, 5, 1)]
     reasons = [[f["reason"] for f in r["failure_reasons"]] for r in rows]
-    assert all("the client raised an error: RuntimeError: partition" in x for x in reasons[0])
-    assert any(x.startswith(f"timeout: no reply within the round timeout ({TIMEOUT:g} s)") for x in reasons[1])
+    assert sum("the client raised an error: RuntimeError: partition" in x for x in reasons[0]) == 2
+    assert any(x.startswith(f"timeout: no reply within the round timeout ({TIMEOUT:g} s)") for x in reasons[0])
+    # the hung client's late answer to round 1 is not taken for a round-2 reply
+    assert all("the client raised an error: RuntimeError: partition" in x for x in reasons[1] + reasons[2])
     assert all(r["adopted"] and math.isfinite(r["accuracy"]) and math.isfinite(r["loss"]) for r in rows)
     assert summary["failures_total"] == 5 and not summary.get("stopped_early")
