@@ -212,13 +212,18 @@ def test_a_run_of_an_older_strategy_revision_is_run_again():
 
 def test_a_terminal_sees_our_lines_and_no_third_party_output(tmp_path):
     """Under a pseudo-terminal: a live bar over the rounds, the round lines (with the per-client line a
-    terminal gets), a closing table, and nothing from Flower, Ray or transformers (that goes to DIR/run.log)."""
+    terminal gets), a closing table, and nothing from Flower, Ray or transformers (that goes to DIR/run.log).
+    The run is FedAlign-MoE on a saved Switch Transformers checkpoint (issue 10: the paper's family runs
+    through the CLI end to end), so one simulation covers both."""
     import pty
 
+    from test_families import save_switch
+
+    save_switch(tmp_path / "switch")
     main, side = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "fedalign_moe", "run", "--preset", "tiny", "--rounds", "1",
-                             "--out", str(tmp_path)], stdin=side, stdout=side, stderr=side,
-                            env={**os.environ, "TERM": "xterm", "COLUMNS": "200"})
+    proc = subprocess.Popen([sys.executable, "-m", "fedalign_moe", "run", "--preset", "tiny", "--strategy", "fedalign",
+                             "--set", f"model.backbone={tmp_path / 'switch'}", "--out", str(tmp_path / "out")],
+                            stdin=side, stdout=side, stderr=side, env={**os.environ, "TERM": "xterm", "COLUMNS": "200"})
     os.close(side)
     chunks = []
     while True:
@@ -236,4 +241,9 @@ def test_a_terminal_sees_our_lines_and_no_third_party_output(tmp_path):
     assert "plots in" in text and "clients' own-test" in text  # and the closing table
     for noise in ("DEPRECATED", "FutureWarning", "ClientAppActor", "Loading weights", "INFO"):
         assert noise not in text, (noise, text[-3000:])
-    assert "DEPRECATED FEATURE" in (tmp_path / "run.log").read_text()
+    assert "DEPRECATED FEATURE" in (tmp_path / "out" / "run.log").read_text()
+    assert "(4 experts, top-1)" in text  # the Switch checkpoint's own routing
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["rounds"] == 2 and summary["strategy"] == "fedalign"
+    diagnostics = (tmp_path / "out" / "diagnostics.jsonl").read_text().splitlines()
+    assert len(diagnostics) == 2 and all(len(json.loads(d)["aligned"]) == 2 for d in diagnostics)

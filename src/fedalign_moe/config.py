@@ -32,7 +32,10 @@ def strategy_revision(strategy: str) -> int:
     return STRATEGY_REVISIONS.get(strategy, 1)
 
 
-FAMILY_BACKBONES = ("tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-olmoe")
+# small random models of every transformers MoE family the tests run (models.hf_moe.FAMILIES, and Switch)
+FAMILY_BACKBONES = tuple(f"tiny-{f}" for f in (
+    "mixtral", "qwen2-moe", "qwen3-moe", "olmoe", "deepseek-v2", "deepseek-v3", "ernie4-5-moe", "glm4-moe", "granitemoe",
+    "phimoe", "gpt-oss", "llama4-text", "hunyuan-v1-moe", "flex-olmo", "minimax", "dots1", "switch-transformers"))
 
 
 class UserError(ValueError):
@@ -83,8 +86,8 @@ class PartitionConfig(_Section):
 
 class ModelConfig(_Section):
     # minilm: all-MiniLM-L6-v2 encoder upcycled to MoE; smollm2: SmolLM2-135M upcycled to Mixtral;
-    # tiny-<family>: a small random model of a transformers MoE family (tests, smoke runs);
-    # any other value: a local path to a Hugging Face MoE checkpoint (Mixtral, Qwen2/3-MoE, OLMoE).
+    # tiny-<family>: a small random model of a transformers MoE family (tests, smoke runs; FAMILY_BACKBONES);
+    # any other value: a local folder or hub id of a transformers MoE checkpoint (docs/models.md).
     backbone: str = "minilm"
     num_experts: StrictInt = Field(4, ge=1)
     top_k: StrictInt = Field(2, ge=1)
@@ -121,6 +124,8 @@ class ModelConfig(_Section):
     def _check_top_k(self) -> "ModelConfig":
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts})")
+        if self.backbone.startswith("tiny-") and self.backbone not in FAMILY_BACKBONES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; the tiny ones are {', '.join(FAMILY_BACKBONES)}")
         if self.recipe != "upcycle" and self.backbone != "minilm":
             raise ValueError(f"recipe {self.recipe!r} builds minilm experts; backbone {self.backbone!r} takes "
                              "recipe = 'upcycle' (its own experts, or upcycled copies)")

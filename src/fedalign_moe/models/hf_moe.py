@@ -1,56 +1,137 @@
-"""Adapters for transformers' MoE families: Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE (transformers 5.x).
+"""One adapter for transformers' MoE families, found from the model's own modules (transformers 5.x).
 
-All four put a sparse block at ``model.layers[i].mlp`` with a top-k router ``.gate`` (weight [E, H],
-forward -> (router_logits [T, E], top_k_weights [T, K], top_k_index [T, K])) and stacked experts
-``.experts`` (``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]). Qwen2-MoE adds a dense shared
-expert and its gate; those are ordinary (non-MoE) parameters here and are averaged like attention.
-Qwen2/3-MoE can keep some layers dense (``mlp_only_layers``, ``decoder_sparse_step``): only layers
-whose ``mlp`` has both ``gate`` and ``experts`` count as MoE layers.
+transformers 5 keeps a sparse block's experts as one module of stacked tensors (``experts.gate_up_proj``
+[E, 2I, H], ``experts.down_proj`` [E, H, I], GPT-OSS adds per-expert biases [E, X]) beside a linear
+router whose weight is [E, H]: ``gate`` (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, ERNIE-4.5, GLM-4-MoE,
+HunYuan, FlexOlmo, MiniMax, Dots1) or ``router`` (GraniteMoE, PhiMoE, GPT-OSS, Llama-4). So a sparse block
+is found by shape, not by name: a module with an ``experts`` child whose parameters all have E rows,
+and a ``gate``/``router`` child holding exactly one [E, H] matrix (its own ``weight``, or that of one
+linear inside it: HunYuan's ``wg``, Switch's ``classifier``). Layers a config keeps dense
+(``first_k_dense_replace``, ``mlp_only_layers``) have no such block and stay ordinary parameters.
+
+What the method sees of a family:
+- routers: the [E, H] matrix; the routing statistics and the regulariser use its logits h W^T (+ the
+  router's own bias [E] where it has one, GPT-OSS). Families that route by sigmoid scores plus a
+  score-correction bias (DeepSeek-V3, GLM-4-MoE, ERNIE-4.5, Dots1) are recorded as top-k of these
+  logits: the same choice whenever the correction bias is zero, which it is unless a checkpoint's
+  training moved it.
+- shared experts (DeepSeek's ``shared_experts``, Qwen2-MoE's ``shared_expert`` and its gate, Llama-4's
+  ``shared_expert``) and router-side buffers are ordinary parameters, averaged like attention.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+from transformers import AutoModelForCausalLM, CONFIG_MAPPING
 
 from .base import MoEAdapter, MoELayerLayout, MoELayout, backbone_layer_index
 
-FAMILIES = {"mixtral": MixtralConfig, "qwen2_moe": Qwen2MoeConfig, "qwen3_moe": Qwen3MoeConfig, "olmoe": OlmoeConfig}
+ROUTER_CHILDREN = ("gate", "router")
+_EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+_TOP_K_FIELDS = ("num_experts_per_tok", "moe_topk", "moe_k", "top_k", "num_selected_experts")
+
+
+class NoMoEBlockError(ValueError):
+    """A model without any sparse block this adapter recognises."""
+
+
+def router_linear(block: nn.Module) -> nn.Module | None:
+    """The module inside ``block``'s ``gate``/``router`` whose ``weight`` is the router matrix [E, H]."""
+    for child in ROUTER_CHILDREN:
+        router = getattr(block, child, None)
+        if not isinstance(router, nn.Module):
+            continue
+        owners = [m for m in router.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)
+                  and getattr(m, "weight").dim() == 2]
+        if len(owners) == 1:
+            return owners[0]
+    return None
 
 
 def _is_sparse_block(module: nn.Module) -> bool:
-    return hasattr(module, "gate") and hasattr(module, "experts") and hasattr(module.experts, "gate_up_proj")
+    experts, linear = getattr(module, "experts", None), router_linear(module)
+    if not isinstance(experts, nn.Module) or linear is None:
+        return False
+    E = linear.weight.shape[0]
+    params = list(experts.parameters(recurse=False))
+    return bool(params) and all(p.dim() >= 2 and p.shape[0] == E for p in params)
 
 
-def _top_k(config) -> int:
-    return int(getattr(config, "num_experts_per_tok"))
+def sparse_blocks(model: nn.Module) -> list[nn.Module]:
+    """Every sparse MoE block of ``model``, in module order."""
+    return [m for m in model.modules() if _is_sparse_block(m)]
 
 
-def _num_experts(config) -> int:
-    return int(getattr(config, "num_local_experts", None) or getattr(config, "num_experts"))
+def _first_int(config, fields: tuple[str, ...]) -> int | None:
+    for name in fields:
+        value = getattr(config, name, None)
+        if isinstance(value, (list, tuple)) and value:  # HunYuan may list one value per layer
+            value = value[0]
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
-def moe_shape(config) -> tuple[int, int]:
-    """(experts per MoE layer, top-k) of a transformers MoE config."""
-    return _num_experts(config), _top_k(config)
+def moe_shape(config) -> tuple[int, int] | None:
+    """(experts per MoE layer, top-k) of a transformers MoE config; None if it names neither."""
+    if getattr(config, "model_type", None) == "switch_transformers":
+        return int(config.num_experts), 1  # Switch routes every token to one expert
+    E, k = _first_int(config, _EXPERT_COUNT_FIELDS), _first_int(config, _TOP_K_FIELDS)
+    return None if E is None or k is None else (E, k)
 
 
 class HFMoEAdapter(MoEAdapter):
-    """Adapter for any model (possibly wrapped) containing transformers' sparse MoE blocks."""
+    """Adapter for any model (possibly wrapped) holding transformers-style sparse MoE blocks."""
 
     @classmethod
     def from_model(cls, model: nn.Module, config) -> "HFMoEAdapter":
         names = {id(p): n for n, p in model.named_parameters()}
-        blocks = [m for _, m in model.named_modules() if _is_sparse_block(m)]
+        blocks = sparse_blocks(model)
         if not blocks:
-            raise ValueError(f"no sparse MoE block found in {type(model).__name__}")
+            raise NoMoEBlockError(f"no sparse MoE block found in {type(model).__name__}: none of its modules has an "
+                                  "`experts` child of stacked [E, ...] tensors beside a `gate`/`router` of weight [E, H]")
+        linears = [router_linear(b) for b in blocks]
         layers = []
-        for i, block in enumerate(blocks):
-            router = names[id(block.gate.weight)]
-            experts = tuple(names[id(p)] for p in block.experts.parameters())
-            layers.append(MoELayerLayout(backbone_layer_index(router, i), router, experts))
-        layout = MoELayout(_num_experts(config), _top_k(config), tuple(layers))
-        return cls(model, layout, [b.gate for b in blocks])
+        for i, (block, linear) in enumerate(zip(blocks, linears)):
+            router = names[id(linear.weight)]
+            experts = tuple(names[id(p)] for p in block.experts.parameters(recurse=False))
+            index = backbone_layer_index(router, i)
+            if getattr(config, "is_encoder_decoder", False) and ".decoder." in f".{router}":
+                index += int(getattr(config, "num_layers", 0))  # decoder layers follow the encoder's
+            layers.append(MoELayerLayout(index, router, experts))
+        counts = {int(l.weight.shape[0]) for l in linears}
+        if len(counts) != 1:
+            raise NoMoEBlockError(f"the sparse blocks of {type(model).__name__} hold different expert counts {sorted(counts)}")
+        shape = moe_shape(config)
+        top_k = shape[1] if shape else 1
+        return cls(model, MoELayout(counts.pop(), top_k, tuple(layers)), linears)
+
+
+# ------------------------------------------------------------------------------- tiny random configs
+# Every family below builds from a config here, trains, and routes (tests/test_families.py runs each
+# through two federated rounds). The extra fields are what each config class needs beyond the common ones.
+_MLA = dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
+_SHARED = dict(n_shared_experts=1, moe_intermediate_size=32)
+FAMILIES: dict[str, dict] = {
+    "mixtral": dict(num_local_experts="E"),
+    "qwen2_moe": dict(num_experts="E", moe_intermediate_size=64, decoder_sparse_step=1, shared_expert_intermediate_size=64),
+    "qwen3_moe": dict(num_experts="E", moe_intermediate_size=64, decoder_sparse_step=1),
+    "olmoe": dict(num_experts="E"),
+    "deepseek_v2": dict(n_routed_experts="E", first_k_dense_replace=0, n_group=1, topk_group=1, **_MLA, **_SHARED),
+    "deepseek_v3": dict(n_routed_experts="E", first_k_dense_replace=0, n_group=1, topk_group=1, **_MLA, **_SHARED),
+    "ernie4_5_moe": dict(moe_num_experts="E", moe_k="K", moe_layer_start_index=0, moe_intermediate_size=32,
+                         moe_num_shared_experts=1),
+    "glm4_moe": dict(n_routed_experts="E", first_k_dense_replace=0, n_group=1, topk_group=1, head_dim=16, **_SHARED),
+    "granitemoe": dict(num_local_experts="E"),
+    "phimoe": dict(num_local_experts="E"),
+    "gpt_oss": dict(num_local_experts="E", head_dim=16, rope_parameters=None),
+    "llama4_text": dict(num_local_experts="E", intermediate_size_mlp=128, head_dim=16, interleave_moe_layer_step=1),
+    "hunyuan_v1_moe": dict(num_experts="E", moe_topk="K", head_dim=16),
+    "flex_olmo": dict(num_experts="E"),
+    "minimax": dict(num_local_experts="E", head_dim=16),
+    "dots1": dict(n_routed_experts="E", first_k_dense_replace=0, n_group=1, topk_group=1, head_dim=16, **_SHARED),
+}
 
 
 def tiny_config(family: str, num_experts: int = 4, top_k: int = 2, vocab_size: int = 512,
@@ -63,20 +144,12 @@ def tiny_config(family: str, num_experts: int = 4, top_k: int = 2, vocab_size: i
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, num_experts_per_tok=top_k,
         pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
     )
-    if family in ("mixtral",):
-        extra = dict(num_local_experts=num_experts)
-    elif family == "olmoe":
-        extra = dict(num_experts=num_experts)
-    else:
-        extra = dict(num_experts=num_experts, moe_intermediate_size=hidden, decoder_sparse_step=1)
-        if family == "qwen2_moe":
-            extra["shared_expert_intermediate_size"] = hidden
-    return FAMILIES[family](**common, **extra)
+    extra = {k: {"E": num_experts, "K": top_k}.get(v, v) if isinstance(v, str) else v
+             for k, v in FAMILIES[family].items()}
+    return CONFIG_MAPPING[family](**{**common, **{k: v for k, v in extra.items() if v is not None}})
 
 
 def build_tiny_causal_lm(family: str, seed: int, **kwargs) -> nn.Module:
     """A seeded random causal LM of the family (float32)."""
-    import torch
-
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(tiny_config(family, **kwargs))

@@ -179,7 +179,7 @@ def btx_state(load_dense: Callable[[], nn.Module], tokenizer, corpus: PublicCorp
         p.requires_grad_(True)
     with adapter.recorder(keep_grad=True) as rec:
         def balance(keep_T: torch.Tensor) -> torch.Tensor:
-            return cfg.btx_balance_coef * sum(switch_balance_loss(r.logits_TE, keep_T, cfg.top_k) for r in rec.records)
+            return cfg.btx_balance_coef * sum(switch_balance_loss(r.logits_TE, r.real(keep_T), cfg.top_k) for r in rec.records)
 
         loss = _fit(moe, trainable, prefix_NSH, mask_NS, group_N, torch.arange(len(group_N)), cfg.btx_router_epochs,
                     cfg.btx_lr * 5, generator, balance)

@@ -29,7 +29,7 @@ class RoutingObserver:
 
     def observe(self, records: list[RoutingRecord], keep_T: torch.Tensor) -> None:
         for l, rec in enumerate(records):
-            self.accumulators[l].add(rec.logits_TE, rec.hidden_TH, self.global_routers[l], keep_T)
+            self.accumulators[l].add(rec.logits_TE, rec.hidden_TH, self.global_routers[l], rec.real(keep_T))
 
     def result(self) -> ModelRoutingStatistics:
         return ModelRoutingStatistics.stack([acc.result() for acc in self.accumulators])
@@ -51,7 +51,7 @@ class ClientAligner:
         if self.reg_lambda == 0:
             return None
         total = sum(
-            gate_regulariser(self.adapter.router_weight(l), rec.hidden_TH[keep_T], self.p_g_LE[l],
+            gate_regulariser(self.adapter.router_weight(l), rec.hidden_TH[rec.real(keep_T)], self.p_g_LE[l],
                              self.alpha_LE[l], self.adapter.top_k)
             for l, rec in enumerate(records)
         )

@@ -184,9 +184,10 @@ def routing_by_label(model: nn.Module, adapter: MoEAdapter, data: ClientTensors,
             batch = data.batch(idx, device)
             model(**batch)
             keep_T = batch["attention_mask_BS"].reshape(-1).bool().cpu()
-            label_T = data.labels_N[idx].repeat_interleave(batch["attention_mask_BS"].shape[1])[keep_T]
             for l, r in enumerate(rec.records):
-                chosen_TK = r.logits_TE.float().cpu()[keep_T].topk(k, dim=-1).indices
+                real_T = r.real(keep_T)
+                label_T = data.labels_N[idx].repeat_interleave(len(real_T) // len(idx))[real_T]
+                chosen_TK = r.logits_TE.float().cpu()[real_T].topk(k, dim=-1).indices
                 counts_LKE[l].index_put_((label_T[:, None].expand_as(chosen_TK), chosen_TK),
                                          torch.ones(chosen_TK.shape, dtype=torch.float64), accumulate=True)
     return counts_LKE
