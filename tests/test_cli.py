@@ -239,7 +239,7 @@ def test_a_terminal_sees_our_lines_and_no_third_party_output(tmp_path):
     assert "round   1" in text and "train loss per client" in text and "final accuracy" in text, text[-3000:]
     assert re.search(r"round 1: \d/3 replies", text) and "eta" in text  # the live bar, counting replies as they come
     assert "plots in" in text and "clients' own-test" in text  # and the closing table
-    for noise in ("DEPRECATED", "FutureWarning", "ClientAppActor", "Loading weights", "INFO"):
+    for noise in ("DEPRECATED", "FutureWarning", "ClientAppActor", "Loading weights", "INFO", "LOAD REPORT", "UNEXPECTED"):
         assert noise not in text, (noise, text[-3000:])
     assert "DEPRECATED FEATURE" in (tmp_path / "out" / "run.log").read_text()
     assert "(4 experts, top-1)" in text  # the Switch checkpoint's own routing

@@ -233,3 +233,19 @@ def test_the_checkpoints_own_expert_count_and_top_k_are_what_the_run_uses(tmp_pa
     assert agree_with_checkpoint(agreed) == agreed and not caplog.text  # nothing to say when they agree
     built = build_model(agreed.model, ["a", "b"], "classification", 0)
     assert (built.layout.num_experts, built.layout.top_k) == (5, 2)
+
+
+def test_a_checkpoints_task_head_depends_on_the_seed_alone(tmp_path):
+    """The head of a checkpoint backbone was drawn from the global generator, unseeded: two runs of one
+    seed started from different heads (a saved Switch checkpoint's fedalign run gave 0.2500, then 0.2833)."""
+    from fedalign_moe.models.build import minilm_tokenizer
+
+    folder = _saved_checkpoint(tmp_path, vocab_size=minilm_tokenizer().vocab_size, tokenizer=minilm_tokenizer())
+    heads = []
+    for noise in (1, 2):
+        torch.manual_seed(noise)  # whatever ran before in the process
+        built = build_model(ModelConfig(backbone=str(folder), num_experts=5), ["a", "b"], "classification", 0)
+        heads.append(built.model.head.weight.detach().clone())
+    assert torch.equal(heads[0], heads[1])
+    other = build_model(ModelConfig(backbone=str(folder), num_experts=5), ["a", "b"], "classification", 1)
+    assert not torch.equal(other.model.head.weight, heads[0])

@@ -71,9 +71,10 @@ def _answer_token_ids(tokenizer, label_names: list[str]) -> list[int]:
     return [tokenizer.encode(" " + name, add_special_tokens=False)[-1] for name in label_names]
 
 
-def _causal_task_model(lm, tokenizer, label_names, task) -> CausalLMTaskModel:
+def _task_model(lm, tokenizer, label_names, task, seed: int) -> nn.Module:
     letters = _answer_token_ids(tokenizer, label_names) if task == "multiple-choice" else None
-    return CausalLMTaskModel(lm, len(label_names), letters)
+    task_model = SwitchTaskModel if lm.config.model_type == "switch_transformers" else CausalLMTaskModel
+    return task_model(lm, len(label_names), letters, seed)
 
 
 def _checkpoint_config(path: str):
@@ -118,17 +119,26 @@ def check_tokenizer(tokenizer, texts: list[str], model: nn.Module, where: str) -
 def _load_checkpoint(path: str, task: str):
     """(model, tokenizer) of a checkpoint: a causal LM, or a Switch encoder (classification) or
     encoder-decoder (multiple choice)."""
+    from transformers.utils import logging as hf_logging
+
     config = _checkpoint_config(path)
     if config.model_type == "switch_transformers":
-        from transformers import SwitchTransformersEncoderModel, SwitchTransformersForConditionalGeneration as Seq2Seq
+        from transformers import SwitchTransformersForConditionalGeneration as Seq2Seq
 
-        loader = Seq2Seq if task == "multiple-choice" else SwitchTransformersEncoderModel
+        from .switch import SwitchEncoderOnly
+
+        loader = Seq2Seq if task == "multiple-choice" else SwitchEncoderOnly
     else:
         loader = AutoModelForCausalLM
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a per-tensor loading bar is transformers' output, not ours
     try:
         return loader.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(f"cannot load the checkpoint at {path}: {str(err).splitlines()[0]}") from None
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 def _tiny_switch(cfg: ModelConfig, task: str, seed: int, vocab_size: int) -> nn.Module:
@@ -193,11 +203,7 @@ def _backbone(cfg: ModelConfig, label_names: list[str], task: str, seed: int, pu
     tok.padding_side = "right"
     if task == "multiple-choice":  # the answer is read after the prompt's last token ("Answer:"): keep the end
         tok.truncation_side = "left"
-    if lm.config.model_type == "switch_transformers":
-        letters = _answer_token_ids(tok, label_names) if task == "multiple-choice" else None
-        model = SwitchTaskModel(lm, len(label_names), letters)
-    else:
-        model = _causal_task_model(lm, tok, label_names, task)
+    model = _task_model(lm, tok, label_names, task, seed)
     try:
         return model, tok, HFMoEAdapter.from_model(model, lm.config), None
     except NoMoEBlockError as err:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import SwitchTransformersEncoderModel
 
 
 class StackedSwitchExperts(nn.Module):
@@ -64,6 +65,12 @@ def stack_switch_experts_(model: nn.Module) -> int:
     return len(blocks)
 
 
+class SwitchEncoderOnly(SwitchTransformersEncoderModel):
+    """The encoder of a full Switch checkpoint: its decoder and LM head stay on disk, without a report."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^lm_head\."]
+
+
 def to_transformers_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A state with stacked ``...experts.wi``/``...experts.wo`` renamed to transformers' per-expert
     ``...experts.expert_{e}.wi.weight`` (loadable by the ``SwitchTransformers*`` classes)."""
@@ -90,7 +97,7 @@ class SwitchTaskModel(nn.Module):
     ``SwitchTransformersForConditionalGeneration`` (multiple choice: the letters' logits at the first
     decoder step)."""
 
-    def __init__(self, switch: nn.Module, num_labels: int, label_token_ids: list[int] | None = None):
+    def __init__(self, switch: nn.Module, num_labels: int, label_token_ids: list[int] | None = None, seed: int = 0):
         super().__init__()
         stack_switch_experts_(switch)
         self.switch = switch
@@ -103,7 +110,8 @@ class SwitchTaskModel(nn.Module):
             self.head = None
         else:
             self.head = nn.Linear(switch.config.d_model, num_labels)
-            nn.init.normal_(self.head.weight, std=0.02)
+            # its own seeded generator: the head is the same for a seed whatever the loading drew before
+            nn.init.normal_(self.head.weight, std=0.02, generator=torch.Generator().manual_seed(seed))
             nn.init.zeros_(self.head.bias)
 
     def forward(self, input_ids_BS, attention_mask_BS, prefix_hidden_BSH=None) -> torch.Tensor:

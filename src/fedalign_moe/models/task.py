@@ -23,7 +23,7 @@ def last_token_states(hidden_BSH: torch.Tensor, attention_mask_BS: torch.Tensor)
 class CausalLMTaskModel(nn.Module):
     """Wraps a ``*ForCausalLM`` (its ``.model`` body and ``.lm_head``) into a C-way scorer."""
 
-    def __init__(self, lm: nn.Module, num_labels: int, label_token_ids: list[int] | None = None):
+    def __init__(self, lm: nn.Module, num_labels: int, label_token_ids: list[int] | None = None, seed: int = 0):
         super().__init__()
         self.lm = lm
         self.config = lm.config
@@ -35,7 +35,8 @@ class CausalLMTaskModel(nn.Module):
             self.head = None
         else:
             self.head = nn.Linear(lm.config.hidden_size, num_labels)
-            nn.init.normal_(self.head.weight, std=0.02)
+            # its own seeded generator: the head is the same for a seed whatever the loading drew before
+            nn.init.normal_(self.head.weight, std=0.02, generator=torch.Generator().manual_seed(seed))
             nn.init.zeros_(self.head.bias)
 
     def forward(self, input_ids_BS, attention_mask_BS, prefix_hidden_BSH=None) -> torch.Tensor:
