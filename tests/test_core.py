@@ -95,6 +95,22 @@ def test_regulariser_zero_at_p_g_positive_elsewhere_router_only_gradient():
     assert float(gate_regulariser(router_EH, hidden_TH, other, torch.zeros(3), top_k=3)) == 0.0
 
 
+def test_regulariser_of_a_router_with_a_bias_reads_its_logits_with_the_bias():
+    """GPT-OSS routes by h W^T + b: with W = 0 every token's distribution is softmax(b), so L_reg is zero at
+    p_g = softmax(b) and KL(softmax(b) || uniform) at a uniform p_g (it read h W^T alone: the reverse)."""
+    hidden_TH = torch.randn(10, 4)
+    router_EH = torch.zeros(3, 4)
+    bias_E = torch.nn.Parameter(torch.tensor([2.0, 0.0, -1.0]))
+    p_b = torch.softmax(bias_E.detach(), -1)
+    ones = torch.ones(3)
+    assert float(gate_regulariser(router_EH, hidden_TH, p_b, ones, 3, bias_E).detach()) == pytest.approx(0.0, abs=1e-6)
+    uniform = torch.full((3,), 1 / 3)
+    reg = gate_regulariser(router_EH, hidden_TH, uniform, ones, 3, bias_E)
+    assert float(reg) == pytest.approx(float((p_b * (p_b * 3).log()).sum()), rel=1e-5)
+    reg.backward()
+    assert bias_E.grad.abs().sum() > 0
+
+
 def test_regulariser_is_nonnegative_on_any_topk_subset():
     torch.manual_seed(1)
     for _ in range(20):

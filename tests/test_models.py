@@ -249,3 +249,13 @@ def test_a_checkpoints_task_head_depends_on_the_seed_alone(tmp_path):
     assert torch.equal(heads[0], heads[1])
     other = build_model(ModelConfig(backbone=str(folder), num_experts=5), ["a", "b"], "classification", 1)
     assert not torch.equal(other.model.head.weight, heads[0])
+
+
+def test_building_a_model_draws_no_loading_bar_of_transformers(capfd):
+    """transformers' per-tensor "Loading weights" bar reached the terminal of every minilm run."""
+    build_model(ModelConfig(backbone="minilm"), ["a", "b"], "classification", 0)
+    out, err = capfd.readouterr()
+    assert "Loading weights" not in out + err
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()  # and the bar is back for the user's own code

@@ -21,9 +21,10 @@ from .statistics import topk_mask
 
 
 def gate_regulariser(router_EH: torch.Tensor, hidden_TH: torch.Tensor, p_g_E: torch.Tensor,
-                     alpha_E: torch.Tensor, top_k: int) -> torch.Tensor:
-    """L_reg for one MoE layer and one batch of real tokens; a scalar with gradient to ``router_EH``."""
-    probs_TE = F.linear(hidden_TH.detach().to(router_EH.dtype), router_EH).float().softmax(-1)
+                     alpha_E: torch.Tensor, top_k: int, router_bias_E: torch.Tensor | None = None) -> torch.Tensor:
+    """L_reg for one MoE layer and one batch of real tokens; a scalar with gradient to ``router_EH`` (and
+    to ``router_bias_E``, for routers whose logits are h W^T + b)."""
+    probs_TE = F.linear(hidden_TH.detach().to(router_EH.dtype), router_EH, router_bias_E).float().softmax(-1)
     p_hat_E = probs_TE.mean(0)
     mask_E = topk_mask(probs_TE.detach(), top_k).any(0)
     p_g_E = p_g_E.to(p_hat_E).clamp(min=1e-8)

@@ -115,7 +115,7 @@ class RoutingRecorder:
             if not self.keep_grad:
                 hidden_TH = hidden_TH.detach()
             weight_EH, bias = module.weight, getattr(module, "bias", None)
-            bias_E = bias if isinstance(bias, torch.Tensor) and bias.shape == weight_EH.shape[:1] else None
+            bias_E = bias if isinstance(bias, torch.Tensor) and bias.shape == weight_EH.shape[:1] else None  # GPT-OSS
             with torch.set_grad_enabled(self.keep_grad and torch.is_grad_enabled()):
                 logits_TE = F.linear(hidden_TH.to(weight_EH.dtype), weight_EH, bias_E)
             self.records[l] = RoutingRecord(logits_TE=logits_TE, hidden_TH=hidden_TH)
@@ -154,6 +154,11 @@ class MoEAdapter:
     def router_weight(self, l: int) -> nn.Parameter:
         """Router weight of MoE layer ``l``, shape [E, H]."""
         return self._param(self.layout.layers[l].router)
+
+    def router_bias(self, l: int) -> torch.Tensor | None:
+        """The router's own bias [E] of MoE layer ``l`` (GPT-OSS has one), or None."""
+        bias = getattr(self.routers[l], "bias", None)
+        return bias if isinstance(bias, torch.Tensor) and bias.shape == (self.num_experts,) else None
 
     def expert_slice(self, l: int, e: int) -> dict[str, torch.Tensor]:
         """Views of expert ``e`` in MoE layer ``l``: one tensor per stacked expert parameter."""

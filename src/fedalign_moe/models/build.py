@@ -10,6 +10,7 @@ whose sparse blocks ``hf_moe`` finds (a causal LM), or of Switch Transformers (`
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -119,8 +120,6 @@ def check_tokenizer(tokenizer, texts: list[str], model: nn.Module, where: str) -
 def _load_checkpoint(path: str, task: str):
     """(model, tokenizer) of a checkpoint: a causal LM, or a Switch encoder (classification) or
     encoder-decoder (multiple choice)."""
-    from transformers.utils import logging as hf_logging
-
     config = _checkpoint_config(path)
     if config.model_type == "switch_transformers":
         from transformers import SwitchTransformersForConditionalGeneration as Seq2Seq
@@ -130,12 +129,21 @@ def _load_checkpoint(path: str, task: str):
         loader = Seq2Seq if task == "multiple-choice" else SwitchEncoderOnly
     else:
         loader = AutoModelForCausalLM
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a per-tensor loading bar is transformers' output, not ours
     try:
         return loader.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(f"cannot load the checkpoint at {path}: {str(err).splitlines()[0]}") from None
+
+
+@contextmanager
+def _no_loading_bar():
+    """While it lasts, transformers draws no per-tensor loading bar (its output, not ours, on a terminal)."""
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
     finally:
         if bar:
             hf_logging.enable_progress_bar()
@@ -252,7 +260,8 @@ def build_model(cfg: ModelConfig, label_names: list[str], task: str, seed: int, 
 
     ``public`` is the public split a recipe trains on (``btx``), ``max_length`` the run's tokens per text.
     """
-    model, tok, adapter, seconds = _backbone(cfg, label_names, task, seed, public, max_length)
+    with _no_loading_bar():
+        model, tok, adapter, seconds = _backbone(cfg, label_names, task, seed, public, max_length)
     if cfg.trainable == "lora-experts":
         before = dict(model.named_parameters())
         _apply_lora(model, cfg, adapter)

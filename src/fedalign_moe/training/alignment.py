@@ -52,7 +52,7 @@ class ClientAligner:
             return None
         total = sum(
             gate_regulariser(self.adapter.router_weight(l), rec.hidden_TH[rec.real(keep_T)], self.p_g_LE[l],
-                             self.alpha_LE[l], self.adapter.top_k)
+                             self.alpha_LE[l], self.adapter.top_k, self.adapter.router_bias(l))
             for l, rec in enumerate(records)
         )
         self.reg_sum += float(total.detach())
