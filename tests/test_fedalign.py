@@ -235,8 +235,8 @@ def test_gram_matrices_taken_in_slices_equal_the_whole_ones():
 
 
 def test_when_no_expert_tensor_travels_the_diagnostics_say_not_applied(server_identity, tmp_path):
-    """LoRA on the experts: the stacked expert tensors stay frozen and do not travel, so semantic expert
-    aggregation has nothing to act on. Its aligned sets read empty (0 merged) before: now "not applied"."""
+    """Frozen experts that do not travel (and no LoRA factors on them): semantic expert aggregation has
+    nothing to act on. Its aligned sets read empty (0 merged) before: now "not applied"."""
     from fedalign_moe.report.diagnostics import draw_fedalign
     from fedalign_moe.report.evidence import aligned_fraction, alignment_summary
     from fedalign_moe.tracking import TensorBoardTracker

@@ -184,6 +184,9 @@ class FedAlignConfig(_Section):
     gate_regulariser: bool = True
     adaptive_alpha: bool = True
     expert_aggregation: Literal["semantic", "fedavg"] = "semantic"
+    # model.trainable = lora-experts: expert e's update compared across clients as its LoRA product B_e A_e
+    # ("product") or as its two factors ("factors"); either way A_e and B_e are then averaged over A(e) [ours]
+    lora_direction: Literal["product", "factors"] = "product"
 
 
 class OutputConfig(_Section):

@@ -14,12 +14,13 @@ Shapes: C clients, L MoE layers, E experts, H hidden, P parameters of one expert
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from .gate_alignment import adaptive_alpha, aggregate_router, consistency_weights, global_routing_distribution, routing_consistency
+from .lora_experts import a_view, b_view, fold_a, fold_b, product_gram
 from .semantic_alignment import align_expert_gram
 
 State = Mapping[str, torch.Tensor]
@@ -28,7 +29,8 @@ State = Mapping[str, torch.Tensor]
 @dataclass(frozen=True)
 class LayerNames:
     router: str
-    experts: tuple[str, ...]
+    experts: tuple[str, ...]  # stacked [E, ...]
+    lora: tuple[tuple[str, str], ...] = ()  # (A, B) LoRA factors of stacked experts: ``lora_experts``
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class AlignOptions:
     beta: float = 1.0
     omega_times_tokens: bool = False
     consistency_floor: float = float("inf")
+    lora_direction: str = "product"  # product | factors: what expert e's LoRA update is compared by
 
 
 @dataclass
@@ -84,20 +87,27 @@ def _router_weights(opts: AlignOptions, stats: dict[str, torch.Tensor], l: int, 
     return consistency_weights(s_CE, stats["n"][:, l] if opts.omega_times_tokens else None)
 
 
+def _stacked(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 def expert_gram(names: Sequence[str], global_state: State, client_states: Sequence[State],
-                buffer_floats: int = 1 << 24) -> torch.Tensor:
+                buffer_floats: int = 1 << 24, views: Mapping[str, Callable] | None = None) -> torch.Tensor:
     """gram [E, C, C] of the clients' expert updates, gram[e, i, j] = <Delta_i[e], Delta_j[e]> over ``names``.
 
     The updates are taken a slice of columns at a time into one float32 buffer of at most ``buffer_floats``
     (64 MB by default), so the memory it needs does not grow with the number of clients or the expert size.
+    ``views[name]`` shows a tensor as [E, ...] (LoRA factors); stacked tensors need none.
     """
-    E, C = global_state[names[0]].shape[0], len(client_states)
+    views = views or {}
+    E, C = views.get(names[0], _stacked)(global_state[names[0]]).shape[0], len(client_states)
     gram_ECC = torch.zeros(E, C, C, dtype=torch.float64)
     width = max(1, buffer_floats // (C * E))  # columns of one expert per slice
     buffer = torch.empty(C * E * min(width, max(global_state[n].numel() // E for n in names)))
     for n in names:
-        g_EP = global_state[n].reshape(E, -1).float()
-        x_C = [cs[n].reshape(E, -1) for cs in client_states]  # views (protocol.ArrayView reads without copying)
+        view = views.get(n, _stacked)
+        g_EP = view(global_state[n]).reshape(E, -1).float()
+        x_C = [view(cs[n]).reshape(E, -1) for cs in client_states]  # views (protocol.ArrayView reads without copying)
         for start in range(0, g_EP.shape[1], width):
             stop = min(start + width, g_EP.shape[1])
             delta_CEP = buffer[: C * E * (stop - start)].view(C, E, stop - start)
@@ -121,16 +131,38 @@ def apply_expert_weights(global_EX: torch.Tensor, client_tensors_C: Iterable[tor
     return out_EX.to(global_EX.dtype)
 
 
+def _expert_views(layer: LayerNames, global_state: State, E: int) -> dict[str, tuple[Callable, Callable]]:
+    """name -> (to [E, ...], back) for every expert tensor of the layer that travels: stacked tensors as
+    they are, LoRA factors through ``lora_experts``' views (frozen stacked experts under LoRA do not travel)."""
+    views = {n: (_stacked, _stacked) for n in layer.experts if n in global_state}
+    for a, b in layer.lora:
+        if a in global_state and b in global_state:
+            views[a] = (lambda t: a_view(t, E), fold_a)
+            views[b] = (lambda t: b_view(t, E), fold_b)
+    return views
+
+
+def _gram(layer: LayerNames, views: dict, global_state: State, client_states: Sequence[State], E: int,
+          opts: AlignOptions) -> torch.Tensor:
+    """The Gram matrices of the layer's expert updates, LoRA factors compared as ``opts.lora_direction`` says."""
+    pairs = [(a, b) for a, b in layer.lora if a in views]
+    if opts.lora_direction == "factors" or not pairs:
+        return expert_gram(list(views), global_state, client_states, views={n: v[0] for n, v in views.items()})
+    gram_ECC = product_gram(pairs, global_state, client_states, E)
+    stacked = [n for n in views if n in layer.experts]
+    return gram_ECC + expert_gram(stacked, global_state, client_states) if stacked else gram_ECC
+
+
 def _align_experts(layer: LayerNames, l: int, global_state: State, client_states: Sequence[State], stats,
                    examples_C, opts, result: AlignResult) -> None:
     """Aggregate every expert of one layer into ``result.state``."""
-    names = [n for n in layer.experts if n in global_state]  # frozen experts (e.g. LoRA) do not travel
-    if not names:
+    E, C = stats["p"].shape[2], len(client_states)
+    views = _expert_views(layer, global_state, E)
+    if not views:
         result.experts_applied_L[l] = False
         return
-    E, C = global_state[names[0]].shape[0], len(client_states)
     if opts.expert_aggregation == "semantic":
-        gram_ECC = expert_gram(names, global_state, client_states)
+        gram_ECC = _gram(layer, views, global_state, client_states, E, opts)
         weights_EC = torch.zeros(E, C, dtype=torch.float64)
         for e in range(E):
             dec = align_expert_gram(stats["mu"][:, l, e], gram_ECC[e], stats["n"][:, l, e], opts.beta,
@@ -141,8 +173,9 @@ def _align_experts(layer: LayerNames, l: int, global_state: State, client_states
     else:
         weights_EC = (examples_C.double() / examples_C.sum())[None, :].expand(E, C)
         result.aligned_LEC[l] = True
-    for n in names:
-        result.state[n] = apply_expert_weights(global_state[n], (cs[n] for cs in client_states), weights_EC)
+    for n, (to_E, back) in views.items():
+        result.state[n] = back(apply_expert_weights(to_E(global_state[n]), (to_E(cs[n]) for cs in client_states),
+                                                    weights_EC))
 
 
 def fedalign_aggregate(global_state: State, client_states: Sequence[State],
@@ -155,7 +188,7 @@ def fedalign_aggregate(global_state: State, client_states: Sequence[State],
     """
     C, L, E = stats["p"].shape
     fedavg_C = examples_C.double() / examples_C.sum()
-    moe_names = {n for layer in layers for n in (layer.router, *layer.experts)}
+    moe_names = {n for layer in layers for n in (layer.router, *layer.experts, *(x for pair in layer.lora for x in pair))}
     state = {n: (t if n in moe_names else fedavg_tensor((cs[n] for cs in client_states), fedavg_C))
              for n, t in global_state.items()}  # every MoE entry is replaced below
     result = AlignResult(state, torch.zeros(L, E), torch.ones(L, E), torch.zeros(L, C, E),

@@ -65,10 +65,10 @@ class FedAlignMoE(ScreenedReplies, FedAvg):
         stats = {"p": torch.stack([s.p_LE for s in routing]), "n": torch.stack([s.n_LE for s in routing]),
                  "o": torch.stack([s.o_LE for s in routing]), "m": torch.stack([s.m_LE for s in routing]),
                  "mu": torch.stack([s.mu_LEH for s in routing])}
-        layers = [LayerNames(l.router, l.experts) for l in self.policy.layout.layers]
+        layers = [LayerNames(l.router, l.experts, l.lora) for l in self.policy.layout.layers]
         o = self.options
         opts = AlignOptions(o.gate_aggregation, o.adaptive_alpha, o.expert_aggregation, o.beta, o.omega_times_tokens,
-                            o.consistency_floor)
+                            o.consistency_floor, o.lora_direction)
         result = fedalign_aggregate(self.global_state, [r.state() for r in replies],
                                     examples_C, stats, layers, opts)
         self.p_g_LE, self.alpha_LE, self.last = result.p_g_LE, result.alpha_LE, result

@@ -30,6 +30,8 @@ class MoELayerLayout:
     index: int  # position of the layer in the backbone (0-based)
     router: str  # name of the router weight, shape [E, H]
     experts: tuple[str, ...]  # names of stacked expert tensors, each [E, ...]
+    # (A, B) names of the LoRA factors on the stacked experts (peft: A [E*r, I], B [O, r*E]; core.lora_experts)
+    lora: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class MoELayout:
         for layer in self.layers:
             names.add(layer.router)
             names.update(layer.experts)
+            names.update(n for pair in layer.lora for n in pair)
         return names
 
     def to_dict(self) -> dict:
@@ -53,14 +56,17 @@ class MoELayout:
             "num_experts": self.num_experts,
             "top_k": self.top_k,
             "layers": [
-                {"index": l.index, "router": l.router, "experts": list(l.experts)} for l in self.layers
+                {"index": l.index, "router": l.router, "experts": list(l.experts), "lora": [list(p) for p in l.lora]}
+                for l in self.layers
             ],
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "MoELayout":
         layers = tuple(
-            MoELayerLayout(int(l["index"]), str(l["router"]), tuple(l["experts"])) for l in d["layers"]
+            MoELayerLayout(int(l["index"]), str(l["router"]), tuple(l["experts"]),
+                           tuple((str(a), str(b)) for a, b in l.get("lora", ())))
+            for l in d["layers"]
         )
         return cls(int(d["num_experts"]), int(d["top_k"]), layers)
 
@@ -130,6 +136,19 @@ def backbone_layer_index(param_name: str, fallback: int) -> int:
     return int(match.group(1)) if match else fallback
 
 
+def _lora_pairs(params: dict[str, nn.Parameter], expert_modules: set[str]) -> tuple[tuple[str, str], ...]:
+    """(A, B) names of the LoRA factors peft put on the stacked experts held by ``expert_modules`` (their
+    names before wrapping): ``<module>.(base_layer.)*lora_A.<adapter>.weight`` and its ``lora_B`` twin."""
+    pairs = []
+    for name in sorted(params):
+        head, sep, tail = name.partition(".lora_A.")
+        if sep and head.split(".base_layer")[0] in expert_modules:
+            twin = f"{head}.lora_B.{tail}"
+            if twin in params:
+                pairs.append((name, twin))
+    return tuple(pairs)
+
+
 class MoEAdapter:
     """Base class: a family adapter knows its model's routers and stacked experts."""
 
@@ -175,8 +194,11 @@ class MoEAdapter:
         def rename(name: str) -> str:
             return now[id(before[name])]
 
+        params = dict(self.model.named_parameters())
         layers = tuple(
-            MoELayerLayout(l.index, rename(l.router), tuple(rename(e) for e in l.experts)) for l in self.layout.layers
+            MoELayerLayout(l.index, rename(l.router), tuple(rename(e) for e in l.experts),
+                           _lora_pairs(params, {before_name.rpartition(".")[0] for before_name in l.experts}))
+            for l in self.layout.layers
         )
         return type(self)(self.model, MoELayout(self.num_experts, self.top_k, layers), self.routers)
 
