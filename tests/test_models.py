@@ -259,3 +259,30 @@ def test_building_a_model_draws_no_loading_bar_of_transformers(capfd):
     from transformers.utils import logging as hf_logging
 
     assert hf_logging.is_progress_bar_enabled()  # and the bar is back for the user's own code
+
+
+def test_a_client_that_trained_on_zero_tokens_fails_its_round(tmp_path, monkeypatch):
+    """Texts that give no token (here blank ones, through a checkpoint whose folder has no tokenizer files)
+    make the client's round an error naming its partition, never a reply counted as training; a round
+    without any valid reply keeps the old model, and stop_after_silent_rounds of them end the run with
+    exit 1 (test_cli's diverging run)."""
+    from flwr.app import Context, RecordDict
+
+    from fedalign_moe.config import load_config
+    from fedalign_moe.federation import client_app, protocol
+    from fedalign_moe.federation.node_policy import TRUST_ENV
+    from fedalign_moe.training.setup import open_workspace
+
+    folder = _saved_checkpoint(tmp_path)  # no tokenizer files: transformers builds an empty tokenizer
+    data = tmp_path / "blank.csv"
+    data.write_text("text,label\n" + "".join(f'" ",{"abc"[i % 3]}\n' for i in range(60)))
+    cfg = load_config("tiny", overrides={"data": {"source": "file", "path": str(data)},
+                                         "model": {"backbone": str(folder), "num_experts": 5}})
+    monkeypatch.setenv(TRUST_ENV, "run-config")
+    ws = open_workspace(cfg)  # the tokenizer check has no real text to refuse
+    state = {n: p.detach() for n, p in ws.built.model.named_parameters() if n in ws.built.trainable}
+    ins = protocol.Instruction(1, cfg.to_json(), state)
+    context = Context(run_id=1, node_id=1, node_config={protocol.PARTITION_ID: 0, "num-partitions": 3},
+                      state=RecordDict(), run_config={})
+    with pytest.raises(ValueError, match="partition 0 trained on zero tokens"):
+        client_app.train_round(ins, context)
