@@ -155,8 +155,9 @@ def test_directory_checkpoint_loads_with_a_pad_token(tmp_path):
     assert torch.equal(_logits(dense, ids, mask), _logits(model, ids, mask))
 
 
-def test_real_smollm2_upcycles_to_an_equivalent_mixtral():
-    """About 20 s on the 2-core CPU (GGUF dequantisation dominates), so it is not marked slow."""
+def test_real_smollm2_upcycles_to_an_equivalent_mixtral(capfd):
+    """About 20 s on the 2-core CPU (GGUF dequantisation dominates), so it is not marked slow. Loading
+    draws nothing on the terminal (transformers' GGUF bar reached every smollm2 run's)."""
     try:
         path = smollm2_gguf_path()
     except ModelLoadError as err:
@@ -164,6 +165,7 @@ def test_real_smollm2_upcycles_to_an_equivalent_mixtral():
     t0 = time.perf_counter()
     dense, tok = load_dense_causal_lm(path)
     t1 = time.perf_counter()
+    assert "Converting and de-quantizing" not in capfd.readouterr().err
     moe = upcycle_llama_to_mixtral(dense, num_experts=4, top_k=2)
     t2 = time.perf_counter()
     print(f"\nSmolLM2 GGUF load {t1 - t0:.1f} s, upcycle {t2 - t1:.1f} s")

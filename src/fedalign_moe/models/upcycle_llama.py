@@ -24,6 +24,8 @@ Shape legend: E experts, K top-k, H hidden size, I FFN inner size, V vocabulary.
 
 from __future__ import annotations
 
+import contextlib
+import io
 from importlib import metadata
 from pathlib import Path
 
@@ -126,8 +128,11 @@ def load_dense_causal_lm(path: str | Path) -> tuple[nn.Module, object]:
         if path.suffix == ".gguf":
             if not path.is_file():
                 raise FileNotFoundError(f"no such file: {path}")
-            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            # transformers' GGUF reader draws a plain tqdm bar on stderr (not its logging's, which
+            # build_model turns off): third-party output, kept off the user's terminal
+            with contextlib.redirect_stderr(io.StringIO()):
+                tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+                model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
             _strip_quantization(model)
         else:
             tokenizer = AutoTokenizer.from_pretrained(path)
