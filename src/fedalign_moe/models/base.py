@@ -114,9 +114,7 @@ class RoutingRecorder:
         def hook(module: nn.Module, args: tuple, output) -> None:
             # the logits are h W^T (+ b) whatever the router returns: families return logits, scores or
             # dispatch masks first, and some apply sigmoid or correction biases after the matrix
-            hidden = args[0] if args else None
-            if hidden is None:
-                return
+            hidden = args[0]
             hidden_TH = hidden.reshape(-1, hidden.shape[-1])
             if not self.keep_grad:
                 hidden_TH = hidden_TH.detach()

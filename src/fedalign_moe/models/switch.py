@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import SwitchTransformersEncoderModel
 
+from .task import add_scoring
+
 
 class StackedSwitchExperts(nn.Module):
     """E Switch FFNs (wi -> act -> dropout -> wo, no biases) stacked on dimension 0."""
@@ -103,16 +105,7 @@ class SwitchTaskModel(nn.Module):
         self.switch = switch
         self.config = switch.config
         self.frozen_prefix = 0
-        if label_token_ids is not None:
-            if len(label_token_ids) != num_labels:
-                raise ValueError("one answer token per label is required")
-            self.register_buffer("label_token_ids", torch.tensor(label_token_ids), persistent=False)
-            self.head = None
-        else:
-            self.head = nn.Linear(switch.config.d_model, num_labels)
-            # its own seeded generator: the head is the same for a seed whatever the loading drew before
-            nn.init.normal_(self.head.weight, std=0.02, generator=torch.Generator().manual_seed(seed))
-            nn.init.zeros_(self.head.bias)
+        add_scoring(self, switch.config.d_model, num_labels, label_token_ids, seed)
 
     def forward(self, input_ids_BS, attention_mask_BS, prefix_hidden_BSH=None) -> torch.Tensor:
         if self.head is not None:

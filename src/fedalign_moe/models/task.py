@@ -20,6 +20,21 @@ def last_token_states(hidden_BSH: torch.Tensor, attention_mask_BS: torch.Tensor)
     return hidden_BSH[torch.arange(hidden_BSH.shape[0], device=hidden_BSH.device), last_B]
 
 
+def add_scoring(model: nn.Module, hidden: int, num_labels: int, label_token_ids: list[int] | None, seed: int) -> None:
+    """Give a task model what scores its C classes: the answer letters' token ids (multiple choice; a
+    buffer, ``head`` None) or a linear head [C, H] drawn from its own seeded generator, so the head is
+    the same for a seed whatever loading the model drew from the global one before."""
+    if label_token_ids is not None:
+        if len(label_token_ids) != num_labels:
+            raise ValueError("one answer token per label is required")
+        model.register_buffer("label_token_ids", torch.tensor(label_token_ids), persistent=False)
+        model.head = None
+    else:
+        model.head = nn.Linear(hidden, num_labels)
+        nn.init.normal_(model.head.weight, std=0.02, generator=torch.Generator().manual_seed(seed))
+        nn.init.zeros_(model.head.bias)
+
+
 class CausalLMTaskModel(nn.Module):
     """Wraps a ``*ForCausalLM`` (its ``.model`` body and ``.lm_head``) into a C-way scorer."""
 
@@ -28,16 +43,7 @@ class CausalLMTaskModel(nn.Module):
         self.lm = lm
         self.config = lm.config
         self.frozen_prefix = 0  # no prefix cache for decoders: every layer sits below a trainable router
-        if label_token_ids is not None:
-            if len(label_token_ids) != num_labels:
-                raise ValueError("one answer token per label is required")
-            self.register_buffer("label_token_ids", torch.tensor(label_token_ids), persistent=False)
-            self.head = None
-        else:
-            self.head = nn.Linear(lm.config.hidden_size, num_labels)
-            # its own seeded generator: the head is the same for a seed whatever the loading drew before
-            nn.init.normal_(self.head.weight, std=0.02, generator=torch.Generator().manual_seed(seed))
-            nn.init.zeros_(self.head.bias)
+        add_scoring(self, lm.config.hidden_size, num_labels, label_token_ids, seed)
 
     def forward(self, input_ids_BS, attention_mask_BS, prefix_hidden_BSH=None) -> torch.Tensor:
         out = self.lm.model(input_ids=input_ids_BS, attention_mask=attention_mask_BS, use_cache=False)
