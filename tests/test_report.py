@@ -159,3 +159,37 @@ def test_tuning_runs_are_labelled_as_validation(tmp_path):
     assert "global validation split" in text and "test split was not read" in text
     text = write_results_table([_configured("fedavg", 0)], tmp_path / "r.md").read_text()
     assert "global test split" in text and "validation" not in text
+
+
+def test_paired_difference_has_the_paired_t_interval():
+    from fedalign_moe.report.paired import paired_difference
+
+    d = paired_difference({0: 0.7, 1: 0.8, 2: 0.6, 5: 0.9}, {0: 0.6, 1: 0.7, 2: 0.6, 3: 0.1})  # seeds 0-2 pair up
+    assert d.n == 3 and d.per_seed == pytest.approx({0: 0.1, 1: 0.1, 2: 0.0})
+    assert d.mean == pytest.approx(0.2 / 3)
+    assert d.half_width == pytest.approx(4.302653 * math.sqrt(1 / 300) / math.sqrt(3), rel=1e-5)  # t(0.975, 2)
+    assert not d.resolved  # +6.7 +- 14.3 points
+    one = paired_difference({0: 0.7}, {0: 0.6})
+    assert one.half_width is None and not one.resolved and paired_difference({1: 0.5}, {0: 0.5}) is None
+    tight = paired_difference({0: 0.71, 1: 0.72, 2: 0.73}, {0: 0.60, 1: 0.60, 2: 0.60})
+    assert tight.resolved and tight.mean == pytest.approx(0.12)
+
+
+def test_the_evidence_report_pairs_every_strategy_with_fedavg_by_seed(tmp_path):
+    from fedalign_moe.report.paired import paired_rows, paired_table
+
+    def run(strategy, seed, final, local=None):
+        s = _summary(strategy, seed, [final])
+        s["last5_accuracy"], s["final_local_accuracy"], s["last5_local_accuracy"] = final, local, local
+        return s
+
+    summaries = [run("fedavg", 0, 0.60, 0.9), run("fedavg", 1, 0.70, 0.8), run("fedalign", 0, 0.65, 0.95),
+                 run("fedalign", 1, 0.76, 0.85), run("centralised", 0, 0.80)]
+    rows = {r["strategy"]: r for r in paired_rows(summaries)}
+    assert set(rows) == {"fedalign", "centralised"}
+    assert rows["fedalign"]["final_accuracy"].mean == pytest.approx(0.055)
+    assert rows["fedalign"]["final_local_accuracy"].mean == pytest.approx(0.05)
+    assert rows["centralised"]["final_local_accuracy"] is None  # no client-own figure
+    table = paired_table(list(rows.values()))
+    assert "| 0.1 | fedalign | +5.5 ± 6.4 (2) | +5.5 ± 6.4 (2) | +5.0 ± 0.0 (2) * |" in table
+    assert "| 0.1 | centralised | +20.0 (1 seed) |" in table

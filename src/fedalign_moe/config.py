@@ -187,6 +187,9 @@ class FedAlignConfig(_Section):
     # model.trainable = lora-experts: expert e's update compared across clients as its LoRA product B_e A_e
     # ("product") or as its two factors ("factors"); either way A_e and B_e are then averaged over A(e) [ours]
     lora_direction: Literal["product", "factors"] = "product"
+    # a client outside A(e) keeps its own expert e (and router row e) for its own use instead of taking the
+    # global one (core.personal); needs expert_aggregation = "semantic" [ours: issue 9]
+    personal_experts: bool = False
 
 
 class OutputConfig(_Section):
@@ -217,6 +220,11 @@ class Config(_Section):
         if self.model.recipe == "btx" and self.data.public_fraction == 0:
             raise ValueError("model.recipe = 'btx' trains its experts on a public split: set data.public_fraction "
                              "(for example 0.2)")
+        if (self.federation.strategy in FEDALIGN_RUNGS and self.effective_fedalign().personal_experts
+                and self.effective_fedalign().expert_aggregation != "semantic"):
+            raise ValueError(f"fedalign.personal_experts keeps the experts outside their aligned sets, and strategy "
+                             f"{self.federation.strategy!r} aggregates experts without aligned sets (expert_aggregation "
+                             "= fedavg): use strategy fedalign")
         return self
 
     def effective_fedalign(self) -> FedAlignConfig:

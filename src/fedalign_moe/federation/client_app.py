@@ -5,16 +5,23 @@ the global parameters, FedProx's mu, whether to upload a sub-MoE (FedMoE), FedAl
 node config gives the ``partition-id`` (set by the simulation engine, or by ``flower-supernode
 --node-config 'partition-id=3 num-partitions=10'``) and the node's own limits: what it reads, where it
 writes, its device (``node_policy.NodePolicy``); a run config that asks for more is refused.
+
+Personalised experts (FedAlign-MoE, [ours]): when the instruction names the experts this client keeps, it
+trains from its own copies of those (kept in the node's ``context.state`` from its last round, never
+uploaded anywhere but in its ordinary update) and keeps a copy of its trained experts for the next round.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from ..config import Config
 from ..core.fedmoe import sub_moe_LE
+from ..core.personal import expert_names, with_own_experts
 from ..training.alignment import ClientAligner
 from ..training.local import evaluate, load_state, train_local, trainable_state
 from ..training.setup import Workspace, cached_workspace
@@ -23,6 +30,8 @@ from .node_policy import NodePolicy
 from .protocol import Instruction, TrainFigures
 
 app = ClientApp()
+logger = logging.getLogger(__name__)
+OWN_EXPERTS = "own-experts"  # context.state: this node's experts and routers after its last round (personalised experts)
 
 
 def _workspace(run_config: str, context: Context) -> tuple[Workspace, int]:
@@ -38,10 +47,13 @@ def _workspace(run_config: str, context: Context) -> tuple[Workspace, int]:
 def train_round(ins: Instruction, context: Context) -> RecordDict:
     """Do what the instruction says on this node's partition; return the reply's content."""
     ws, pid = _workspace(ins.run_config, context)
-    load_state(ws.built.model, ins.arrays)
+    target = ins.alignment
+    personal = None if target is None else target.personal_LE
+    layers = ws.built.adapter.layout.layers
+    load_state(ws.built.model, ins.arrays if personal is None else _own_experts_in(ins.arrays, personal, layers,
+                                                                                 context, pid))
     train_data, test_data = ws.client(pid)
     seed = ws.cfg.seed * 100_003 + ins.server_round * 1_009 + pid
-    target = ins.alignment
     aligner = None if target is None else ClientAligner(ws.built.adapter, target.p_g_LE, target.alpha_LE,
                                                         target.reg_lambda, target.stats_noise_sigma, seed)
     result = train_local(ws.built.model, ws.built.adapter, train_data, ws.built.trainable, ws.cfg.train, seed=seed,
@@ -55,7 +67,24 @@ def train_round(ins: Instruction, context: Context) -> RecordDict:
     figures = TrainFigures(result.loss, result.steps, result.tokens, result.seconds, local["accuracy"], local["loss"],
                            local["num-examples"], aligner.mean_regulariser() if aligner else None)
     state = trainable_state(ws.built.model, ws.built.trainable)
+    if personal is not None:  # the copies this node may keep next round
+        context.state[OWN_EXPERTS] = ArrayRecord({n: state[n] for n in expert_names(layers) if n in state})
     return protocol.train_reply(pid, result.num_examples, state, figures, routing, layout, ins, held)
+
+
+def _own_experts_in(arrays: dict[str, torch.Tensor], personal_LE: torch.Tensor, layers, context: Context,
+                    pid: int) -> dict[str, torch.Tensor]:
+    """The global arrays with this node's own copies of the experts it keeps; the global ones, with a log
+    line, when it holds no copy of them (a node that restarted since its last round)."""
+    if not personal_LE.any():
+        return arrays
+    own = context.state[OWN_EXPERTS].to_torch_state_dict() if OWN_EXPERTS in context.state else {}
+    missing = sorted(n for n in expert_names(layers) if n in arrays and n not in own)
+    if missing:
+        logger.warning("partition %d keeps %d experts but holds no copy of %s (restarted?): it trains from the "
+                       "global ones this round", pid, int(personal_LE.sum()), missing[0])
+        return arrays
+    return with_own_experts(arrays, own, personal_LE, layers)
 
 
 @app.train()

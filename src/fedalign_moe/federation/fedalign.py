@@ -6,7 +6,8 @@ Mixture-of-Experts under Data Heterogeneity", arXiv 2603.21276 (2026).
 Glue only: ``configure_train`` attaches the global routing distribution p_g, the adaptive expert
 weights alpha and lambda to FedAvg's message (``protocol.attach_alignment``); the replies are screened
 (``screening.ScreenedReplies``), then ``aggregate_replies`` hands the arithmetic to
-``core.aggregate.fedalign_aggregate``.
+``core.aggregate.fedalign_aggregate``. With personalised experts [ours] each client's message also says
+which experts it keeps (outside A(e) in the last round it took part in: ``core.personal``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from ..config import FedAlignConfig
 from ..core.aggregate import AlignOptions, AlignResult, LayerNames, fedalign_aggregate
+from ..core.personal import personal_mask_LEC
 from . import protocol
 from .protocol import AlignmentTarget, TrainReply
 from .screening import ReplyPolicy, ScreenedReplies
@@ -50,6 +52,8 @@ class FedAlignMoE(ScreenedReplies, FedAvg):
         self.alpha_LE = torch.ones(L, E)  # round 1: alpha = 1 everywhere (spec)
         self.last: AlignResult | None = None
         self.last_partition_ids: list[int] = []
+        # personalised experts: node id -> bool [L, E], the experts that node keeps (None: not personalising)
+        self.personal_by_node: dict[int, torch.Tensor] | None = {} if options.personal_experts else None
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         messages = super().configure_train(server_round, arrays, config, grid)
@@ -57,7 +61,16 @@ class FedAlignMoE(ScreenedReplies, FedAvg):
         target = AlignmentTarget(self.p_g_LE, self.alpha_LE, o.reg_lambda if o.gate_regulariser else 0.0, o.stats_noise_sigma)
         for msg in messages:
             protocol.attach_alignment(msg.content, target)
+        if self.personal_by_node is not None:
+            self.sent = messages = [self.personalise(msg) for msg in messages]
         return messages
+
+    def personalise(self, msg: Message) -> Message:
+        """The message for one node, naming the experts it keeps (none before its first aggregated reply)."""
+        node = msg.metadata.dst_node_id
+        mask_LE = self.personal_by_node.get(node, torch.zeros_like(self.p_g_LE, dtype=torch.bool))
+        return Message(content=protocol.with_personal_experts(msg.content, mask_LE),
+                       message_type=msg.metadata.message_type, dst_node_id=node)
 
     def aggregate_replies(self, server_round: int, replies: list[TrainReply]) -> tuple[ArrayRecord, MetricRecord]:
         examples_C = torch.tensor([float(r.num_examples) for r in replies])
@@ -73,6 +86,9 @@ class FedAlignMoE(ScreenedReplies, FedAvg):
                                     examples_C, stats, layers, opts)
         self.p_g_LE, self.alpha_LE, self.last = result.p_g_LE, result.alpha_LE, result
         self.last_partition_ids = [r.partition_id for r in replies]
+        if self.personal_by_node is not None:
+            keep_LEC = personal_mask_LEC(result.aligned_LEC, result.experts_applied_L)
+            self.personal_by_node.update({r.node_id: keep_LEC[:, :, c] for c, r in enumerate(replies)})
         return ArrayRecord(result.state), self.train_metrics_aggr_fn([r.message.content for r in replies],
                                                                      self.weighted_by_key)
 

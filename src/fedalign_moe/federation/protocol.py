@@ -6,7 +6,9 @@ Server -> client, one training round (``read_instruction``):
   config           ConfigRecord  run-config (the run's Config as JSON), server-round, and what the round
                                  asks: proximal-mu (FedProx; Flower's strategy writes it), upload
                                  ("full", or "sub-moe" with sub-moe-coverage: FedMoE), reg-lambda and
-                                 stats-noise-sigma (FedAlign-MoE)
+                                 stats-noise-sigma (FedAlign-MoE), personal-experts (FedAlign-MoE with
+                                 personalised experts: [L*E] 0/1, 1 where this client keeps its own
+                                 expert; its presence asks the client to keep a copy of its experts)
   fedalign-target  ArrayRecord   FedAlign-MoE only: p_g and alpha [L, E]
 Client -> server, its training reply (``train_reply`` builds it, ``read_train_reply`` validates it):
   arrays           ArrayRecord   the trained parameters (the sub-MoE's router rows and experts only,
@@ -51,6 +53,7 @@ UPLOAD = "upload"
 SUB_MOE_COVERAGE = "sub-moe-coverage"
 REG_LAMBDA = "reg-lambda"
 STATS_NOISE = "stats-noise-sigma"
+PERSONAL_EXPERTS = "personal-experts"  # per client: [L*E] 0/1
 # metric keys (client -> server)
 NUM_EXAMPLES = "num-examples"  # Flower's weighting key
 PARTITION_ID = "partition-id"
@@ -91,6 +94,9 @@ class AlignmentTarget:
     alpha_LE: torch.Tensor
     reg_lambda: float
     stats_noise_sigma: float = 0.0
+    # personalised experts: bool [L, E], True where the client trains from its own copy of expert e;
+    # None: the run does not personalise (the client keeps no copy)
+    personal_LE: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -189,6 +195,15 @@ def attach_alignment(content: RecordDict, target: AlignmentTarget) -> None:
     content[FEDALIGN_TARGET] = ArrayRecord({"p_g": target.p_g_LE.float().clone(), "alpha": target.alpha_LE.float().clone()})
 
 
+def with_personal_experts(content: RecordDict, personal_LE: torch.Tensor) -> RecordDict:
+    """One client's copy of a FedAlign-MoE message that tells it which experts to keep (bool [L, E]). The
+    copy shares the parameters and the target with ``content`` (nothing large is copied); only its config
+    record is its own."""
+    config = ConfigRecord(dict(content[CONFIG]))
+    config[PERSONAL_EXPERTS] = personal_LE.reshape(-1).int().tolist()
+    return RecordDict({**dict(content.items()), CONFIG: config})
+
+
 # ---------------------------------------------------------------- client side: reading and replying
 
 def _number(record, key: str, where: str, *, integer: bool = False, low: float | None = None,
@@ -233,12 +248,24 @@ def read_instruction(content: RecordDict) -> Instruction:
         if (p_g < 0).any() or ((p_g.sum(-1) - 1).abs() > SIMPLEX_TOLERANCE).any() or (alpha < 0).any() or (alpha > 1).any():
             raise InstructionError(f"{FEDALIGN_TARGET}: p_g must lie on the simplex and alpha in [0, 1]")
         alignment = AlignmentTarget(p_g, alpha, _number(config, REG_LAMBDA, where, low=0.0, error=InstructionError),
-                                    _number(config, STATS_NOISE, where, low=0.0, error=InstructionError))
+                                    _number(config, STATS_NOISE, where, low=0.0, error=InstructionError),
+                                    _personal(config, p_g.shape, where))
+    elif PERSONAL_EXPERTS in config:
+        raise InstructionError(f"{where}: {PERSONAL_EXPERTS} without a {FEDALIGN_TARGET}")
     return Instruction(
         server_round=_number(config, SERVER_ROUND, where, integer=True, low=1, error=InstructionError),
         run_config=config[RUN_CONFIG], arrays=content[ARRAYS].to_torch_state_dict(),
         proximal_mu=_number(config, PROXIMAL_MU, where, low=0.0, error=InstructionError) if PROXIMAL_MU in config else 0.0,
         sub_moe_coverage=coverage, alignment=alignment)
+
+
+def _personal(config: ConfigRecord, shape_LE: torch.Size, where: str) -> torch.Tensor | None:
+    if PERSONAL_EXPERTS not in config:
+        return None
+    value, L, E = config[PERSONAL_EXPERTS], *shape_LE
+    if not isinstance(value, list) or len(value) != L * E or any(isinstance(v, bool) or v not in (0, 1) for v in value):
+        raise InstructionError(f"{where}: {PERSONAL_EXPERTS} must be a list of {L * E} zeros and ones")
+    return torch.tensor(value, dtype=torch.bool).reshape(L, E)
 
 
 def train_reply(partition_id: int, num_examples: int, state: dict[str, torch.Tensor], figures: TrainFigures,

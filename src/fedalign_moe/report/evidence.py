@@ -16,6 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..runlog import read_jsonl, read_summary, save_figure, write_atomic
+from .paired import paired_rows, paired_table
 from .tables import cell_order, group_cells, mean_curves, mean_std, results_table, split_name
 
 logger = logging.getLogger(__name__)
@@ -367,6 +368,10 @@ def write_evidence(out: Path, summaries: list[dict] | None = None) -> Path:
              *([f"**Runs with failed clients** (rerun them: delete their folders and compare again): {'; '.join(failures)}", ""]
                if failures else ["Every client reply of every round arrived.", ""]),
              "## Accuracy", "", results_table(summaries),
+             "## Paired with FedAvg", "",
+             "Strategy minus FedAvg on the same seed (same splits), in points: mean ± the 95% paired-t "
+             "half-width (seeds); * where the interval excludes 0, i.e. the data resolve the difference.", "",
+             paired_table(paired_rows(summaries)),
              "## Convergence", "", convergence_table(convergence_rows(summaries)),
              "## Communication", "", communication_table(communication_rows(summaries)),
              "## Routing at the last round (routing.jsonl)", "", routing_table(summaries),

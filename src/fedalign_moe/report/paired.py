@@ -1,0 +1,82 @@
+"""Paired differences with a reference strategy, over seeds (issue 9's comparison).
+
+Two runs of one seed share the data split, the partition and the model's initialisation, so the
+difference strategy - reference on the same seed removes the seed-to-seed swing both share. Over n seeds
+the mean difference gets a 95% paired-t interval, mean +- t(0.975, n - 1) * sd / sqrt(n) (scipy's t
+quantile); with one seed there is no interval. A difference is "resolved" when its interval excludes 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+from .tables import cell_order, group_cells
+
+METRICS = (("final_accuracy", "global, final"), ("last5_accuracy", "global, last 5"),
+           ("final_local_accuracy", "client-own, final"), ("last5_local_accuracy", "client-own, last 5"))
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """strategy - reference over the seeds both ran; ``half_width`` is None below two seeds."""
+
+    mean: float
+    half_width: float | None
+    n: int
+    per_seed: dict[int, float]
+
+    @property
+    def resolved(self) -> bool:
+        return self.half_width is not None and abs(self.mean) > self.half_width
+
+
+def paired_difference(values: dict[int, float], reference: dict[int, float], level: float = 0.95) -> PairedDifference | None:
+    """values and reference: seed -> figure; None when they share no seed."""
+    seeds = sorted(set(values) & set(reference))
+    if not seeds:
+        return None
+    d = np.array([values[s] - reference[s] for s in seeds], dtype=float)
+    half = None
+    if len(d) > 1:
+        sd = float(d.std(ddof=1))
+        half = float(stats.t.ppf(0.5 + level / 2, len(d) - 1)) * sd / math.sqrt(len(d))
+    return PairedDifference(float(d.mean()), half, len(d), dict(zip(seeds, d.tolist())))
+
+
+def paired_rows(summaries: list[dict], reference: str = "fedavg") -> list[dict]:
+    """One row per (alpha, strategy) other than the reference: the paired difference of each metric."""
+    cells = group_cells(summaries)
+    rows = []
+    for alpha, strategy in sorted(cells, key=cell_order):
+        ref = cells.get((alpha, reference))
+        if strategy == reference or not ref:
+            continue
+        row = {"alpha": alpha, "strategy": strategy}
+        for key, _ in METRICS:
+            mine = {r["seed"]: r[key] for r in cells[(alpha, strategy)] if r.get(key) is not None}
+            theirs = {r["seed"]: r[key] for r in ref if r.get(key) is not None}
+            row[key] = paired_difference(mine, theirs)
+        rows.append(row)
+    return rows
+
+
+def _points(diff: PairedDifference | None) -> str:
+    if diff is None:
+        return "-"
+    if diff.half_width is None:
+        return f"{100 * diff.mean:+.1f} (1 seed)"
+    mark = " *" if diff.resolved else ""
+    return f"{100 * diff.mean:+.1f} ± {100 * diff.half_width:.1f} ({diff.n}){mark}"
+
+
+def paired_table(rows: list[dict], reference: str = "fedavg") -> str:
+    """Markdown: points, mean ± 95% half-width (seeds); * where the interval excludes 0."""
+    lines = ["| alpha | strategy | " + " | ".join(f"{name} − {reference}" for _, name in METRICS) + " |",
+             "|---|---|" + "---|" * len(METRICS)]
+    for r in rows:
+        lines.append(f"| {r['alpha']:g} | {r['strategy']} | " + " | ".join(_points(r[k]) for k, _ in METRICS) + " |")
+    return "\n".join(lines) + "\n"
