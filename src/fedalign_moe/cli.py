@@ -369,10 +369,15 @@ def main() -> None:
     if not package_log.handlers:
         package_log.addHandler(_WarningLine(logging.WARNING))
         package_log.propagate = False
+    interrupted = "interrupted (a federated run continues with `fedalign-moe resume <its folder>`)"
     try:
         app()
+    except SystemExit as done:
+        if done.code == 130:  # typer turns Ctrl-C (KeyboardInterrupt) into exit status 130 without a word
+            print(interrupted, file=sys.stderr)
+        raise
     except KeyboardInterrupt:
-        print("interrupted (a federated run continues with `fedalign-moe resume <its folder>`)", file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         sys.exit(130)
     except Exception as err:  # noqa: BLE001 - the last line of defence: no traceback reaches the user
         _unexpected(err)

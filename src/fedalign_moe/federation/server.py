@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -81,22 +82,29 @@ def wait_for_nodes(grid: Grid, cfg: Config, want: int) -> int | None:
 
 
 def send_and_collect(grid: Grid, messages: list[Message], timeout: float | None,
-                     on_reply: Callable[[int], None] | None = None) -> list[Message]:
+                     on_reply: Callable[[int], None] | None = None,
+                     interrupted: threading.Event | None = None) -> list[Message]:
     """Flower's ``Grid.send_and_receive``, calling ``on_reply(replies so far)`` as replies arrive (for a live
-    display; without one, Flower's own call)."""
-    if on_reply is None:
+    display), and giving up waiting once ``interrupted`` is set (the replies of clients killed by the
+    interrupt never come); with neither, Flower's own call."""
+    if on_reply is None and interrupted is None:
         return list(grid.send_and_receive(messages, timeout=timeout))
     pending = set(grid.push_messages(messages))
     end = None if timeout is None else time.monotonic() + timeout
     replies: list[Message] = []
-    while pending and (end is None or time.monotonic() < end):
+    while pending and (end is None or time.monotonic() < end) and not (interrupted and interrupted.is_set()):
         for msg in grid.pull_messages(list(pending)):
             pending.discard(msg.metadata.reply_to_message_id)
             replies.append(msg)
-            on_reply(len(replies))
+            if on_reply is not None:
+                on_reply(len(replies))
         if pending:
             time.sleep(getattr(grid, "pull_interval", 1.0))
     return replies
+
+
+class RunInterrupted(Exception):
+    """The user interrupted the run (Ctrl-C): the round in flight is discarded, the last checkpoint stands."""
 
 
 def _finite_state(arrays: ArrayRecord) -> bool:
@@ -107,9 +115,10 @@ class _Server:
     """One federated run's state on the server: the strategy, the global model and its evaluation."""
 
     def __init__(self, grid: Grid, ws: Workspace, log: RunLog, resume: Checkpoint | None,
-                 on_reply: Callable[[int, int, int], None] | None = None):
+                 on_reply: Callable[[int, int, int], None] | None = None, interrupted: threading.Event | None = None):
         self.grid, self.ws, self.log, self.cfg = grid, ws, log, ws.cfg
         self.on_reply = on_reply  # (round, replies so far, messages sent), for a live display
+        self.interrupted = interrupted  # set by Ctrl-C (server_app.interrupt_sets)
         self.strategy = make_strategy(self.cfg, ws.built.layout)
         self.model, self.names = ws.built.model, ws.built.trainable
         self.test = ws.global_test()
@@ -150,7 +159,8 @@ class _Server:
         watch = None if self.on_reply is None else (lambda n: self.on_reply(server_round, n, len(messages)))
         if watch is not None:
             watch(0)
-        received = send_and_collect(self.grid, messages, self.cfg.federation.round_timeout, watch) if messages else []
+        received = (send_and_collect(self.grid, messages, self.cfg.federation.round_timeout, watch, self.interrupted)
+                    if messages else [])
         sizes = [(record_bytes(m.content), record_bytes(m.content, protocol.ARRAYS)) for m in received if not m.has_error()]
         before = strategy.state_dict()
         t_aggregate = time.perf_counter()
@@ -179,6 +189,11 @@ class _Server:
             "seconds": round(time.perf_counter() - t0, 3), "clients": rows,
         }
 
+    def check_interrupt(self, during: str, kept_round: int) -> None:
+        """Raise ``RunInterrupted`` once the run was interrupted: nothing of the step in flight is kept."""
+        if self.interrupted is not None and self.interrupted.is_set():
+            raise RunInterrupted(f"interrupted during {during}; the checkpoint of round {kept_round} stands")
+
     def log_round(self, record: dict) -> None:
         strategy, replies = self.strategy, self.strategy.last_replies
         self.log.add_round(record)
@@ -195,21 +210,28 @@ class _Server:
 
 
 def run_federation(grid: Grid, ws: Workspace, log: RunLog, on_round: Callable[[dict], None] | None = None,
-                   resume: Checkpoint | None = None, on_reply: Callable[[int, int, int], None] | None = None) -> dict:
+                   resume: Checkpoint | None = None, on_reply: Callable[[int, int, int], None] | None = None,
+                   interrupted: threading.Event | None = None) -> dict:
     """Run ``cfg.federation.rounds`` rounds (from the checkpoint's next round when resuming); return the summary.
 
     ``on_round(record)`` after each round; ``on_reply(round, replies so far, sent)`` as replies arrive.
+    ``interrupted``: once set, the round in flight is neither logged nor checkpointed (``RunInterrupted``).
+    A terminal's Ctrl-C reaches the client processes too, so the replies of that round are cut short by
+    the interrupt, not by the clients: aggregating them would put a round into the checkpoint that an
+    uninterrupted run never has, and the resumed run would differ from it.
     """
     cfg: Config = ws.cfg
-    server = _Server(grid, ws, log, resume, on_reply)
+    server = _Server(grid, ws, log, resume, on_reply, interrupted)
     stopped = None
     for server_round in range(server.first_round, cfg.federation.rounds + 1):
+        server.check_interrupt(f"round {server_round}", server_round - 1)
         want = cfg.partition.num_clients if server_round == 1 else cfg.federation.min_available_nodes
         if wait_for_nodes(grid, cfg, want) is None:
             stopped = (f"stopped before round {server_round}: fewer than min_available_nodes = "
                        f"{cfg.federation.min_available_nodes} nodes connected within {cfg.federation.node_wait_seconds:g} s")
             break
         record = server.train_round(server_round)
+        server.check_interrupt(f"round {server_round}", server_round - 1)
         server.log_round(record)
         server.idle = 0 if record["adopted"] else server.idle + 1
         server.save_checkpoint(server_round)
@@ -232,7 +254,9 @@ def _final_evaluation(server: _Server, stopped: str | None) -> dict:
     messages = list(strategy.configure_evaluate(cfg.federation.rounds, server.arrays,
                                                 protocol.round_config(cfg.to_json()), server.grid))
     per_client = {}
-    for msg in server.grid.send_and_receive(messages, timeout=cfg.federation.round_timeout) if messages else []:
+    received = send_and_collect(server.grid, messages, cfg.federation.round_timeout, None, server.interrupted) if messages else []
+    server.check_interrupt("the final evaluation", cfg.federation.rounds)
+    for msg in received:
         if msg.has_error():
             logger.warning("final evaluation: node %s gave no result: %s", msg.metadata.src_node_id, error_cause(msg))
             continue

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,10 +40,10 @@ def config_from_run_config(run_config: dict) -> Config:
 
 def _main(grid: Grid, cfg: Config, on_round: Callable[[dict], None] | None, holder: dict,
           resume: Checkpoint | None = None, ws: Workspace | None = None,
-          on_reply: Callable[[int, int, int], None] | None = None) -> None:
+          on_reply: Callable[[int, int, int], None] | None = None, interrupted: threading.Event | None = None) -> None:
     ws = ws if ws is not None else open_workspace(cfg)
     log = open_log(ws, resume.round if resume else None, resume.wall_seconds if resume else 0.0)
-    holder["summary"] = run_federation(grid, ws, log, on_round, resume, on_reply)
+    holder["summary"] = run_federation(grid, ws, log, on_round, resume, on_reply, interrupted)
 
 
 app = ServerApp()
@@ -62,15 +64,40 @@ def main(grid: Grid, context: Context) -> None:
 
 def make_server_app(cfg: Config, on_round: Callable[[dict], None] | None, holder: dict,
                     resume: Checkpoint | None = None, ws: Workspace | None = None,
-                    on_reply: Callable[[int, int, int], None] | None = None) -> ServerApp:
+                    on_reply: Callable[[int, int, int], None] | None = None,
+                    interrupted: threading.Event | None = None) -> ServerApp:
     """A ServerApp bound to an already validated config (used by the CLI's simulation)."""
     server = ServerApp()
 
     @server.main()
     def _bound(grid: Grid, context: Context) -> None:
-        _main(grid, cfg, on_round, holder, resume, ws, on_reply)
+        _main(grid, cfg, on_round, holder, resume, ws, on_reply, interrupted)
 
     return server
+
+
+@contextmanager
+def interrupt_sets(event: threading.Event):
+    """While it lasts, SIGINT (Ctrl-C) sets ``event`` first, then interrupts as before; the server loop
+    reads the event and discards the round in flight (``server.run_federation``). Only the main thread
+    can install a handler, and a process that ignores SIGINT keeps ignoring it."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous == signal.SIG_IGN:
+        yield
+        return
+
+    def handler(signum, frame):
+        event.set()
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextmanager
@@ -144,9 +171,10 @@ def simulate(cfg: Config, on_round: Callable[[dict], None] | None = None, resume
     holder: dict = {}
     trust_before = os.environ.get(TRUST_ENV)
     os.environ[TRUST_ENV] = "run-config"  # the client processes Ray starts are this user's own (node_policy)
+    interrupted = threading.Event()
     try:
-        with third_party_output(Path(cfg.out_dir) / "run.log", verbose):
-            run_simulation(make_server_app(cfg, on_round, holder, resume, ws, on_reply), client_app,
+        with third_party_output(Path(cfg.out_dir) / "run.log", verbose), interrupt_sets(interrupted):
+            run_simulation(make_server_app(cfg, on_round, holder, resume, ws, on_reply, interrupted), client_app,
                            cfg.partition.num_clients, backend_config=backend)
             if not verbose:  # on the terminal already otherwise
                 append_client_output(Path(cfg.out_dir) / "run.log")
