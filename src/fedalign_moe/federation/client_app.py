@@ -49,8 +49,8 @@ def train_round(ins: Instruction, context: Context) -> RecordDict:
     ws, pid = _workspace(ins.run_config, context)
     target = ins.alignment
     personal = None if target is None else target.personal_LE
-    layers = ws.built.adapter.layout.layers
-    load_state(ws.built.model, ins.arrays if personal is None else _own_experts_in(ins.arrays, personal, layers,
+    layout = ws.built.adapter.layout
+    load_state(ws.built.model, ins.arrays if personal is None else _own_experts_in(ins.arrays, personal, layout.layers,
                                                                                  context, pid))
     train_data, test_data = ws.client(pid)
     seed = ws.cfg.seed * 100_003 + ins.server_round * 1_009 + pid
@@ -62,13 +62,12 @@ def train_round(ins: Instruction, context: Context) -> RecordDict:
         raise ValueError(f"partition {pid} trained on zero tokens ({result.num_examples} examples)")
     local = evaluate(ws.built.model, test_data, ws.cfg.train.eval_batch_size, ws.device)
     routing = result.routing if aligner is None else aligner.upload(result.routing)
-    layout = ws.built.adapter.layout
     held = None if ins.sub_moe_coverage is None else sub_moe_LE(routing.n_LE.double(), ins.sub_moe_coverage, layout.top_k)
     figures = TrainFigures(result.loss, result.steps, result.tokens, result.seconds, local["accuracy"], local["loss"],
                            local["num-examples"], aligner.mean_regulariser() if aligner else None)
     state = trainable_state(ws.built.model, ws.built.trainable)
     if personal is not None:  # the copies this node may keep next round
-        context.state[OWN_EXPERTS] = ArrayRecord({n: state[n] for n in expert_names(layers) if n in state})
+        context.state[OWN_EXPERTS] = ArrayRecord({n: state[n] for n in expert_names(layout.layers) if n in state})
     return protocol.train_reply(pid, result.num_examples, state, figures, routing, layout, ins, held)
 
 
