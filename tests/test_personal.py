@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from fedalign_moe.config import load_config
 from fedalign_moe.core.aggregate import LayerNames
 from fedalign_moe.core.lora_experts import a_view, b_view
-from fedalign_moe.core.personal import expert_names, personal_mask_LEC, with_own_experts
+from fedalign_moe.core.personal import personal_mask_LEC, with_own_experts
 from fedalign_moe.federation import client_app, protocol
 from fedalign_moe.federation.node_policy import TRUST_ENV
 from in_process import InProcessGrid, run_in_process
@@ -60,7 +60,6 @@ def test_frozen_expert_tensors_are_skipped_and_shape_mismatches_are_errors():
     assert out["router"][0].eq(1).all() and "frozen" not in out
     with pytest.raises(ValueError, match="router: own copy"):
         with_own_experts(glob, {"router": torch.ones(3, 3)}, torch.tensor([[True, False]]), layers)
-    assert expert_names([LayerNames("r", ("w",), (("a", "b"),))]) == ["r", "w", "a", "b"]
 
 
 def test_the_mask_is_the_complement_of_the_aligned_sets_where_experts_were_aligned():
@@ -144,7 +143,7 @@ def test_a_client_trains_from_its_own_copies_of_the_experts_it_keeps_and_keeps_i
     assert "holds no copy" in caplog.text and all(torch.equal(loaded[n], glob[n]) for n in glob)
     own = context.state[client_app.OWN_EXPERTS].to_torch_state_dict()  # what it trained, kept for the next round
     layer = layout.layers[1]
-    assert set(own) == {n for n in expert_names(layout.layers) if n in glob}
+    assert set(own) == layout.moe_parameter_names() & set(glob)
     assert not torch.equal(own[layer.experts[0]][2], glob[layer.experts[0]][2])  # trained: differs from the global
 
     caplog.clear()

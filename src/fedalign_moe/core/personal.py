@@ -31,11 +31,6 @@ def personal_mask_LEC(aligned_LEC: torch.Tensor, experts_applied_L: torch.Tensor
     return ~aligned_LEC.bool() & experts_applied_L.bool()[:, None, None]
 
 
-def expert_names(layers: Sequence[LayerNames]) -> list[str]:
-    """Every tensor a personalised expert is made of: routers, stacked experts, LoRA factors."""
-    return [n for layer in layers for n in (layer.router, *layer.experts, *(x for pair in layer.lora for x in pair))]
-
-
 def _rows_E(name: str, layer: LayerNames, t: torch.Tensor, E: int) -> torch.Tensor:
     """``t`` as an [E, ...] view: expert e (router row e) at index e."""
     for a, b in layer.lora:

@@ -21,7 +21,8 @@ from flwr.clientapp import ClientApp
 
 from ..config import Config
 from ..core.fedmoe import sub_moe_LE
-from ..core.personal import expert_names, with_own_experts
+from ..core.personal import with_own_experts
+from ..models.base import MoELayout
 from ..training.alignment import ClientAligner
 from ..training.local import evaluate, load_state, train_local, trainable_state
 from ..training.setup import Workspace, cached_workspace
@@ -50,7 +51,7 @@ def train_round(ins: Instruction, context: Context) -> RecordDict:
     target = ins.alignment
     personal = None if target is None else target.personal_LE
     layout = ws.built.adapter.layout
-    load_state(ws.built.model, ins.arrays if personal is None else _own_experts_in(ins.arrays, personal, layout.layers,
+    load_state(ws.built.model, ins.arrays if personal is None else _own_experts_in(ins.arrays, personal, layout,
                                                                                  context, pid))
     train_data, test_data = ws.client(pid)
     seed = ws.cfg.seed * 100_003 + ins.server_round * 1_009 + pid
@@ -67,23 +68,23 @@ def train_round(ins: Instruction, context: Context) -> RecordDict:
                            local["num-examples"], aligner.mean_regulariser() if aligner else None)
     state = trainable_state(ws.built.model, ws.built.trainable)
     if personal is not None:  # the copies this node may keep next round
-        context.state[OWN_EXPERTS] = ArrayRecord({n: state[n] for n in expert_names(layout.layers) if n in state})
+        context.state[OWN_EXPERTS] = ArrayRecord({n: state[n] for n in layout.moe_parameter_names() if n in state})
     return protocol.train_reply(pid, result.num_examples, state, figures, routing, layout, ins, held)
 
 
-def _own_experts_in(arrays: dict[str, torch.Tensor], personal_LE: torch.Tensor, layers, context: Context,
-                    pid: int) -> dict[str, torch.Tensor]:
+def _own_experts_in(arrays: dict[str, torch.Tensor], personal_LE: torch.Tensor, layout: MoELayout,
+                    context: Context, pid: int) -> dict[str, torch.Tensor]:
     """The global arrays with this node's own copies of the experts it keeps; the global ones, with a log
     line, when it holds no copy of them (a node that restarted since its last round)."""
     if not personal_LE.any():
         return arrays
     own = context.state[OWN_EXPERTS].to_torch_state_dict() if OWN_EXPERTS in context.state else {}
-    missing = sorted(n for n in expert_names(layers) if n in arrays and n not in own)
+    missing = sorted(n for n in layout.moe_parameter_names() if n in arrays and n not in own)
     if missing:
         logger.warning("partition %d keeps %d experts but holds no copy of %s (restarted?): it trains from the "
                        "global ones this round", pid, int(personal_LE.sum()), missing[0])
         return arrays
-    return with_own_experts(arrays, own, personal_LE, layers)
+    return with_own_experts(arrays, own, personal_LE, layout.layers)
 
 
 @app.train()
