@@ -364,20 +364,31 @@ def _unexpected(err: BaseException) -> None:
     sys.exit(1)
 
 
+def _exit_interrupted() -> None:
+    """Say how to resume, then leave at once with status 130. Not ``sys.exit``: after a Ctrl-C, Flower's
+    simulation engine can leave a worker thread blocked for good in ``ray.get`` on a client that Ray has
+    already shut down, and the interpreter's exit would join that thread forever (seen with py-spy, about
+    one interrupt in six). What matters is on disk already: the server thread has finished (``simulate``
+    joins it) and the checkpoint is written atomically."""
+    print("interrupted (a federated run continues with `fedalign-moe resume <its folder>`)", file=sys.stderr)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
+
+
 def main() -> None:
     package_log = logging.getLogger("fedalign_moe")
     if not package_log.handlers:
         package_log.addHandler(_WarningLine(logging.WARNING))
         package_log.propagate = False
-    interrupted = "interrupted (a federated run continues with `fedalign-moe resume <its folder>`)"
     try:
         app()
     except SystemExit as done:
         if done.code == 130:  # typer turns Ctrl-C (KeyboardInterrupt) into exit status 130 without a word
-            print(interrupted, file=sys.stderr)
+            _exit_interrupted()
         raise
     except KeyboardInterrupt:
-        print(interrupted, file=sys.stderr)
-        sys.exit(130)
+        _exit_interrupted()
     except Exception as err:  # noqa: BLE001 - the last line of defence: no traceback reaches the user
         _unexpected(err)

@@ -171,10 +171,14 @@ class RunLog:
         summary.update(extra)
         summary = finite(summary)
         self.write_json("summary.json", summary)
+        self.close()
+        return summary
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard writer, if any (a run that ends without a summary calls it too)."""
         if self.tracker is not None:
             self.tracker.close()
             self.tracker = None
-        return summary
 
 
 def _throughput(rounds: list[dict]) -> dict:

@@ -41,9 +41,13 @@ def config_from_run_config(run_config: dict) -> Config:
 def _main(grid: Grid, cfg: Config, on_round: Callable[[dict], None] | None, holder: dict,
           resume: Checkpoint | None = None, ws: Workspace | None = None,
           on_reply: Callable[[int, int, int], None] | None = None, interrupted: threading.Event | None = None) -> None:
+    holder["server_thread"] = threading.current_thread()  # simulate() waits for it after a Ctrl-C
     ws = ws if ws is not None else open_workspace(cfg)
     log = open_log(ws, resume.round if resume else None, resume.wall_seconds if resume else 0.0)
-    holder["summary"] = run_federation(grid, ws, log, on_round, resume, on_reply, interrupted)
+    try:
+        holder["summary"] = run_federation(grid, ws, log, on_round, resume, on_reply, interrupted)
+    finally:
+        log.close()  # an interrupted run's TensorBoard events up to its last finished round reach the disk
 
 
 app = ServerApp()
@@ -174,8 +178,18 @@ def simulate(cfg: Config, on_round: Callable[[dict], None] | None = None, resume
     interrupted = threading.Event()
     try:
         with third_party_output(Path(cfg.out_dir) / "run.log", verbose), interrupt_sets(interrupted):
-            run_simulation(make_server_app(cfg, on_round, holder, resume, ws, on_reply, interrupted), client_app,
-                           cfg.partition.num_clients, backend_config=backend)
+            try:
+                run_simulation(make_server_app(cfg, on_round, holder, resume, ws, on_reply, interrupted), client_app,
+                               cfg.partition.num_clients, backend_config=backend)
+            except KeyboardInterrupt:
+                # Flower does not wait for its server thread: wait here until it has seen the event and
+                # discarded the round in flight, so that whoever handles the interrupt finds the run's
+                # folder as the last finished round left it (a second Ctrl-C stops waiting)
+                interrupted.set()
+                server_thread = holder.get("server_thread")
+                if server_thread is not None:
+                    server_thread.join()
+                raise
             if not verbose:  # on the terminal already otherwise
                 append_client_output(Path(cfg.out_dir) / "run.log")
     finally:
