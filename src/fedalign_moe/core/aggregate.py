@@ -32,6 +32,10 @@ class LayerNames:
     experts: tuple[str, ...]  # stacked [E, ...]
     lora: tuple[tuple[str, str], ...] = ()  # (A, B) LoRA factors of stacked experts: ``lora_experts``
 
+    def tensor_names(self) -> tuple[str, ...]:
+        """The router, the stacked experts and their LoRA factors: every tensor of the layer."""
+        return (self.router, *self.experts, *(n for pair in self.lora for n in pair))
+
 
 @dataclass(frozen=True)
 class AlignOptions:
@@ -188,7 +192,7 @@ def fedalign_aggregate(global_state: State, client_states: Sequence[State],
     """
     C, L, E = stats["p"].shape
     fedavg_C = examples_C.double() / examples_C.sum()
-    moe_names = {n for layer in layers for n in (layer.router, *layer.experts, *(x for pair in layer.lora for x in pair))}
+    moe_names = {n for layer in layers for n in layer.tensor_names()}
     state = {n: (t if n in moe_names else fedavg_tensor((cs[n] for cs in client_states), fedavg_C))
              for n, t in global_state.items()}  # every MoE entry is replaced below
     result = AlignResult(state, torch.zeros(L, E), torch.ones(L, E), torch.zeros(L, C, E),

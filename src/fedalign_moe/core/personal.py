@@ -57,7 +57,7 @@ def with_own_experts(global_state: State, own_state: State, personal_LE: torch.T
         experts_E = personal_LE[l].nonzero().flatten().tolist()
         if not experts_E:
             continue
-        for name in (layer.router, *layer.experts, *(x for pair in layer.lora for x in pair)):
+        for name in layer.tensor_names():
             if name not in global_state:
                 continue  # not trained (frozen stacked experts under LoRA): the same on every client
             own = own_state[name]

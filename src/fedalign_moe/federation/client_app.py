@@ -84,7 +84,7 @@ def _own_experts_in(arrays: dict[str, torch.Tensor], personal_LE: torch.Tensor, 
         logger.warning("partition %d keeps %d experts but holds no copy of %s (restarted?): it trains from the "
                        "global ones this round", pid, int(personal_LE.sum()), missing[0])
         return arrays
-    return with_own_experts(arrays, own, personal_LE, layout.layers)
+    return with_own_experts(arrays, own, personal_LE, [l.names() for l in layout.layers])
 
 
 @app.train()

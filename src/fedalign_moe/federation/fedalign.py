@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from ..config import FedAlignConfig
-from ..core.aggregate import AlignOptions, AlignResult, LayerNames, fedalign_aggregate
+from ..core.aggregate import AlignOptions, AlignResult, fedalign_aggregate
 from ..core.personal import personal_mask_LEC
 from . import protocol
 from .protocol import AlignmentTarget, TrainReply
@@ -78,7 +78,7 @@ class FedAlignMoE(ScreenedReplies, FedAvg):
         stats = {"p": torch.stack([s.p_LE for s in routing]), "n": torch.stack([s.n_LE for s in routing]),
                  "o": torch.stack([s.o_LE for s in routing]), "m": torch.stack([s.m_LE for s in routing]),
                  "mu": torch.stack([s.mu_LEH for s in routing])}
-        layers = [LayerNames(l.router, l.experts, l.lora) for l in self.policy.layout.layers]
+        layers = [l.names() for l in self.policy.layout.layers]
         o = self.options
         opts = AlignOptions(o.gate_aggregation, o.adaptive_alpha, o.expert_aggregation, o.beta, o.omega_times_tokens,
                             o.consistency_floor, o.lora_direction)

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.aggregate import LayerNames
+
 
 @dataclass(frozen=True)
 class MoELayerLayout:
@@ -32,6 +34,10 @@ class MoELayerLayout:
     experts: tuple[str, ...]  # names of stacked expert tensors, each [E, ...]
     # (A, B) names of the LoRA factors on the stacked experts (peft: A [E*r, I], B [O, r*E]; core.lora_experts)
     lora: tuple[tuple[str, str], ...] = ()
+
+    def names(self) -> LayerNames:
+        """The layer as the aggregation math sees it (``core.aggregate.LayerNames``)."""
+        return LayerNames(self.router, self.experts, self.lora)
 
 
 @dataclass(frozen=True)
@@ -44,12 +50,7 @@ class MoELayout:
 
     def moe_parameter_names(self) -> set[str]:
         """Names of every router and stacked expert tensor."""
-        names: set[str] = set()
-        for layer in self.layers:
-            names.add(layer.router)
-            names.update(layer.experts)
-            names.update(n for pair in layer.lora for n in pair)
-        return names
+        return {n for layer in self.layers for n in layer.names().tensor_names()}
 
     def to_dict(self) -> dict:
         return {
