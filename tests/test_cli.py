@@ -12,6 +12,8 @@ import pytest
 
 from fedalign_moe.config import ConfigError, load_config, parse_overrides, preset_names
 
+from conftest import GRID
+
 
 def _process(*args: str, cwd=None) -> subprocess.CompletedProcess:
     """The CLI as a user starts it: its own interpreter, its real entry point."""
@@ -198,6 +200,15 @@ def test_compare_federated_grid_writes_the_evidence_report(tiny_grid, tmp_path):
     res = _cli("report", str(moved))
     assert res.returncode == 0 and "## Convergence" in res.stdout, res.stderr[-3000:]
     assert len(json.loads((moved / "results.json").read_text())) == 3
+    # a finished run whose clients failed (say, killed for memory) is kept, and compare says so in one line
+    metrics = moved / "fedavg-alpha0.5-seed0" / "metrics.jsonl"
+    records = [json.loads(l) for l in metrics.read_text().splitlines()]
+    records[1]["failures"] = 3
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    res = _cli("compare", *GRID, "--strategies", "fedavg", "--out", str(moved))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert ("warning: fedavg, alpha 0.5, seed 0: failed replies (round 2: 3): its numbers are in the tables; "
+            "to run it again, delete its folder and compare again") in " ".join(res.stderr.split())
 
 
 def test_a_run_of_an_older_strategy_revision_is_run_again():

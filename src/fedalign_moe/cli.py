@@ -267,10 +267,16 @@ def compare(
                 started.append(c)
                 console.print(f"[bold]== {c.federation.strategy}, alpha={c.partition.alpha:g}, seed={c.seed}[/bold]")
 
-            run_comparison(configs, out, on_run=on_run, on_round=_print_round, verbose=verbose)
+            summaries = run_comparison(configs, out, on_run=on_run, on_round=_print_round, verbose=verbose)
     except UserError as err:
         _fail(str(err))
     console.print((out / "results.md").read_text(), markup=False)
+    from .report.evidence import failed_replies
+
+    here = [dict(s, run_dir=c.out_dir) for s, c in zip(summaries, configs)]  # a kept summary names its old folder
+    for line in failed_replies(here):  # e.g. clients killed for memory: the tables count these runs
+        err_console.print(f"warning: {line}: its numbers are in the tables; to run it again, delete its folder "
+                          "and compare again", markup=False, soft_wrap=True, style="yellow")
 
 
 @app.command()
