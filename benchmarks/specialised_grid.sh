@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue 9's comparison on the `specialised` preset (the testbed where the premise holds: docs/results.md),
 # run in the order that makes a partial grid most useful: first FedAvg and FedAlign-MoE at alpha 0.1 seed
-# by seed (the paired difference the issue asks about), then FedProx, centralised, FedMoE and local at
-# alpha 0.1, then the ablation rungs, then alpha 1.0. Finished runs are kept and an interrupted run resumes
+# by seed (the paired difference the issue asks about), then FedProx (the third key cell) beside the rung
+# without semantic expert aggregation (fedalign-adaptive: does the aligned-set cut cost the global model
+# its accuracy?), then centralised, FedMoE and local, the other two rungs, and alpha 1.0. Finished runs are kept and an interrupted run resumes
 # from its last round's checkpoint (`compare` does both), so the script can be stopped and started again.
 # Ends with `fedalign-moe report`, which writes results.json, results.md, evidence.md and the figures over
 # every finished run in the folder.
@@ -17,7 +18,8 @@ cell() {  # cell STRATEGIES ALPHA SEED
   "$cli" compare --preset specialised --alphas "$2" --seeds "$3" --out "$out" --strategies "$1"
 }
 for seed in ${seeds//,/ }; do cell fedavg,fedalign 0.1 "$seed"; done
-for seed in ${seeds//,/ }; do cell fedprox,centralised,fedmoe,local 0.1 "$seed"; done
-for seed in ${seeds//,/ }; do cell fedalign-uniform,fedalign-consistency,fedalign-adaptive 0.1 "$seed"; done
+for seed in ${seeds//,/ }; do cell fedprox,fedalign-adaptive 0.1 "$seed"; done
+for seed in ${seeds//,/ }; do cell centralised,fedmoe,local 0.1 "$seed"; done
+for seed in ${seeds//,/ }; do cell fedalign-uniform,fedalign-consistency 0.1 "$seed"; done
 for seed in ${seeds//,/ }; do cell fedavg,fedalign,fedprox,fedmoe,local,centralised 1.0 "$seed"; done
 "$cli" report "$out"
