@@ -256,3 +256,28 @@ def test_when_no_expert_tensor_travels_the_diagnostics_say_not_applied(server_id
     tracker = TensorBoardTracker(tmp_path / "tb")
     tracker.diagnostics(diag)  # skips the layer instead of counting the letters of "not applied"
     tracker.close()
+
+
+def test_the_diagnostics_name_who_routed_to_each_expert_and_the_report_counts_the_cut(server_identity):
+    """An aligned set leaves out two kinds of client: those that sent expert e no token (no update of e to
+    lose) and those the threshold cut. The diagnostics record the first (``routed``), and the report's
+    "cut with tokens" counts only the second."""
+    from fedalign_moe.report.evidence import alignment_summary
+
+    cfg = load_config("tiny", overrides={"federation": {"strategy": "fedalign"}})
+    strategy = make_strategy(cfg, replies.LAYOUT)
+    glob = replies.global_state()
+    sent = replies.instructions(strategy, glob, 3)
+    counts = [[10.0, 0.0, 10.0, 20.0], [0.0, 0.0, 20.0, 20.0], [10.0, 10.0, 0.0, 20.0]]  # client 2 alone on expert 1
+    answers = [replies.reply(m, pid, replies.perturbed(glob, pid), stats=replies.routing(counts[pid]))
+               for pid, m in enumerate(sent)]
+    strategy.aggregate_train(1, answers)
+    diag = strategy.diagnostics()
+    assert diag["routed"] == [[[0, 2], [2], [0, 1], [0, 1, 2]]]
+    assert all(set(a) <= set(r) for a, r in zip(diag["aligned"][0], diag["routed"][0]))
+    # known answer: 4 clients; expert 0: routed by 0, 1, 2, aligned 0, 1 -> 1 cut; expert 1: routed by 3 only,
+    # aligned nobody -> 1 cut; expert 2: routed by nobody -> 0; a "not applied" layer counts nothing
+    hand = {"clients": [0, 1, 2, 3], "aligned": [[[0, 1], [], []], "not applied"],
+            "routed": [[[0, 1, 2], [3], []], [[0], [1], [2]]]}
+    assert alignment_summary([hand], 4)["cut"] == pytest.approx((1 / 4 + 1 / 4 + 0) / 3)
+    assert np.isnan(alignment_summary([{"clients": [0], "aligned": [[[0]]]}], 1)["cut"])  # runs from before

@@ -86,6 +86,7 @@ class FedAlignMoE(ScreenedReplies, FedAvg):
                                     examples_C, stats, layers, opts)
         self.p_g_LE, self.alpha_LE, self.last = result.p_g_LE, result.alpha_LE, result
         self.last_partition_ids = [r.partition_id for r in replies]
+        self.last_routed_LEC = (stats["n"] > 0).permute(1, 2, 0)  # who sent expert e any token: A(e)'s candidates
         if self.personal_by_node is not None:
             keep_LEC = personal_mask_LEC(result.aligned_LEC, result.experts_applied_L)
             self.personal_by_node.update({r.node_id: keep_LEC[:, :, c] for c, r in enumerate(replies)})
@@ -108,7 +109,9 @@ class FedAlignMoE(ScreenedReplies, FedAvg):
         r, ids = self.last, self.last_partition_ids
         aligned = [[[ids[c] for c in range(len(ids)) if r.aligned_LEC[l, e, c]] for e in range(r.aligned_LEC.shape[1])]
                    if r.experts_applied_L[l] else NOT_APPLIED for l in range(r.aligned_LEC.shape[0])]
+        routed = [[[ids[c] for c in range(len(ids)) if self.last_routed_LEC[l, e, c]] for e in range(r.aligned_LEC.shape[1])]
+                  for l in range(r.aligned_LEC.shape[0])]
         gamma = {f"layer{l}-expert{e}": g.tolist() for (l, e), g in list(r.gamma.items())[:max_gamma]}
         return {"clients": ids, "omega": r.omega_LCE.tolist(), "p_g": r.p_g_LE.tolist(), "alpha": r.alpha_LE.tolist(),
                 "tau": [[None if t != t else t for t in row] for row in r.tau_LE.tolist()], "aligned": aligned,
-                "gamma": gamma}
+                "routed": routed, "gamma": gamma}

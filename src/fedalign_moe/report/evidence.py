@@ -207,12 +207,17 @@ def alignment_summary(diags: list[dict], num_clients: int) -> dict[str, float]:
     ``alpha_min``/``alpha_max``: range of the adaptive regulariser weights; ``reg``: mean client
     regulariser value (before lambda); ``merged``: mean |A(e)| / clients; ``all_merged`` and
     ``half_or_less``: shares of (round, layer, expert) whose aligned set holds every client, or at most
-    half of them.
+    half of them; ``cut``: mean share of the round's clients that routed tokens to expert e and were left
+    out of A(e) (the updates the threshold discarded; a client that routed nothing to e has no update of
+    e to lose), from the rounds that record ``routed``.
     """
-    sizes, p_g, alpha, reg = [], [], [], []
+    sizes, p_g, alpha, reg, cut = [], [], [], [], []
     for d in diags:
         n = len(d.get("clients") or []) or num_clients
         sizes += [len(a) / n for layer in applied_layers(d) for a in layer]
+        for aligned, routed in zip(d.get("aligned", []), d.get("routed") or []):
+            if isinstance(aligned, list):  # "not applied": nothing was cut
+                cut += [len(set(r) - set(a)) / n for a, r in zip(aligned, routed)]
         p_g += [v for layer in d.get("p_g", []) for v in layer]
         alpha += [v for layer in d.get("alpha", []) for v in layer]
         if d.get("reg_loss") is not None:
@@ -222,14 +227,21 @@ def alignment_summary(diags: list[dict], num_clients: int) -> dict[str, float]:
     return {"p_g_min": stat(p_g, np.min), "p_g_max": stat(p_g, np.max), "alpha_min": stat(alpha, np.min),
             "alpha_max": stat(alpha, np.max), "reg": stat(reg, np.mean), "merged": stat(sizes, np.mean),
             "all_merged": stat([x >= 1 - 1e-9 for x in sizes], np.mean),
-            "half_or_less": stat([x <= 0.5 for x in sizes], np.mean)}
+            "half_or_less": stat([x <= 0.5 for x in sizes], np.mean), "cut": stat(cut, np.mean)}
+
+
+def _mean_of_known(values: list[float]) -> float:
+    """The mean of the values that are not NaN (runs older than a diagnostic lack it); NaN if none is."""
+    known = [v for v in values if not np.isnan(v)]
+    return float(np.mean(known)) if known else float("nan")
 
 
 def alignment_table(summaries: list[dict]) -> str:
     """``alignment_summary`` per (alpha, strategy) of the FedAlign-MoE rungs, mean over seeds."""
     cells = group_cells(summaries)
-    lines = ["| alpha | strategy | p_g range | alpha(e) range | regulariser | mean |A(e)|/N | all merged | half or fewer merged |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| alpha | strategy | p_g range | alpha(e) range | regulariser | mean |A(e)|/N | all merged | half or fewer merged "
+             "| cut with tokens |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for key in _ordered(cells):
         if not key[1].startswith("fedalign"):
             continue
@@ -237,10 +249,11 @@ def alignment_table(summaries: list[dict]) -> str:
         runs = [r for r in runs if not np.isnan(r["p_g_min"])]
         if not runs:
             continue
-        m = {k: float(np.nanmean([r[k] for r in runs])) for k in runs[0]}
+        m = {k: _mean_of_known([r[k] for r in runs]) for k in runs[0]}
         merged = "-" if np.isnan(m["merged"]) else f"{m['merged']:.2f}"
+        cut = "-" if np.isnan(m["cut"]) else f"{m['cut']:.2f}"
         lines.append(f"| {key[0]:g} | {key[1]} | {m['p_g_min']:.3f}-{m['p_g_max']:.3f} | {m['alpha_min']:.2f}-{m['alpha_max']:.2f} | "
-                     f"{m['reg']:.4f} | {merged} | {100 * m['all_merged']:.0f}% | {100 * m['half_or_less']:.0f}% |")
+                     f"{m['reg']:.4f} | {merged} | {100 * m['all_merged']:.0f}% | {100 * m['half_or_less']:.0f}% | {cut} |")
     return "\n".join(lines) + "\n"
 
 
