@@ -4,24 +4,39 @@
 # Same tuning effort for FedAlign-MoE and FedProx: its default and one alternative each; FedAvg has no
 # knob of its own (the shared recipe, lr and epochs, is the same for all). One folder per setup, so that no
 # table averages two setups; finished runs are kept, so the script resumes.
-# Usage: benchmarks/tuning.sh [out_dir] [seeds]      defaults: benchmarks/results/tuning 0,1,2
+# On `specialised` (issue 9) FedMoE's knob joins, and FedAlign-MoE's knob is the aligned-set threshold's beta
+# (its diagnostics there: about 9% of the clients that routed tokens to an expert are cut from its set).
+# Usage: benchmarks/tuning.sh [out_dir] [seeds] [preset]
+#        defaults: benchmarks/results/tuning 0,1,2 bench   (specialised: ~20 min a run alone, 18 runs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-benchmarks/results/tuning}"
 seeds="${2:-0,1,2}"
+preset="${3:-bench}"
 cli=.venv/bin/fedalign-moe
-setups=(  # folder | strategy | extra settings
-  "fedalign-lambda1|fedalign|fedalign.reg_lambda=1.0"
-  "fedalign|fedalign|"
-  "fedprox-mu0.1|fedprox|train.proximal_mu=0.1"
-  "fedprox|fedprox|"
-)
+if [[ "$preset" == bench ]]; then
+  setups=(  # folder | strategy | extra settings
+    "fedalign-lambda1|fedalign|fedalign.reg_lambda=1.0"
+    "fedalign|fedalign|"
+    "fedprox-mu0.1|fedprox|train.proximal_mu=0.1"
+    "fedprox|fedprox|"
+  )
+else
+  setups=(
+    "fedalign|fedalign|"
+    "fedalign-beta2|fedalign|fedalign.beta=2.0"
+    "fedprox|fedprox|"
+    "fedprox-mu0.1|fedprox|train.proximal_mu=0.1"
+    "fedmoe|fedmoe|"
+    "fedmoe-coverage0.75|fedmoe|federation.fedmoe_coverage=0.75"
+  )
+fi
 for seed in ${seeds//,/ }; do  # seed by seed: a partial sweep still covers every setup
   for setup in "${setups[@]}"; do
     IFS='|' read -r name strategy extra <<< "$setup"
     args=(--set data.holdout=validation)
     [[ -n "$extra" ]] && args+=(--set "$extra")
-    "$cli" compare --preset bench --alphas 0.1 --seeds "$seed" --strategies "$strategy" \
+    "$cli" compare --preset "$preset" --alphas 0.1 --seeds "$seed" --strategies "$strategy" \
       --out "$out/$name" "${args[@]}"
   done
 done
