@@ -4,8 +4,10 @@
 # Same tuning effort for FedAlign-MoE and FedProx: its default and one alternative each; FedAvg has no
 # knob of its own (the shared recipe, lr and epochs, is the same for all). One folder per setup, so that no
 # table averages two setups; finished runs are kept, so the script resumes.
-# On `specialised` (issue 9) FedMoE's knob joins, and FedAlign-MoE's knob is the aligned-set threshold's beta
-# (its diagnostics there: about 9% of the clients that routed tokens to an expert are cut from its set).
+# On `specialised` (issue 9) FedMoE's knob joins, and FedAlign-MoE's knob is how the aligned clients' updates
+# of an expert are weighted (`fedalign.expert_weights`): its global model there fell ~25 points below FedAvg's
+# at round 2 on every seed, and the 2-round ablation on validation traced it to semantic expert aggregation
+# handing a rarely-routed expert its few clients' whole updates (docs/results.md).
 # Usage: benchmarks/tuning.sh [out_dir] [seeds] [preset]
 #        defaults: benchmarks/results/tuning 0,1,2 bench   (specialised: ~20 min a run alone, 18 runs)
 set -euo pipefail
@@ -24,7 +26,7 @@ if [[ "$preset" == bench ]]; then
 else
   setups=(
     "fedalign|fedalign|"
-    "fedalign-beta2|fedalign|fedalign.beta=2.0"
+    "fedalign-examples|fedalign|fedalign.expert_weights=examples"
     "fedprox|fedprox|"
     "fedprox-mu0.1|fedprox|train.proximal_mu=0.1"
     "fedmoe|fedmoe|"

@@ -281,3 +281,54 @@ def test_the_diagnostics_name_who_routed_to_each_expert_and_the_report_counts_th
             "routed": [[[0, 1, 2], [3], []], [[0], [1], [2]]]}
     assert alignment_summary([hand], 4)["cut"] == pytest.approx((1 / 4 + 1 / 4 + 0) / 3)
     assert np.isnan(alignment_summary([{"clients": [0], "aligned": [[[0]]]}], 1)["cut"])  # runs from before
+
+
+def test_expert_weights_by_tokens_or_by_examples_known_answer():
+    """Aligned set {0, 2} of three clients. "tokens": n over A(e), summing to 1 (the spec's [ours] rule);
+    "examples": FedAvg's weights N_i / N inside A(e), the left-out client's share dropped, not redistributed."""
+    from fedalign_moe.core.semantic_alignment import aligned_weights
+
+    aligned_C = torch.tensor([True, False, True])
+    n_C, examples_C = torch.tensor([1.0, 5.0, 3.0]), torch.tensor([10.0, 30.0, 60.0])
+    assert aligned_weights(aligned_C, n_C, renormalise=True).tolist() == pytest.approx([0.25, 0.0, 0.75])
+    assert aligned_weights(aligned_C, examples_C, renormalise=False).tolist() == pytest.approx([0.1, 0.0, 0.6])
+    assert aligned_weights(torch.zeros(3, dtype=torch.bool), n_C, renormalise=True).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_example_weights_move_an_expert_one_client_routes_to_as_far_as_fedavg_does():
+    """Expert 2 is routed to by client 0 alone. With "tokens" the global expert takes client 0's whole update
+    (its own, locally drifted copy: on `specialised` this made the round-2 global model 9 points worse than
+    FedAvg's, on validation); with "examples" it moves by client 0's FedAvg share, as under FedAvg."""
+    glob = _global()
+    clients = [_perturbed(glob, 0.1, s) for s in range(C)]
+    examples = torch.tensor([10.0, 30.0, 60.0])
+    n = torch.full((C, E), 5.0)
+    n[1:, 2] = 0
+    by_tokens = fedalign_aggregate(glob, clients, examples, _stats(n_CE=n), LAYERS, AlignOptions())
+    by_examples = fedalign_aggregate(glob, clients, examples, _stats(n_CE=n), LAYERS,
+                                     AlignOptions(expert_weights="examples"))
+    for name in ("experts.up", "experts.down"):
+        assert torch.allclose(by_tokens.state[name][2], clients[0][name][2], atol=1e-6)
+        assert torch.allclose(by_examples.state[name][2], glob[name][2] + 0.1 * (clients[0][name][2] - glob[name][2]),
+                              atol=1e-6)
+    # everyone aligned and routing: "examples" is FedAvg on the experts
+    everyone = fedalign_aggregate(glob, clients, examples, _stats(), LAYERS,
+                                  AlignOptions(expert_weights="examples", consistency_floor=-1.0))
+    assert everyone.aligned_LEC.all()
+    for name in ("experts.up", "experts.down"):
+        assert torch.allclose(everyone.state[name], sum(w * c[name] for w, c in zip([0.1, 0.3, 0.6], clients)), atol=1e-6)
+
+
+def test_the_strategy_applies_the_configured_expert_weights(server_identity):
+    cfg = load_config("tiny", overrides={"federation": {"strategy": "fedalign"}, "fedalign": {"expert_weights": "examples"}})
+    strategy = make_strategy(cfg, replies.LAYOUT)
+    glob = replies.global_state()
+    sent = replies.instructions(strategy, glob, 3)
+    counts = [[10.0, 10.0, 10.0, 10.0], [20.0, 20.0, 0.0, 0.0], [0.0, 20.0, 0.0, 20.0]]  # expert 2: client 0 only
+    states = [replies.perturbed(glob, pid) for pid in range(3)]
+    answers = [replies.reply(m, pid, states[pid], stats=replies.routing(counts[pid])) for pid, m in enumerate(sent)]
+    arrays, _ = strategy.aggregate_train(1, answers)
+    aligned_EC = strategy.last.aligned_LEC[0]
+    for e in range(4):  # every client sent 10 examples: FedAvg's weight 1/3 for each aligned client
+        expected = glob["x"][e] + sum((states[c]["x"][e] - glob["x"][e]) / 3 for c in range(3) if aligned_EC[e, c])
+        assert torch.allclose(arrays.to_torch_state_dict()["x"][e], expected, atol=1e-6), e

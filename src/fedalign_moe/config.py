@@ -184,6 +184,10 @@ class FedAlignConfig(_Section):
     gate_regulariser: bool = True
     adaptive_alpha: bool = True
     expert_aggregation: Literal["semantic", "fedavg"] = "semantic"
+    # the weights of the aligned clients' updates of expert e [ours]: "tokens" w_i = n_i(e) / sum over A(e)
+    # of n (they sum to 1 over A(e)); "examples" w_i = N_i / N, FedAvg's weight, for i in A(e) and 0 outside
+    # (not renormalised: the left-out clients' share keeps the global value, so A(e) = everyone is FedAvg)
+    expert_weights: Literal["tokens", "examples"] = "tokens"
     # model.trainable = lora-experts: expert e's update compared across clients as its LoRA product B_e A_e
     # ("product") or as its two factors ("factors"); either way A_e and B_e are then averaged over A(e) [ours]
     lora_direction: Literal["product", "factors"] = "product"

@@ -21,7 +21,7 @@ import torch
 
 from .gate_alignment import adaptive_alpha, aggregate_router, consistency_weights, global_routing_distribution, routing_consistency
 from .lora_experts import a_view, b_view, fold_a, fold_b, product_gram
-from .semantic_alignment import align_expert_gram
+from .semantic_alignment import align_expert_gram, aligned_weights
 
 State = Mapping[str, torch.Tensor]
 
@@ -46,6 +46,7 @@ class AlignOptions:
     omega_times_tokens: bool = False
     consistency_floor: float = float("inf")
     lora_direction: str = "product"  # product | factors: what expert e's LoRA update is compared by
+    expert_weights: str = "tokens"  # tokens | examples: config.FedAlignConfig.expert_weights
 
 
 @dataclass
@@ -171,7 +172,9 @@ def _align_experts(layer: LayerNames, l: int, global_state: State, client_states
         for e in range(E):
             dec = align_expert_gram(stats["mu"][:, l, e], gram_ECC[e], stats["n"][:, l, e], opts.beta,
                                     opts.consistency_floor)
-            weights_EC[e], result.tau_LE[l, e] = dec.weights_C, dec.tau
+            weights_EC[e] = (dec.weights_C if opts.expert_weights == "tokens"  # n_i(e) over A(e), summing to 1
+                             else aligned_weights(dec.aligned_C, examples_C, renormalise=False))
+            result.tau_LE[l, e] = dec.tau
             result.aligned_LEC[l, e] = dec.aligned_C
             result.gamma[(l, e)] = dec.gamma_CC
     else:

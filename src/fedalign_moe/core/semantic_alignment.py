@@ -6,6 +6,7 @@ For one expert e of one MoE layer, over the round's C clients:
     tau      = mean_i c_i - beta * std_i c_i                          adaptive threshold [paper; M, S ours]
     A        = {i : (c_i >= tau or c_i >= floor) and n_i > 0}        aligned set [floor: ours]
     Theta_g' = Theta_g + sum_{i in A} w_i Delta_i,  w_i = n_i / sum_{A} n     [ours; core.aggregate.apply_expert_weights]
+               or w_i = N_i / sum_all N (FedAvg's weights, the left-out share dropped: ``expert_weights``) [ours]
 Clients outside A, and clients that routed no token to e, do not move expert e; an empty A keeps it.
 The absolute ``floor`` [ours] keeps clients whose consistency is high in absolute terms: without it,
 "mean - beta * std" drops the least consistent client even when every client agrees (std ~ 0).
@@ -65,6 +66,15 @@ class ExpertAlignment:
     weights_C: torch.Tensor  # sum to 1 over the aligned set, 0 elsewhere
 
 
+def aligned_weights(aligned_C: torch.Tensor, mass_C: torch.Tensor, renormalise: bool) -> torch.Tensor:
+    """w [C]: ``mass_C`` inside A (``aligned_C``, bool), 0 outside, divided by the mass of A (``renormalise``:
+    the weights sum to 1 over A) or by the mass of every client (they sum to A's share: the left-out
+    clients' share of the update is dropped, not handed to the others)."""
+    inside_C = torch.where(aligned_C, mass_C.double(), torch.zeros_like(mass_C, dtype=torch.float64))
+    total = inside_C.sum() if renormalise else mass_C.double().sum()
+    return inside_C / total if total > 0 else inside_C
+
+
 def align_expert(mu_CH: torch.Tensor, delta_CP: torch.Tensor, n_C: torch.Tensor, beta: float,
                  floor: float = float("inf"), tolerance: float = 1e-9) -> ExpertAlignment:
     """Aligned set and aggregation weights for one expert (``floor = inf``: the spec's rule alone)."""
@@ -79,6 +89,4 @@ def align_expert_gram(mu_CH: torch.Tensor, gram_CC: torch.Tensor, n_C: torch.Ten
     c_C = client_consistency(gamma_CC)
     tau = float(adaptive_threshold(c_C, beta))
     aligned_C = ((c_C >= tau - tolerance) | (c_C >= floor)) & (n_C > 0)
-    mass_C = torch.where(aligned_C, n_C.double(), torch.zeros_like(c_C))
-    weights_C = mass_C / mass_C.sum() if mass_C.sum() > 0 else mass_C
-    return ExpertAlignment(gamma_CC, c_C, tau, aligned_C, weights_C)
+    return ExpertAlignment(gamma_CC, c_C, tau, aligned_C, aligned_weights(aligned_C, n_C, renormalise=True))
