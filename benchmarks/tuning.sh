@@ -9,7 +9,7 @@
 # at round 2 on every seed, and the 2-round ablation on validation traced it to semantic expert aggregation
 # handing a rarely-routed expert its few clients' whole updates (docs/results.md).
 # Usage: benchmarks/tuning.sh [out_dir] [seeds] [preset]
-#        defaults: benchmarks/results/tuning 0,1,2 bench   (specialised: ~20 min a run alone, 18 runs)
+#        defaults: benchmarks/results/tuning 0,1,2 bench   (specialised: ~20 min a run alone, 21 runs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-benchmarks/results/tuning}"
@@ -24,7 +24,8 @@ if [[ "$preset" == bench ]]; then
     "fedprox|fedprox|"
   )
 else
-  setups=(
+  setups=(  # FedAvg too, as the reference every setup is paired with (it has no knob of its own)
+    "fedavg|fedavg|"
     "fedalign|fedalign|"
     "fedalign-examples|fedalign|fedalign.expert_weights=examples"
     "fedprox|fedprox|"
