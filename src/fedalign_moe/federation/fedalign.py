@@ -52,6 +52,7 @@ class FedAlignMoE(ScreenedReplies, FedAvg):
         self.alpha_LE = torch.ones(L, E)  # round 1: alpha = 1 everywhere (spec)
         self.last: AlignResult | None = None
         self.last_partition_ids: list[int] = []
+        self.last_routed_LEC: torch.Tensor | None = None  # bool: client c routed a token to expert e of layer l
         # personalised experts: node id -> bool [L, E], the experts that node keeps (None: not personalising)
         self.personal_by_node: dict[int, torch.Tensor] | None = {} if options.personal_experts else None
 
