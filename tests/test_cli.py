@@ -179,6 +179,7 @@ def test_compare_writes_a_mean_std_table(tmp_path):
                "--seeds", "0,1", "--rounds", "1", "--out", str(moved))
     assert res.returncode == 0, res.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in moved.glob("*/summary.json")} == before  # finished cells are kept
+    assert not any("run_dir" in r for r in json.loads((moved / "results.json").read_text()))  # no machine's paths
 
 
 def test_compare_federated_grid_writes_the_evidence_report(tiny_grid, tmp_path):

@@ -273,8 +273,7 @@ def compare(
     console.print((out / "results.md").read_text(), markup=False)
     from .report.evidence import failed_replies
 
-    here = [dict(s, run_dir=c.out_dir) for s, c in zip(summaries, configs)]  # a kept summary names its old folder
-    for line in failed_replies(here):  # e.g. clients killed for memory: the tables count these runs
+    for line in failed_replies(summaries):  # e.g. clients killed for memory: the tables count these runs
         err_console.print(f"warning: {line}: its numbers are in the tables; to run it again, delete its folder "
                           "and compare again", markup=False, soft_wrap=True, style="yellow")
 
@@ -320,7 +319,7 @@ def premise(
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a run directory, or a comparison directory")]) -> None:
     """Redraw the plots of a finished run, or the tables and figures of a comparison (finished runs so far)."""
-    from .report.evidence import collect_summaries, complete_runs, write_evidence
+    from .report.evidence import collect_summaries, complete_runs, portable, write_evidence
     from .runlog import dumps, write_atomic
     from .report.plots import draw_run
     from .report.tables import MixedCellError, draw_comparison, group_cells, write_results_table
@@ -336,8 +335,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory, or a c
         group_cells(summaries)
     except MixedCellError as err:
         _fail(str(err))
-    portable = [{k: v for k, v in s.items() if k != "run_dir"} for s in summaries]
-    write_atomic(run_dir / "results.json", dumps(portable, indent=2))
+    write_atomic(run_dir / "results.json", dumps(portable(summaries), indent=2))
     write_results_table(complete_runs(summaries), run_dir / "results.md")
     draw_comparison(summaries, run_dir)
     path = write_evidence(run_dir, summaries)

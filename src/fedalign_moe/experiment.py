@@ -14,7 +14,7 @@ from .config import Config, strategy_revision
 from .federation import checkpoint
 from .federation.checkpoint import Checkpoint
 from .federation.strategies import FEDERATED
-from .report.evidence import complete_runs, write_evidence
+from .report.evidence import complete_runs, portable, write_evidence
 from .report.plots import draw_run
 from .report.tables import draw_comparison, write_results_table
 from .runlog import dumps, read_summary, write_atomic
@@ -89,15 +89,13 @@ def run_comparison(configs: list[Config], out: Path, on_run: Callable[[Config], 
         done = Path(cfg.out_dir) / "summary.json"
         if on_run:
             on_run(cfg)
-        previous = read_summary(done)
-        if previous is not None and _same_result(previous, cfg):
-            summaries.append(previous)  # finished before an interruption
-            continue
-        summary = run_experiment(cfg, on_round, resumable(cfg), verbose)
-        summary["config_json"] = cfg.to_json()
-        write_atomic(done, dumps(summary, indent=2))
-        summaries.append(summary)
-    write_atomic(out / "results.json", dumps(summaries, indent=2))
+        summary = read_summary(done)
+        if summary is None or not _same_result(summary, cfg):  # else finished before an interruption: kept
+            summary = run_experiment(cfg, on_round, resumable(cfg), verbose)
+            summary["config_json"] = cfg.to_json()
+            write_atomic(done, dumps(summary, indent=2))
+        summaries.append(dict(summary, run_dir=cfg.out_dir))  # a kept summary names the folder it ran in
+    write_atomic(out / "results.json", dumps(portable(summaries), indent=2))
     write_results_table(complete_runs(summaries), out / "results.md")
     draw_comparison(summaries, out)
     write_evidence(out)

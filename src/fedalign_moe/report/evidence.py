@@ -54,6 +54,11 @@ def collect_summaries(out: Path) -> list[dict]:
     return found
 
 
+def portable(summaries: list[dict]) -> list[dict]:
+    """The summaries as ``results.json`` keeps them: without where their folders happen to be now."""
+    return [{k: v for k, v in s.items() if k != "run_dir"} for s in summaries]
+
+
 def _ordered(cells: dict) -> list:
     return sorted(cells, key=cell_order)
 
