@@ -8,13 +8,15 @@
 # of an expert are weighted (`fedalign.expert_weights`): its global model there fell ~25 points below FedAvg's
 # at round 2 on every seed, and the 2-round ablation on validation traced it to semantic expert aggregation
 # handing a rarely-routed expert its few clients' whole updates (docs/results.md).
-# Usage: benchmarks/tuning.sh [out_dir] [seeds] [preset]
-#        defaults: benchmarks/results/tuning 0,1,2 bench   (specialised: ~20 min a run alone, 21 runs)
+# Usage: benchmarks/tuning.sh [out_dir] [seeds] [preset] [setups]
+#        defaults: benchmarks/results/tuning 0,1,2 bench all   (specialised: ~20 min a run alone, 21 runs)
+#        setups: comma-separated folder names to run (e.g. fedavg,fedalign,fedalign-examples); all by default
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-benchmarks/results/tuning}"
 seeds="${2:-0,1,2}"
 preset="${3:-bench}"
+only="${4:-all}"
 cli=.venv/bin/fedalign-moe
 if [[ "$preset" == bench ]]; then
   setups=(  # folder | strategy | extra settings
@@ -37,10 +39,13 @@ fi
 for seed in ${seeds//,/ }; do  # seed by seed: a partial sweep still covers every setup
   for setup in "${setups[@]}"; do
     IFS='|' read -r name strategy extra <<< "$setup"
+    [[ "$only" != all && ",$only," != *",$name,"* ]] && continue
     args=(--set data.holdout=validation)
     [[ -n "$extra" ]] && args+=(--set "$extra")
     "$cli" compare --preset "$preset" --alphas 0.1 --seeds "$seed" --strategies "$strategy" \
       --out "$out/$name" "${args[@]}"
   done
 done
-for setup in "${setups[@]}"; do "$cli" report "$out/${setup%%|*}" > /dev/null; done
+for setup in "${setups[@]}"; do
+  if [[ -d "$out/${setup%%|*}" ]]; then "$cli" report "$out/${setup%%|*}" > /dev/null; fi
+done

@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from fedalign_moe.report.evidence import collect_summaries, complete_runs
-from fedalign_moe.report.paired import METRICS, paired_rows, paired_table
+from fedalign_moe.report.paired import METRICS, _points, paired_difference, paired_rows, paired_table
 
 
 def main() -> None:
@@ -40,6 +40,15 @@ def main() -> None:
             cells.append(f"{mean:.3f} ± {sd:.3f}")
         seeds = "/".join(str(r["seed"]) for r in sorted(mine, key=lambda r: r["seed"]))
         print(f"| {name} | {seeds} | " + " | ".join(cells) + " |")
+    print("\nglobal accuracy, mean of rounds 1-10, per seed: " + "; ".join(
+        f"{name} " + " / ".join(f"{sum(r['accuracy_per_round'][:10]) / 10:.3f}"
+                                for r in sorted(runs, key=lambda r: r["seed"]) if r["strategy"] == name)
+        for name in sorted({r["strategy"] for r in runs})))
+    early = {name: {r["seed"]: sum(r["accuracy_per_round"][:10]) / 10 for r in runs if r["strategy"] == name}
+             for name in {r["strategy"] for r in runs}}
+    print("global accuracy, mean of rounds 1-10, paired with the reference: " + "; ".join(
+        f"{name} {_points(paired_difference(early[name], early[args.reference]))}"
+        for name in sorted(early) if name != args.reference))
     print()
     rows = paired_rows(runs, reference=args.reference)
     print(paired_table(rows, reference=args.reference), end="")
