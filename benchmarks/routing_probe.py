@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from fedalign_moe.config import load_config, parse_overrides
-from fedalign_moe.report.evidence import routing_spread
+from fedalign_moe.report.evidence import routing_concentration, routing_spread
 from fedalign_moe.report.premise import mutual_information
 from fedalign_moe.runlog import write_atomic
 from fedalign_moe.training.alignment import RoutingObserver
@@ -62,14 +62,12 @@ def probe(preset: str, seed: int, sets: list[str]) -> dict:
         if len(train):
             soft[str(cid)] = soft_routing(ws, train, batch)
             chosen[str(cid)] = routing_by_label(ws.built.model, ws.built.adapter, train, K, batch, ws.device).sum(1).tolist()
-    shares_CLE = np.array(list(chosen.values()))
-    shares_CLE = shares_CLE / shares_CLE.sum(-1, keepdims=True)
     return {
         "sets": sets, "seed": seed, "alpha": cfg.partition.alpha,
         "routing_js_as_built_nats": routing_spread(soft),
         "topk_js_as_built_nats": routing_spread(chosen),
         "mi_expert_label_nats": float(np.mean([mutual_information(c) for c in counts_LKE])),
-        "largest_expert_share": float(shares_CLE.max(-1).mean()),
+        "largest_expert_share": routing_concentration(chosen)[0],
         "build_seconds": ws.built.build_seconds,
         "wall_seconds": time.perf_counter() - started,
     }

@@ -12,7 +12,8 @@ import argparse
 from pathlib import Path
 
 from fedalign_moe.report.evidence import collect_summaries, complete_runs
-from fedalign_moe.report.paired import METRICS, _points, paired_difference, paired_rows, paired_table
+from fedalign_moe.report.paired import METRICS, format_difference, paired_difference, paired_rows, paired_table
+from fedalign_moe.report.tables import mean_std
 
 
 def main() -> None:
@@ -27,28 +28,18 @@ def main() -> None:
         raise SystemExit(f"error: no finished run of the reference setup {args.reference!r} in {args.folder}")
     print("| setup | seeds | " + " | ".join(name for _, name in METRICS) + " |")
     print("|---|---|" + "---|" * len(METRICS))
-    for name in sorted({r["strategy"] for r in runs}):
-        mine = [r for r in runs if r["strategy"] == name]
-        cells = []
-        for key, _ in METRICS:
-            xs = [r[key] for r in mine if r.get(key) is not None]
-            mean = sum(xs) / len(xs)
-            if len(xs) < 2:
-                cells.append(f"{mean:.3f}")
-                continue
-            sd = (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5
-            cells.append(f"{mean:.3f} ± {sd:.3f}")
-        seeds = "/".join(str(r["seed"]) for r in sorted(mine, key=lambda r: r["seed"]))
-        print(f"| {name} | {seeds} | " + " | ".join(cells) + " |")
-    print("\nglobal accuracy, mean of rounds 1-10, per seed: " + "; ".join(
-        f"{name} " + " / ".join(f"{sum(r['accuracy_per_round'][:10]) / 10:.3f}"
-                                for r in sorted(runs, key=lambda r: r["seed"]) if r["strategy"] == name)
-        for name in sorted({r["strategy"] for r in runs})))
+    names = sorted({r["strategy"] for r in runs})
+    for name in names:
+        mine = sorted((r for r in runs if r["strategy"] == name), key=lambda r: r["seed"])
+        seeds = "/".join(str(r["seed"]) for r in mine)
+        print(f"| {name} | {seeds} | " + " | ".join(mean_std([r.get(key) for r in mine]) for key, _ in METRICS) + " |")
     early = {name: {r["seed"]: sum(r["accuracy_per_round"][:10]) / 10 for r in runs if r["strategy"] == name}
-             for name in {r["strategy"] for r in runs}}
+             for name in names}
+    print("\nglobal accuracy, mean of rounds 1-10, per seed: " + "; ".join(
+        f"{name} " + " / ".join(f"{early[name][seed]:.3f}" for seed in sorted(early[name])) for name in names))
     print("global accuracy, mean of rounds 1-10, paired with the reference: " + "; ".join(
-        f"{name} {_points(paired_difference(early[name], early[args.reference]))}"
-        for name in sorted(early) if name != args.reference))
+        f"{name} {format_difference(paired_difference(early[name], early[args.reference]))}"
+        for name in names if name != args.reference))
     print()
     rows = paired_rows(runs, reference=args.reference)
     print(paired_table(rows, reference=args.reference), end="")

@@ -64,7 +64,8 @@ def paired_rows(summaries: list[dict], reference: str = "fedavg") -> list[dict]:
     return rows
 
 
-def _points(diff: PairedDifference | None) -> str:
+def format_difference(diff: PairedDifference | None) -> str:
+    """Points: mean ± 95% half-width (seeds), * where the interval excludes 0."""
     if diff is None:
         return "-"
     if diff.half_width is None:
@@ -78,5 +79,5 @@ def paired_table(rows: list[dict], reference: str = "fedavg") -> str:
     lines = ["| alpha | strategy | " + " | ".join(f"{name} − {reference}" for _, name in METRICS) + " |",
              "|---|---|" + "---|" * len(METRICS)]
     for r in rows:
-        lines.append(f"| {r['alpha']:g} | {r['strategy']} | " + " | ".join(_points(r[k]) for k, _ in METRICS) + " |")
+        lines.append(f"| {r['alpha']:g} | {r['strategy']} | " + " | ".join(format_difference(r[k]) for k, _ in METRICS) + " |")
     return "\n".join(lines) + "\n"
