@@ -1,5 +1,6 @@
 """The float64 FedAlign-MoE aggregation as it was before issue 13 (commit 233bd45), kept as the reference the
-streaming float32 implementation (core.aggregate) is checked against.
+streaming float32 implementation (core.aggregate) is checked against; ``expert_weights = examples``
+(issue 9) added as one line in ``_align_experts``.
 
 Routers: component 1 (or the ablation's uniform / FedAvg weights). Experts: component 3 (or FedAvg).
 Everything else that travels: example-weighted FedAvg. The MoE layout arrives as plain names.
@@ -61,7 +62,9 @@ def _align_experts(layer: LayerNames, l: int, global_state, client_states, stats
                                 for cs in client_states])
         if opts.expert_aggregation == "semantic":
             dec = align_expert(stats["mu"][:, l, e], delta_CP, stats["n"][:, l, e], opts.beta, opts.consistency_floor)
-            weights_C, result.tau_LE[l, e] = dec.weights_C, dec.tau
+            weights_C, result.tau_LE[l, e] = dec.weights_C, dec.tau  # expert_weights = tokens
+            if opts.expert_weights == "examples":  # FedAvg's share inside A(e), the rest keeps the global value
+                weights_C = torch.where(dec.aligned_C, examples_C.double(), 0.0) / examples_C.double().sum()
             result.aligned_LEC[l, e] = dec.aligned_C
             result.gamma[(l, e)] = dec.gamma_CC
         else:

@@ -222,6 +222,50 @@ def test_a_run_of_an_older_strategy_revision_is_run_again():
     assert _same_result({"config_json": fedavg.to_json()}, fedavg)  # unchanged strategies keep their runs
 
 
+def test_a_stored_config_without_expert_weights_ran_with_token_weights():
+    """Runs stored before `fedalign.expert_weights` existed weighted by tokens; since the default became
+    `examples` they must not count as runs of it (compare reruns them; resume keeps their rule)."""
+    from fedalign_moe.config import Config
+    from fedalign_moe.experiment import _same_result
+
+    cfg = load_config("tiny", overrides={"federation": {"strategy": "fedalign"}})
+    raw = json.loads(cfg.to_json())
+    del raw["fedalign"]["expert_weights"]
+    old = json.dumps(raw)
+    assert Config.from_json(old).fedalign.expert_weights == "tokens"
+    assert not _same_result({"config_json": old}, cfg)
+    tokens = load_config("tiny", overrides={"federation": {"strategy": "fedalign"}, "fedalign": {"expert_weights": "tokens"}})
+    assert _same_result({"config_json": old}, tokens)
+
+
+@pytest.mark.parametrize("strategy, option, kept", [
+    ("fedavg", {"fedalign": {"expert_weights": "tokens"}}, True),  # FedAvg never reads fedalign.*
+    ("fedavg", {"train": {"proximal_mu": 0.1}}, True),
+    ("fedavg", {"federation": {"fedmoe_coverage": 0.5}}, True),
+    ("fedavg", {"train": {"lr": 0.0123}}, False),
+    ("fedprox", {"train": {"proximal_mu": 0.1}}, False),
+    ("fedmoe", {"federation": {"fedmoe_coverage": 0.5}}, False),
+    ("fedalign", {"fedalign": {"expert_weights": "tokens"}}, False),
+    ("fedalign-adaptive", {"fedalign": {"expert_weights": "tokens"}}, True),  # no semantic expert aggregation
+    ("fedalign-adaptive", {"fedalign": {"reg_lambda": 0.5}}, False),
+])
+def test_a_finished_run_is_kept_when_only_an_option_its_strategy_never_reads_changed(strategy, option, kept):
+    """A new default of one strategy's option (expert_weights became `examples`, issue 9) must not make
+    `compare` rerun every other strategy's runs, nor make `report` call their cells mixed."""
+    from fedalign_moe.experiment import _same_result
+    from fedalign_moe.report.tables import MixedCellError, group_cells
+
+    before = load_config("tiny", overrides={"federation": {"strategy": strategy}})
+    after = load_config("tiny", overrides={**option, "federation": {**option.get("federation", {}), "strategy": strategy}})
+    assert _same_result({"config_json": before.to_json()}, after) is kept
+    runs = [{"alpha": 0.1, "strategy": strategy, "config_json": c.to_json()} for c in (before, after)]
+    if kept:
+        group_cells(runs)
+    else:
+        with pytest.raises(MixedCellError):
+            group_cells(runs)
+
+
 def test_a_terminal_sees_our_lines_and_no_third_party_output(tmp_path):
     """Under a pseudo-terminal: a live bar over the rounds, the round lines (with the per-client line a
     terminal gets), a closing table, and nothing from Flower, Ray or transformers (that goes to DIR/run.log).

@@ -68,8 +68,10 @@ def test_opposing_client_does_not_move_that_expert_but_others_take_its_update():
     res = fedalign_aggregate(glob, clients, torch.ones(C), _stats(mu_CEH=mu), LAYERS, AlignOptions(consistency_floor=0.5))
     assert res.aligned_LEC[0, 0].tolist() == [True, True, False]
     for name in ("experts.up", "experts.down"):
-        # expert 0 moved only by clients 0 and 1 (equal token counts)
-        assert torch.allclose(res.state[name][0], (clients[0][name][0] + clients[1][name][0]) / 2, atol=1e-6)
+        # expert 0 moved only by clients 0 and 1, each by its FedAvg share (1/3, equal examples); client 2's
+        # share keeps the global value (expert_weights = examples, the default)
+        moved = sum(clients[c][name][0] - glob[name][0] for c in (0, 1)) / 3
+        assert torch.allclose(res.state[name][0], glob[name][0] + moved, atol=1e-6)
         # experts 1 and 2 still take client 2's update
         assert res.aligned_LEC[0, 1:].all()
         assert torch.allclose(res.state[name][1], sum(c[name][1] for c in clients) / 3, atol=1e-6)
@@ -191,7 +193,8 @@ def _grid_case(seed: int, C: int = 6):
 
 @pytest.mark.parametrize("opts", [AlignOptions(), AlignOptions(consistency_floor=0.5), AlignOptions(beta=0.3),
                                   AlignOptions(expert_aggregation="fedavg"), AlignOptions(gate_aggregation="uniform"),
-                                  AlignOptions(gate_aggregation="fedavg", adaptive_alpha=False, omega_times_tokens=True)])
+                                  AlignOptions(gate_aggregation="fedavg", adaptive_alpha=False, omega_times_tokens=True),
+                                  AlignOptions(expert_weights="tokens")])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_streaming_aggregation_equals_the_float64_reference(opts, seed):
     import reference_aggregate
@@ -304,9 +307,9 @@ def test_example_weights_move_an_expert_one_client_routes_to_as_far_as_fedavg_do
     examples = torch.tensor([10.0, 30.0, 60.0])
     n = torch.full((C, E), 5.0)
     n[1:, 2] = 0
-    by_tokens = fedalign_aggregate(glob, clients, examples, _stats(n_CE=n), LAYERS, AlignOptions())
-    by_examples = fedalign_aggregate(glob, clients, examples, _stats(n_CE=n), LAYERS,
-                                     AlignOptions(expert_weights="examples"))
+    by_tokens = fedalign_aggregate(glob, clients, examples, _stats(n_CE=n), LAYERS,
+                                   AlignOptions(expert_weights="tokens"))
+    by_examples = fedalign_aggregate(glob, clients, examples, _stats(n_CE=n), LAYERS, AlignOptions())  # the default
     for name in ("experts.up", "experts.down"):
         assert torch.allclose(by_tokens.state[name][2], clients[0][name][2], atol=1e-6)
         assert torch.allclose(by_examples.state[name][2], glob[name][2] + 0.1 * (clients[0][name][2] - glob[name][2]),
@@ -319,8 +322,9 @@ def test_example_weights_move_an_expert_one_client_routes_to_as_far_as_fedavg_do
         assert torch.allclose(everyone.state[name], sum(w * c[name] for w, c in zip([0.1, 0.3, 0.6], clients)), atol=1e-6)
 
 
-def test_the_strategy_applies_the_configured_expert_weights(server_identity):
-    cfg = load_config("tiny", overrides={"federation": {"strategy": "fedalign"}, "fedalign": {"expert_weights": "examples"}})
+def test_the_strategy_applies_example_weights_by_default(server_identity):
+    """`examples` is the default (issue 9's validation runs): no override here."""
+    cfg = load_config("tiny", overrides={"federation": {"strategy": "fedalign"}})
     strategy = make_strategy(cfg, replies.LAYOUT)
     glob = replies.global_state()
     sent = replies.instructions(strategy, glob, 3)

@@ -69,7 +69,8 @@ def _stats():
 @pytest.mark.parametrize("direction", ["product", "factors"])
 def test_a_client_whose_expert_moves_the_other_way_is_left_out_of_that_expert_only(direction):
     """Clients 0 and 1 move expert 0's B one way, client 2 the opposite way; on experts 1 and 2 all agree.
-    Expert 0's factors become the mean of clients 0 and 1; experts 1 and 2 take all three."""
+    Expert 0's factors move by clients 0 and 1's FedAvg shares (1/3 each; client 2's share keeps the global
+    value: expert_weights = examples); experts 1 and 2 take all three."""
     glob = {**_factors(0), "router": torch.randn(E, 6), "head": torch.randn(2)}
     g = torch.Generator().manual_seed(5)
     common_OR = {e: torch.randn(O, R, generator=g) for e in range(E)}
@@ -82,13 +83,14 @@ def test_a_client_whose_expert_moves_the_other_way_is_left_out_of_that_expert_on
             B_EOr[e] += sign * common_OR[e] + 0.01 * torch.randn(O, R, generator=g)
         clients.append(state)
     layers = [LayerNames("router", (), (("A", "B"),))]
-    opts = AlignOptions(consistency_floor=0.5, lora_direction=direction)  # the config default
+    opts = AlignOptions(consistency_floor=0.5, lora_direction=direction)  # the config defaults
     res = fedalign_aggregate(glob, clients, torch.full((C,), 10.0), _stats(), layers, opts)
     assert res.experts_applied_L.all()
     assert res.aligned_LEC[0, 0].tolist() == [True, True, False]
     assert res.aligned_LEC[0, 1].all() and res.aligned_LEC[0, 2].all()
     new_B = b_view(res.state["B"], E)
-    torch.testing.assert_close(new_B[0], (b_view(clients[0]["B"], E)[0] + b_view(clients[1]["B"], E)[0]) / 2)
+    glob_B = b_view(glob["B"], E)[0]
+    torch.testing.assert_close(new_B[0], glob_B + sum(b_view(clients[c]["B"], E)[0] - glob_B for c in (0, 1)) / 3)
     torch.testing.assert_close(new_B[1], sum(b_view(s["B"], E)[1] for s in clients) / 3)
     torch.testing.assert_close(res.state["A"], glob["A"])  # nobody moved A
     assert res.state["B"].shape == (O, R * E)

@@ -215,7 +215,7 @@ def _run_config(run_dir: Path) -> Config:
     if not path.is_file():
         raise ConfigError(f"{run_dir} holds no run (no config.json)")
     try:
-        cfg = Config.model_validate_json(path.read_text(encoding="utf-8"))
+        cfg = Config.from_json(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
         raise ConfigError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
     return cfg.model_copy(update={"out_dir": str(run_dir)})

@@ -23,6 +23,9 @@ FEDALIGN_RUNGS = {
     "fedalign": {},  # the full method: the FedAlignConfig defaults, or whatever the user set
 }
 STRATEGIES = ("fedavg", "fedprox", "fedmoe", "local", "centralised", *FEDALIGN_RUNGS)
+# Fields whose default changed after runs that lack them were stored, and the value those runs used:
+# FedAlign-MoE weighted aligned experts by tokens until issue 9 made `examples` the default.
+LEGACY = {("fedalign", "expert_weights"): "tokens"}
 # Bumped when a strategy's code changes what its runs measure: `compare` runs a finished cell of an older
 # revision again, and no table averages two revisions. fedmoe 2: clients upload their sub-MoE only.
 STRATEGY_REVISIONS = {"fedmoe": 2}
@@ -186,8 +189,9 @@ class FedAlignConfig(_Section):
     expert_aggregation: Literal["semantic", "fedavg"] = "semantic"
     # the weights of the aligned clients' updates of expert e [ours]: "tokens" w_i = n_i(e) / sum over A(e)
     # of n (they sum to 1 over A(e)); "examples" w_i = N_i / N, FedAvg's weight, for i in A(e) and 0 outside
-    # (not renormalised: the left-out clients' share keeps the global value, so A(e) = everyone is FedAvg)
-    expert_weights: Literal["tokens", "examples"] = "tokens"
+    # (not renormalised: the left-out clients' share keeps the global value, so A(e) = everyone is FedAvg);
+    # "examples" is the default since issue 9's validation runs (docs/fedalign.md#expert-weights)
+    expert_weights: Literal["tokens", "examples"] = "examples"
     # model.trainable = lora-experts: expert e's update compared across clients as its LoRA product B_e A_e
     # ("product") or as its two factors ("factors"); either way A_e and B_e are then averaged over A(e) [ours]
     lora_direction: Literal["product", "factors"] = "product"
@@ -240,17 +244,43 @@ class Config(_Section):
         return self.model_dump_json()
 
     def result_key(self) -> dict[str, Any]:
-        """Everything that can change a run's numbers: the config minus where files go and what is written."""
+        """Everything that can change a run's numbers: the config minus where files go and what is written,
+        and minus the options its strategy never reads, so that a new default of one strategy's option
+        keeps the other strategies' finished runs (FedAvg's runs do not depend on ``fedalign.*``)."""
         raw = self.model_dump(mode="json")
         raw.pop("out_dir")
         raw.pop("output")
         raw["model"].pop("prefix_cache_dir")
         raw["model"].pop("build_cache_dir")
+        strategy = self.federation.strategy
+        if strategy in FEDALIGN_RUNGS:
+            raw["fedalign"] = self.effective_fedalign().model_dump(mode="json")  # the rung's switches applied
+            if raw["fedalign"]["expert_aggregation"] != "semantic":  # read by semantic expert aggregation only
+                for option in ("beta", "consistency_floor", "expert_weights", "lora_direction"):
+                    raw["fedalign"].pop(option)
+        else:
+            raw.pop("fedalign")
+        if strategy != "fedprox":
+            raw["train"].pop("proximal_mu")
+        if strategy != "fedmoe":
+            raw["federation"].pop("fedmoe_coverage")
         return raw
 
     @classmethod
     def from_json(cls, text: str) -> "Config":
-        return cls.model_validate_json(text)
+        """A config as written by ``to_json``, also one stored by an older version (``from_stored``)."""
+        return cls.from_stored(json.loads(text))
+
+    @classmethod
+    def from_stored(cls, raw: Any) -> "Config":
+        """A stored config (a run's summary, config.json, checkpoint): a field it lacks, added since with a
+        default that differs from what runs did before it existed, takes that earlier value (``LEGACY``)."""
+        if isinstance(raw, dict):
+            raw = {**raw}
+            for (section, field), value in LEGACY.items():
+                if isinstance(raw.get(section, {}), dict) and field not in raw.get(section, {}):
+                    raw[section] = {**raw.get(section, {}), field: value}
+        return cls.model_validate(raw)
 
 
 def preset_names() -> list[str]:

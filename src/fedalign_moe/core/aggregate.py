@@ -46,7 +46,7 @@ class AlignOptions:
     omega_times_tokens: bool = False
     consistency_floor: float = float("inf")
     lora_direction: str = "product"  # product | factors: what expert e's LoRA update is compared by
-    expert_weights: str = "tokens"  # tokens | examples: config.FedAlignConfig.expert_weights
+    expert_weights: str = "examples"  # tokens | examples: config.FedAlignConfig.expert_weights
 
 
 @dataclass

@@ -55,10 +55,11 @@ _NOT_SETUP = {"seed", "out_dir", "preset", "model.prefix_cache_dir", "model.devi
 
 
 def _setup(summary: dict) -> dict[str, object]:
-    """A run's config with defaults filled in (runs written before a field existed used its default)."""
+    """A run's config with defaults filled in (runs written before a field existed used its default), less
+    the options its strategy never reads (``Config.result_key``)."""
     raw = json.loads(summary["config_json"])
     try:
-        tree = Config.model_validate(raw).model_dump(mode="json")
+        tree = Config.from_stored(raw).result_key()
     except ValueError:  # an older config this version cannot read: compare what it says over the defaults
         tree = deep_merge(Config().model_dump(mode="json"), raw)
     flat = {k: v for k, v in _flat(tree).items() if k not in _NOT_SETUP}
