@@ -6,6 +6,8 @@
 # expert e's LoRA update across clients: fedalign.lora_direction = product, then factors.
 # Results in docs/results.md ("LoRA experts, aligned per expert"); about 16 min a run here.
 # Usage: benchmarks/lora_direction.sh [out_dir]      default: benchmarks/results/lora-direction
+# Its figures were measured with token-weighted expert aggregation, the default before issue 9 made
+# `examples` the default: pinned here (fedalign.expert_weights=tokens) so the script reproduces them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-benchmarks/results/lora-direction}"
@@ -14,5 +16,5 @@ for direction in product factors; do
     --out "$out/$direction" --set model.device=cpu --set federation.client_gpus=0 --set train.torch_threads=1 \
     --set model.trainable=lora-experts --set data.max_length=128 --set data.max_train=250 \
     --set data.max_test=100 --set train.batch_size=8 --set train.eval_batch_size=16 \
-    --set fedalign.lora_direction="$direction"
+    --set fedalign.lora_direction="$direction" --set fedalign.expert_weights=tokens
 done

@@ -10,7 +10,9 @@
 # handing a rarely-routed expert its few clients' whole updates (docs/results.md).
 # Usage: benchmarks/tuning.sh [out_dir] [seeds] [preset] [setups]
 #        defaults: benchmarks/results/tuning 0,1,2 bench all   (specialised: ~20 min a run alone, 21 runs)
-#        setups: comma-separated folder names to run (e.g. fedavg,fedalign,fedalign-examples); all by default
+#        setups: comma-separated folder names to run (e.g. fedavg,fedalign-tokens,fedalign-examples); all by default
+# Extra settings are space-separated. The bench setups and `fedalign-tokens` pin token-weighted expert
+# aggregation, the default they were measured under before issue 9 made `examples` the default.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-benchmarks/results/tuning}"
@@ -19,16 +21,16 @@ preset="${3:-bench}"
 only="${4:-all}"
 cli=.venv/bin/fedalign-moe
 if [[ "$preset" == bench ]]; then
-  setups=(  # folder | strategy | extra settings
-    "fedalign-lambda1|fedalign|fedalign.reg_lambda=1.0"
-    "fedalign|fedalign|"
+  setups=(  # folder | strategy | extra settings (space-separated)
+    "fedalign-lambda1|fedalign|fedalign.reg_lambda=1.0 fedalign.expert_weights=tokens"
+    "fedalign|fedalign|fedalign.expert_weights=tokens"
     "fedprox-mu0.1|fedprox|train.proximal_mu=0.1"
     "fedprox|fedprox|"
   )
 else
   setups=(  # FedAvg too, as the reference every setup is paired with (it has no knob of its own)
     "fedavg|fedavg|"
-    "fedalign|fedalign|"
+    "fedalign-tokens|fedalign|fedalign.expert_weights=tokens"
     "fedalign-examples|fedalign|fedalign.expert_weights=examples"
     "fedprox|fedprox|"
     "fedprox-mu0.1|fedprox|train.proximal_mu=0.1"
@@ -41,7 +43,7 @@ for seed in ${seeds//,/ }; do  # seed by seed: a partial sweep still covers ever
     IFS='|' read -r name strategy extra <<< "$setup"
     [[ "$only" != all && ",$only," != *",$name,"* ]] && continue
     args=(--set data.holdout=validation)
-    [[ -n "$extra" ]] && args+=(--set "$extra")
+    for setting in $extra; do args+=(--set "$setting"); done
     "$cli" compare --preset "$preset" --alphas 0.1 --seeds "$seed" --strategies "$strategy" \
       --out "$out/$name" "${args[@]}"
   done
