@@ -278,8 +278,9 @@ class Config(_Section):
         if isinstance(raw, dict):
             raw = {**raw}
             for (section, field), value in LEGACY.items():
-                if isinstance(raw.get(section, {}), dict) and field not in raw.get(section, {}):
-                    raw[section] = {**raw.get(section, {}), field: value}
+                stored = raw.get(section, {})
+                if isinstance(stored, dict) and field not in stored:
+                    raw[section] = {**stored, field: value}
         return cls.model_validate(raw)
 
 

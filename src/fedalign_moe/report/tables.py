@@ -55,8 +55,8 @@ _NOT_SETUP = {"seed", "out_dir", "preset", "model.prefix_cache_dir", "model.devi
 
 
 def _setup(summary: dict) -> dict[str, object]:
-    """A run's config with defaults filled in (runs written before a field existed used its default), less
-    the options its strategy never reads (``Config.result_key``)."""
+    """A run's config with defaults filled in (runs written before a field existed used its default, or
+    the value ``config.LEGACY`` names), less the options its strategy never reads (``Config.result_key``)."""
     raw = json.loads(summary["config_json"])
     try:
         tree = Config.from_stored(raw).result_key()
