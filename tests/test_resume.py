@@ -111,8 +111,11 @@ def test_ctrl_c_keeps_no_round_that_the_interrupt_cut_short(tmp_path):
     Ctrl-C into exit status 130 silently). Now no such round is kept, and the CLI exits 130 saying how to
     resume."""
     out = tmp_path / "cut"
+    # a terminal's foreground job takes SIGINT; one started in the background of a non-interactive shell
+    # inherits it ignored (and rightly keeps ignoring it): give the CLI the terminal's default either way
     proc = subprocess.Popen([sys.executable, "-m", "fedalign_moe", *RUN, "--rounds", "6", "--out", str(out)],
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while _checkpoint_round(out / "checkpoint.safetensors") < 1 and time.monotonic() < deadline:
         time.sleep(0.05)
