@@ -238,6 +238,23 @@ def test_a_stored_config_without_expert_weights_ran_with_token_weights():
     assert _same_result({"config_json": old}, tokens)
 
 
+def test_report_reads_an_unreadable_old_config_without_expert_weights_as_a_tokens_run():
+    """`report` compares configs this version cannot validate over the defaults; a FedAlign-MoE run stored
+    before `expert_weights` existed must read as a `tokens` run there too, not as one of today's default."""
+    from fedalign_moe.report.tables import group_cells
+
+    raws = []
+    for weights in (None, "tokens"):
+        raw = json.loads(load_config("tiny", overrides={"federation": {"strategy": "fedalign"}}).to_json())
+        raw["train"]["knob_since_removed"] = 1  # makes the config unreadable by this version
+        if weights is None:
+            del raw["fedalign"]["expert_weights"]
+        else:
+            raw["fedalign"]["expert_weights"] = weights
+        raws.append(raw)
+    group_cells([{"alpha": 0.1, "strategy": "fedalign", "config_json": json.dumps(r)} for r in raws])
+
+
 @pytest.mark.parametrize("strategy, option, kept", [
     ("fedavg", {"fedalign": {"expert_weights": "tokens"}}, True),  # FedAvg never reads fedalign.*
     ("fedavg", {"train": {"proximal_mu": 0.1}}, True),

@@ -275,13 +275,19 @@ class Config(_Section):
     def from_stored(cls, raw: Any) -> "Config":
         """A stored config (a run's summary, config.json, checkpoint): a field it lacks, added since with a
         default that differs from what runs did before it existed, takes that earlier value (``LEGACY``)."""
-        if isinstance(raw, dict):
-            raw = {**raw}
-            for (section, field), value in LEGACY.items():
-                stored = raw.get(section, {})
-                if isinstance(stored, dict) and field not in stored:
-                    raw[section] = {**stored, field: value}
-        return cls.model_validate(raw)
+        return cls.model_validate(with_legacy(raw))
+
+
+def with_legacy(raw: Any) -> Any:
+    """A stored config tree with every ``LEGACY`` field it lacks set to the value runs used before it existed."""
+    if not isinstance(raw, dict):
+        return raw
+    raw = {**raw}
+    for (section, field), value in LEGACY.items():
+        stored = raw.get(section, {})
+        if isinstance(stored, dict) and field not in stored:
+            raw[section] = {**stored, field: value}
+    return raw
 
 
 def preset_names() -> list[str]:

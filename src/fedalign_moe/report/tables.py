@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from ..config import Config, UserError, deep_merge
+from ..config import Config, UserError, deep_merge, with_legacy
 from ..runlog import save_figure, write_atomic
 
 # No "best round" column: picking the best round on the test split would be tuning on it.
@@ -61,7 +61,7 @@ def _setup(summary: dict) -> dict[str, object]:
     try:
         tree = Config.from_stored(raw).result_key()
     except ValueError:  # an older config this version cannot read: compare what it says over the defaults
-        tree = deep_merge(Config().model_dump(mode="json"), raw)
+        tree = deep_merge(Config().model_dump(mode="json"), with_legacy(raw))
     flat = {k: v for k, v in _flat(tree).items() if k not in _NOT_SETUP}
     flat["strategy_revision"] = summary.get("strategy_revision", 1)
     return flat
