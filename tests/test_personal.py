@@ -198,3 +198,16 @@ def test_each_client_is_told_the_experts_it_was_outside_of_in_the_last_round(tmp
             kept += sum(mask)
     assert kept > 0  # some client really was outside some aligned set
     assert all(client_app.OWN_EXPERTS in c.state for c in grid.contexts.values())
+
+
+def test_resuming_a_personal_experts_run_says_what_the_restart_lost():
+    """Kept experts live in Flower's node state, which a restart loses: `resume` must not claim the same
+    numbers as an uninterrupted run without saying so (the CLI prints this as a warning line)."""
+    from fedalign_moe.experiment import resume_caveat
+
+    on = load_config("tiny", overrides={"federation": {"strategy": "fedalign"}, "fedalign": {"personal_experts": True}})
+    line = resume_caveat(on, 7)
+    assert line is not None and "round 8 trains every client from the global experts" in line
+    assert resume_caveat(load_config("tiny", overrides={"federation": {"strategy": "fedalign"}}), 7) is None
+    assert resume_caveat(load_config("tiny", overrides={"federation": {"strategy": "fedavg"},
+                                                          "fedalign": {"personal_experts": True}}), 7) is None

@@ -187,7 +187,8 @@ def resume(
     run_dir: Annotated[Path, typer.Argument(help="the folder of an interrupted federated run")],
     verbose: Annotated[bool, typer.Option(help="show Flower's and the client processes' own output as it comes (otherwise in DIR/run.log)")] = False,
 ) -> None:
-    """Continue an interrupted federated run from its last checkpoint: the same rounds, the same numbers."""
+    """Continue an interrupted federated run from its last checkpoint: the same rounds, the same numbers
+    (personalised experts excepted: the clients' kept copies do not survive, and it says so)."""
     try:
         from .experiment import run_experiment
         from .federation import checkpoint

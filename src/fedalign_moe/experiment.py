@@ -7,10 +7,11 @@ federation and run directly on the same data splits and model.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import Config, strategy_revision
+from .config import FEDALIGN_RUNGS, Config, strategy_revision
 from .federation import checkpoint
 from .federation.checkpoint import Checkpoint
 from .federation.strategies import FEDERATED
@@ -20,6 +21,8 @@ from .report.tables import draw_comparison, write_results_table
 from .runlog import dumps, read_summary, write_atomic
 from .training.setup import open_log, open_workspace
 from .training.standalone import run_centralised, run_local
+
+logger = logging.getLogger(__name__)
 
 
 def run_experiment(cfg: Config, on_round: Callable[[dict], None] | None = None, resume: Checkpoint | None = None,
@@ -31,6 +34,8 @@ def run_experiment(cfg: Config, on_round: Callable[[dict], None] | None = None, 
     if strategy in FEDERATED:
         from .federation.server_app import simulate
 
+        if resume is not None and (caveat := resume_caveat(cfg, resume.round)):
+            logger.warning(caveat)
         summary = simulate(cfg, on_round, resume, verbose=verbose, on_reply=on_reply)
     else:
         ws = open_workspace(cfg)
@@ -38,6 +43,17 @@ def run_experiment(cfg: Config, on_round: Callable[[dict], None] | None = None, 
         summary = runner(ws, open_log(ws), on_round)
     draw_run(cfg.out_dir)
     return summary
+
+
+def resume_caveat(cfg: Config, last_round: int) -> str | None:
+    """What a resumed run of ``cfg`` cannot give back exactly, in one line (None: it continues as if never
+    stopped). Personalised experts: each client's kept experts live in its Flower node state, which does not
+    survive the restart; the server's record of who keeps what is not checkpointed either."""
+    if cfg.federation.strategy in FEDALIGN_RUNGS and cfg.effective_fedalign().personal_experts:
+        return (f"personalised experts: the clients' kept experts did not survive the interruption; round "
+                f"{last_round + 1} trains every client from the global experts, so from there on this run "
+                f"differs from an uninterrupted one")
+    return None
 
 
 def grid_configs(base: Config, strategies: list[str], alphas: list[float], seeds: list[int], out: Path) -> list[Config]:
