@@ -228,8 +228,7 @@ class Config(_Section):
         if self.model.recipe == "btx" and self.data.public_fraction == 0:
             raise ValueError("model.recipe = 'btx' trains its experts on a public split: set data.public_fraction "
                              "(for example 0.2)")
-        if (self.federation.strategy in FEDALIGN_RUNGS and self.effective_fedalign().personal_experts
-                and self.effective_fedalign().expert_aggregation != "semantic"):
+        if self.keeps_personal_experts() and self.effective_fedalign().expert_aggregation != "semantic":
             raise ValueError(f"fedalign.personal_experts keeps the experts outside their aligned sets, and strategy "
                              f"{self.federation.strategy!r} aggregates experts without aligned sets (expert_aggregation "
                              "= fedavg): use strategy fedalign")
@@ -239,6 +238,10 @@ class Config(_Section):
         """The FedAlign-MoE options of this run, with the ablation rung's switches applied."""
         rung = FEDALIGN_RUNGS.get(self.federation.strategy, {})
         return self.fedalign.model_copy(update=rung)
+
+    def keeps_personal_experts(self) -> bool:
+        """Whether this run's clients keep their own copy of the experts outside their aligned sets."""
+        return self.federation.strategy in FEDALIGN_RUNGS and self.effective_fedalign().personal_experts
 
     def to_json(self) -> str:
         return self.model_dump_json()

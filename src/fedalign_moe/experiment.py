@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import FEDALIGN_RUNGS, Config, strategy_revision
+from .config import Config, strategy_revision
 from .federation import checkpoint
 from .federation.checkpoint import Checkpoint
 from .federation.strategies import FEDERATED
@@ -49,7 +49,7 @@ def resume_caveat(cfg: Config, last_round: int) -> str | None:
     """What a resumed run of ``cfg`` cannot give back exactly, in one line (None: it continues as if never
     stopped). Personalised experts: each client's kept experts live in its Flower node state, which does not
     survive the restart; the server's record of who keeps what is not checkpointed either."""
-    if cfg.federation.strategy in FEDALIGN_RUNGS and cfg.effective_fedalign().personal_experts:
+    if cfg.keeps_personal_experts():
         return (f"personalised experts: the clients' kept experts did not survive the interruption; round "
                 f"{last_round + 1} trains every client from the global experts, so from there on this run "
                 f"differs from an uninterrupted one")
