@@ -265,6 +265,8 @@ def test_report_reads_an_unreadable_old_config_without_expert_weights_as_a_token
     ("fedalign", {"fedalign": {"expert_weights": "tokens"}}, False),
     ("fedalign-adaptive", {"fedalign": {"expert_weights": "tokens"}}, True),  # no semantic expert aggregation
     ("fedalign-adaptive", {"fedalign": {"reg_lambda": 0.5}}, False),
+    ("fedalign", {"fedalign": {"proximal_mu": 0.1}}, False),
+    ("fedprox", {"fedalign": {"proximal_mu": 0.1}}, True),  # FedProx's mu is train.proximal_mu
 ])
 def test_a_finished_run_is_kept_when_only_an_option_its_strategy_never_reads_changed(strategy, option, kept):
     """A new default of one strategy's option (expert_weights became `examples`, issue 9) must not make

@@ -69,6 +69,16 @@ def test_fedprox_sends_its_mu_to_clients(server_identity):
     assert protocol.read_instruction(sent[0].content).proximal_mu == pytest.approx(0.3)
 
 
+@pytest.mark.parametrize("mu", [0.0, 0.2])
+def test_fedalign_sends_its_proximal_mu_only_when_asked(mu, server_identity):
+    """fedalign.proximal_mu [ours]: the client adds FedProx's term because the message says so, not because
+    of the strategy's name; with 0 (the paper's objective) the message has no proximal term at all."""
+    cfg = load_config("tiny", overrides={"federation": {"strategy": "fedalign"}, "fedalign": {"proximal_mu": mu}})
+    sent = replies.instructions(make_strategy(cfg, replies.LAYOUT), replies.global_state(), 2)
+    assert [protocol.read_instruction(m.content).proximal_mu for m in sent] == pytest.approx([mu, mu])
+    assert (protocol.PROXIMAL_MU in sent[0].content[protocol.CONFIG]) is (mu > 0)
+
+
 def test_record_bytes_counts_every_array_payload():
     a = RecordDict({"arrays": ArrayRecord({"w": torch.zeros(100, dtype=torch.float32)})})
     b = RecordDict({"arrays": ArrayRecord({"w": torch.zeros(200, dtype=torch.float32)})})

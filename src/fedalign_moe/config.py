@@ -198,6 +198,10 @@ class FedAlignConfig(_Section):
     # a client outside A(e) keeps its own expert e (and router row e) for its own use instead of taking the
     # global one (core.personal); needs expert_aggregation = "semantic" [ours: issue 9]
     personal_experts: bool = False
+    # FedProx's proximal term (mu/2) ||w - w_global||^2 added to each client's loss beside the gate
+    # regulariser: the regulariser anchors the routing distribution, this anchors the weights; 0 is the
+    # paper's objective [ours: issue 9, docs/fedalign.md#proximal-term]
+    proximal_mu: float = Field(0.0, ge=0)
 
 
 class OutputConfig(_Section):

@@ -57,8 +57,10 @@ class FedAlignMoE(ScreenedReplies, FedAvg):
         self.personal_by_node: dict[int, torch.Tensor] | None = {} if options.personal_experts else None
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        messages = super().configure_train(server_round, arrays, config, grid)
         o = self.options
+        if o.proximal_mu > 0:  # [ours] FedProx's anchor on the weights, asked for as FedProx asks
+            config[protocol.PROXIMAL_MU] = o.proximal_mu
+        messages = super().configure_train(server_round, arrays, config, grid)
         target = AlignmentTarget(self.p_g_LE, self.alpha_LE, o.reg_lambda if o.gate_regulariser else 0.0, o.stats_noise_sigma)
         for msg in messages:
             protocol.attach_alignment(msg.content, target)

@@ -4,7 +4,7 @@ here, and messages are built and read only through this module. Reading validate
 Server -> client, one training round (``read_instruction``):
   arrays           ArrayRecord   the global trainable parameters
   config           ConfigRecord  run-config (the run's Config as JSON), server-round, and what the round
-                                 asks: proximal-mu (FedProx; Flower's strategy writes it), upload
+                                 asks: proximal-mu (FedProx, and FedAlign-MoE with fedalign.proximal_mu), upload
                                  ("full", or "sub-moe" with sub-moe-coverage: FedMoE), reg-lambda and
                                  stats-noise-sigma (FedAlign-MoE), personal-experts (FedAlign-MoE with
                                  personalised experts: [L*E] 0/1, 1 where this client keeps its own
@@ -48,7 +48,7 @@ FEDALIGN_STATS = "fedalign-stats"
 # config keys (server -> client)
 RUN_CONFIG = "run-config"
 SERVER_ROUND = "server-round"  # written by Flower's strategies
-PROXIMAL_MU = "proximal-mu"  # written by Flower's FedProx
+PROXIMAL_MU = "proximal-mu"  # written by Flower's FedProx, and by FedAlign-MoE when fedalign.proximal_mu > 0
 UPLOAD = "upload"
 SUB_MOE_COVERAGE = "sub-moe-coverage"
 REG_LAMBDA = "reg-lambda"
