@@ -5,7 +5,11 @@ Several setups run the same strategy, so `fedalign-moe report` cannot pair them 
 script names each run by its setup folder and prints the same tables the evidence report prints: mean ±
 std per setup, then setup − reference per seed with a 95% paired-t interval (`report.paired`).
 
+Given one comparison folder instead (its runs directly inside, as `compare` writes them), its strategies at
+``--alpha`` are the setups: FedProx against FedAlign-MoE on the test-split grid, with the rounds-1-10 means.
+
 Usage: .venv/bin/python benchmarks/tuning_paired.py benchmarks/results/tuning-specialised [--reference fedavg]
+       .venv/bin/python benchmarks/tuning_paired.py benchmarks/results/specialised --reference fedalign [--alpha 0.1]
 """
 
 import argparse
@@ -20,10 +24,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path, help="the tuning folder: one comparison folder per setup")
     parser.add_argument("--reference", default="fedavg", help="the setup every other one is paired with")
+    parser.add_argument("--alpha", type=float, default=0.1, help="a comparison folder's alpha to pair at")
     args = parser.parse_args()
-    runs = []
-    for setup in sorted(p for p in args.folder.iterdir() if p.is_dir()):
-        runs += [dict(s, strategy=setup.name) for s in complete_runs(collect_summaries(setup))]
+    if not args.folder.is_dir():
+        raise SystemExit(f"error: {args.folder} is not a folder")
+    runs = [r for r in complete_runs(collect_summaries(args.folder)) if r["alpha"] == args.alpha]
+    if not runs:  # a tuning folder: one comparison folder per setup, named after it
+        for setup in sorted(p for p in args.folder.iterdir() if p.is_dir()):
+            runs += [dict(s, strategy=setup.name) for s in complete_runs(collect_summaries(setup))]
     if not any(r["strategy"] == args.reference for r in runs):
         raise SystemExit(f"error: no finished run of the reference setup {args.reference!r} in {args.folder}")
     print("| setup | seeds | " + " | ".join(name for _, name in METRICS) + " |")
