@@ -193,3 +193,28 @@ def test_the_evidence_report_pairs_every_strategy_with_fedavg_by_seed(tmp_path):
     table = paired_table(list(rows.values()))
     assert "| 0.1 | fedalign | +5.5 ± 6.4 (2) | +5.5 ± 6.4 (2) | +5.0 ± 0.0 (2) * |" in table
     assert "| 0.1 | centralised | +20.0 (1 seed) |" in table
+
+
+def test_the_evidence_report_pairs_fedalign_with_each_other_strategy(tmp_path):
+    """FedAlign-MoE minus each baseline by seed (FedProx beat it on `specialised`: the report must show it)."""
+    from fedalign_moe.report.evidence import _against_baselines
+    from fedalign_moe.report.paired import method_rows, paired_table
+
+    def run(strategy, seed, final):
+        s = _summary(strategy, seed, [final])
+        s["last5_accuracy"], s["final_local_accuracy"], s["last5_local_accuracy"] = final, None, None
+        return s
+
+    summaries = [run("fedavg", 0, 0.60), run("fedavg", 1, 0.70), run("fedprox", 0, 0.70), run("fedprox", 1, 0.75),
+                 run("fedalign", 0, 0.65), run("fedalign", 1, 0.72), run("fedalign-uniform", 1, 0.62)]
+    rows = {r["strategy"]: r for r in method_rows(summaries)}
+    assert set(rows) == {"fedprox", "fedalign-uniform"}  # FedAvg has its own table
+    assert rows["fedprox"]["final_accuracy"].per_seed == pytest.approx({0: -0.05, 1: -0.03})
+    assert rows["fedalign-uniform"]["final_accuracy"].per_seed == pytest.approx({1: 0.10})
+    table = paired_table(list(rows.values()), method="fedalign")
+    assert "| alpha | baseline | global, final: fedalign − it |" in table
+    assert "| 0.1 | fedprox | -4.0 ± 12.7 (2) |" in table
+    assert method_rows([s for s in summaries if s["strategy"] != "fedalign"]) == []
+    section = "\n".join(_against_baselines(summaries))
+    assert section.startswith("## FedAlign-MoE paired with the other strategies") and "| 0.1 | fedprox | -4.0" in section
+    assert _against_baselines(summaries[:4]) == []  # no FedAlign-MoE run: no section

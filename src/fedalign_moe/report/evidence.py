@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..runlog import read_jsonl, read_summary, save_figure, write_atomic
-from .paired import paired_rows, paired_table
+from .paired import method_rows, paired_rows, paired_table
 from .tables import cell_order, group_cells, mean_curves, mean_std, results_table, split_name
 
 logger = logging.getLogger(__name__)
@@ -360,6 +360,17 @@ def failed_replies(summaries: list[dict]) -> list[str]:
     return out
 
 
+def _against_baselines(summaries: list[dict]) -> list[str]:
+    """The section pairing FedAlign-MoE with every other strategy that ran beside it (FedAvg's row is the
+    table above): is it ahead of the strongest baseline, and what does each rung below it give?"""
+    rows = method_rows(summaries)
+    if not rows:
+        return []
+    return ["## FedAlign-MoE paired with the other strategies", "",
+            "FedAlign-MoE (`fedalign`) minus each strategy on the same seed, in points, as above; a row of a "
+            "lower rung is what the components above it add.", "", paired_table(rows, method="fedalign")]
+
+
 def write_evidence(out: Path, summaries: list[dict] | None = None) -> Path:
     """Write ``out/evidence.md`` and its figures from the runs under ``out`` (or the given summaries)."""
     summaries = collect_summaries(out) if summaries is None else summaries
@@ -390,6 +401,7 @@ def write_evidence(out: Path, summaries: list[dict] | None = None) -> Path:
              "Strategy minus FedAvg on the same seed (same splits), in points: mean ± the 95% paired-t "
              "half-width (seeds); * where the interval excludes 0, i.e. the data resolve the difference.", "",
              paired_table(paired_rows(summaries)),
+             *_against_baselines(summaries),
              "## Convergence", "", convergence_table(convergence_rows(summaries)),
              "## Communication", "", communication_table(communication_rows(summaries)),
              "## Routing at the last round (routing.jsonl)", "", routing_table(summaries),

@@ -47,21 +47,31 @@ def paired_difference(values: dict[int, float], reference: dict[int, float], lev
     return PairedDifference(float(d.mean()), half, len(d), dict(zip(seeds, d.tolist())))
 
 
+def _row(alpha: float, strategy: str, runs: list[dict], reference_runs: list[dict]) -> dict:
+    """runs − reference_runs for every metric, paired by seed; labelled (alpha, strategy)."""
+    row = {"alpha": alpha, "strategy": strategy}
+    for key, _ in METRICS:
+        mine = {r["seed"]: r[key] for r in runs if r.get(key) is not None}
+        theirs = {r["seed"]: r[key] for r in reference_runs if r.get(key) is not None}
+        row[key] = paired_difference(mine, theirs)
+    return row
+
+
 def paired_rows(summaries: list[dict], reference: str = "fedavg") -> list[dict]:
     """One row per (alpha, strategy) other than the reference: the paired difference of each metric."""
     cells = group_cells(summaries)
-    rows = []
-    for alpha, strategy in sorted(cells, key=cell_order):
-        ref = cells.get((alpha, reference))
-        if strategy == reference or not ref:
-            continue
-        row = {"alpha": alpha, "strategy": strategy}
-        for key, _ in METRICS:
-            mine = {r["seed"]: r[key] for r in cells[(alpha, strategy)] if r.get(key) is not None}
-            theirs = {r["seed"]: r[key] for r in ref if r.get(key) is not None}
-            row[key] = paired_difference(mine, theirs)
-        rows.append(row)
-    return rows
+    return [_row(alpha, strategy, cells[(alpha, strategy)], cells[(alpha, reference)])
+            for alpha, strategy in sorted(cells, key=cell_order)
+            if strategy != reference and (alpha, reference) in cells]
+
+
+def method_rows(summaries: list[dict], method: str = "fedalign", skip: tuple[str, ...] = ("fedavg",)) -> list[dict]:
+    """One row per (alpha, strategy) that ran beside ``method``, other than ``skip``: method − that strategy
+    on the same seeds (the method against each baseline; ``paired_rows`` pairs all with one reference)."""
+    cells = group_cells(summaries)
+    return [_row(alpha, strategy, cells[(alpha, method)], cells[(alpha, strategy)])
+            for alpha, strategy in sorted(cells, key=cell_order)
+            if strategy != method and strategy not in skip and (alpha, method) in cells]
 
 
 def format_difference(diff: PairedDifference | None) -> str:
@@ -74,9 +84,11 @@ def format_difference(diff: PairedDifference | None) -> str:
     return f"{100 * diff.mean:+.1f} ± {100 * diff.half_width:.1f} ({diff.n}){mark}"
 
 
-def paired_table(rows: list[dict], reference: str = "fedavg") -> str:
-    """Markdown: points, mean ± 95% half-width (seeds); * where the interval excludes 0."""
-    lines = ["| alpha | strategy | " + " | ".join(f"{name} − {reference}" for _, name in METRICS) + " |",
+def paired_table(rows: list[dict], reference: str = "fedavg", method: str | None = None) -> str:
+    """Markdown: points, mean ± 95% half-width (seeds); * where the interval excludes 0. Rows of
+    ``paired_rows`` are strategy − ``reference``; rows of ``method_rows`` (give ``method``) are method − strategy."""
+    head = ([f"{name}: {method} − it" for _, name in METRICS] if method else [f"{name} − {reference}" for _, name in METRICS])
+    lines = ["| alpha | " + ("baseline" if method else "strategy") + " | " + " | ".join(head) + " |",
              "|---|---|" + "---|" * len(METRICS)]
     for r in rows:
         lines.append(f"| {r['alpha']:g} | {r['strategy']} | " + " | ".join(format_difference(r[k]) for k, _ in METRICS) + " |")
