@@ -28,8 +28,12 @@ def main() -> None:
     args = parser.parse_args()
     if not args.folder.is_dir():
         raise SystemExit(f"error: {args.folder} is not a folder")
-    runs = [r for r in complete_runs(collect_summaries(args.folder)) if r["alpha"] == args.alpha]
-    if not runs:  # a tuning folder: one comparison folder per setup, named after it
+    direct = complete_runs(collect_summaries(args.folder))
+    runs = [r for r in direct if r["alpha"] == args.alpha]
+    if direct and not runs:
+        alphas = ", ".join(f"{a:g}" for a in sorted({r["alpha"] for r in direct}))
+        raise SystemExit(f"error: no finished run at alpha {args.alpha:g} in {args.folder} (its alphas: {alphas})")
+    if not direct:  # a tuning folder: one comparison folder per setup, named after it
         for setup in sorted(p for p in args.folder.iterdir() if p.is_dir()):
             runs += [dict(s, strategy=setup.name) for s in complete_runs(collect_summaries(setup))]
     if not any(r["strategy"] == args.reference for r in runs):

@@ -195,7 +195,7 @@ def test_the_evidence_report_pairs_every_strategy_with_fedavg_by_seed(tmp_path):
     assert "| 0.1 | centralised | +20.0 (1 seed) |" in table
 
 
-def test_the_evidence_report_pairs_fedalign_with_each_other_strategy(tmp_path):
+def test_the_evidence_report_pairs_fedalign_with_each_other_strategy():
     """FedAlign-MoE minus each baseline by seed (FedProx beat it on `specialised`: the report must show it)."""
     from fedalign_moe.report.evidence import _against_baselines
     from fedalign_moe.report.paired import method_rows, paired_table
