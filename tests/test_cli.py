@@ -208,8 +208,27 @@ def test_compare_federated_grid_writes_the_evidence_report(tiny_grid, tmp_path):
     metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
     res = _cli("compare", *GRID, "--strategies", "fedavg", "--out", str(moved))
     assert res.returncode == 0, res.stderr[-3000:]
+    # the tables of a later call still describe every finished run of the folder, as evidence.md does
+    assert len(json.loads((moved / "results.json").read_text())) == 3
+    assert "| 0.5 | fedalign | 1 |" in (moved / "results.md").read_text()
     assert ("warning: fedavg, alpha 0.5, seed 0: failed replies (round 2: 3): its numbers are in the tables; "
             "to run it again, delete its folder and compare again") in " ".join(res.stderr.split())
+
+
+def test_compare_stops_before_running_when_a_cell_would_mix_two_setups(tiny_grid, tmp_path):
+    """FedAlign-MoE with the other expert weighting beside the folder's FedAlign-MoE run would share its
+    table cell: compare says so in one line before it spends time on any run."""
+    import shutil
+
+    out = tmp_path / "cmp"
+    shutil.copytree(tiny_grid, out)
+    res = _cli("compare", *GRID[:5], "1", *GRID[6:], "--strategies", "fedavg,fedalign", "--set",
+               "fedalign.expert_weights=tokens", "--out", str(out))
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        "error: runs of fedalign at alpha 0.5 differ in fedalign.expert_weights: a table cell would average "
+        "different setups; keep each setup in its own folder"]
+    assert not (out / "fedavg-alpha0.5-seed1").exists()
 
 
 def test_a_run_of_an_older_strategy_revision_is_run_again():

@@ -320,26 +320,20 @@ def premise(
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a run directory, or a comparison directory")]) -> None:
     """Redraw the plots of a finished run, or the tables and figures of a comparison (finished runs so far)."""
-    from .report.evidence import collect_summaries, complete_runs, portable, write_evidence
-    from .runlog import dumps, write_atomic
+    from .report.evidence import write_comparison
     from .report.plots import draw_run
-    from .report.tables import MixedCellError, draw_comparison, group_cells, write_results_table
+    from .report.tables import MixedCellError
 
     if (run_dir / "metrics.jsonl").exists():
         for path in draw_run(run_dir):
             console.print(str(path), markup=False)
         return
-    summaries = collect_summaries(run_dir)
-    if not summaries:
-        _fail(f"{run_dir} is neither a run directory (no metrics.jsonl) nor a comparison (no */summary.json)")
     try:
-        group_cells(summaries)
+        path = write_comparison(run_dir)
     except MixedCellError as err:
         _fail(str(err))
-    write_atomic(run_dir / "results.json", dumps(portable(summaries), indent=2))
-    write_results_table(complete_runs(summaries), run_dir / "results.md")
-    draw_comparison(summaries, run_dir)
-    path = write_evidence(run_dir, summaries)
+    if path is None:
+        _fail(f"{run_dir} is neither a run directory (no metrics.jsonl) nor a comparison (no */summary.json)")
     console.print(path.read_text(), markup=False)
 
 

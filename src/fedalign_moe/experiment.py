@@ -15,9 +15,9 @@ from .config import Config, strategy_revision
 from .federation import checkpoint
 from .federation.checkpoint import Checkpoint
 from .federation.strategies import FEDERATED
-from .report.evidence import complete_runs, portable, write_evidence
+from .report.evidence import collect_summaries, write_comparison
+from .report.tables import group_cells
 from .report.plots import draw_run
-from .report.tables import draw_comparison, write_results_table
 from .runlog import dumps, read_summary, write_atomic
 from .training.setup import open_log, open_workspace
 from .training.standalone import run_centralised, run_local
@@ -95,11 +95,22 @@ def resumable(cfg: Config) -> Checkpoint | None:
     return ckpt if same and ckpt.round < cfg.federation.rounds else None
 
 
+def check_fits_folder(configs: list[Config], out: Path) -> None:
+    """Raise ``MixedCellError`` before anything runs when ``configs`` would share a table cell of ``out`` with
+    a finished run of another setup (say, FedAlign-MoE with the other expert weighting), which would stop the
+    tables only after every run had finished."""
+    planned = {Path(c.out_dir).resolve() for c in configs}
+    kept = [s for s in collect_summaries(out) if Path(s["run_dir"]).resolve() not in planned]
+    group_cells(kept + [{"alpha": c.partition.alpha, "strategy": c.federation.strategy, "config_json": c.to_json(),
+                         "strategy_revision": strategy_revision(c.federation.strategy)} for c in configs])
+
+
 def run_comparison(configs: list[Config], out: Path, on_run: Callable[[Config], None] | None = None,
                    on_round: Callable[[dict], None] | None = None, verbose: bool = False) -> list[dict]:
     """Run every config (skipping finished ones, resuming interrupted ones), then write results.json,
-    results.md and plots."""
+    results.md, the plots and evidence.md over every finished run in ``out``; return this call's summaries."""
     out.mkdir(parents=True, exist_ok=True)
+    check_fits_folder(configs, out)
     summaries = []
     for cfg in configs:
         done = Path(cfg.out_dir) / "summary.json"
@@ -111,10 +122,7 @@ def run_comparison(configs: list[Config], out: Path, on_run: Callable[[Config], 
             summary["config_json"] = cfg.to_json()
             write_atomic(done, dumps(summary, indent=2))
         summaries.append(dict(summary, run_dir=cfg.out_dir))  # a kept summary names the folder it ran in
-    write_atomic(out / "results.json", dumps(portable(summaries), indent=2))
-    write_results_table(complete_runs(summaries), out / "results.md")
-    draw_comparison(summaries, out)
-    write_evidence(out)
+    write_comparison(out)  # over every finished run in the folder, those of earlier calls too
     return summaries
 
 

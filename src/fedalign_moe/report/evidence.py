@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from ..runlog import read_jsonl, read_summary, save_figure, write_atomic
+from ..runlog import dumps, read_jsonl, read_summary, save_figure, write_atomic
 from .paired import method_rows, paired_rows, paired_table
-from .tables import cell_order, group_cells, mean_curves, mean_std, results_table, split_name
+from .tables import (cell_order, draw_comparison, group_cells, mean_curves, mean_std, results_table, split_name,
+                     write_results_table)
 
 logger = logging.getLogger(__name__)
 
@@ -411,3 +412,17 @@ def write_evidence(out: Path, summaries: list[dict] | None = None) -> Path:
     path = out / "evidence.md"
     write_atomic(path, "\n".join(parts) + "\n")
     return path
+
+
+def write_comparison(out: Path) -> Path | None:
+    """Write ``results.json``, ``results.md``, the figures and ``evidence.md`` of every finished run under
+    ``out`` (runs of earlier calls included, so the four always describe the same runs); the evidence path,
+    or None when no run has finished. Raises ``MixedCellError`` when one cell holds runs of two configs."""
+    summaries = collect_summaries(out)
+    if not summaries:
+        return None
+    group_cells(summaries)
+    write_atomic(out / "results.json", dumps(portable(summaries), indent=2))
+    write_results_table(complete_runs(summaries), out / "results.md")
+    draw_comparison(summaries, out)
+    return write_evidence(out, summaries)
