@@ -16,6 +16,8 @@
 # specialised `fedprox` setup pins mu 0.01, the default it ran under before this tuning made the preset's 0.1.
 # `fedalign-prox0.1` adds FedProx's term at its tuned mu to FedAlign-MoE's loss (`fedalign.proximal_mu`, ours):
 # on the test-split grid FedProx beat FedAlign-MoE over the last five rounds on every seed.
+# `fedalign-personal` keeps the experts a client is outside A(e) of (`fedalign.personal_experts`, issue 9
+# section 4), paired with `fedalign-examples`, the same setup without them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-benchmarks/results/tuning}"
@@ -36,6 +38,7 @@ else
     "fedalign-tokens|fedalign|fedalign.expert_weights=tokens"
     "fedalign-examples|fedalign|fedalign.expert_weights=examples"
     "fedalign-prox0.1|fedalign|fedalign.proximal_mu=0.1"
+    "fedalign-personal|fedalign|fedalign.personal_experts=true"
     "fedprox|fedprox|train.proximal_mu=0.01"
     "fedprox-mu0.1|fedprox|train.proximal_mu=0.1"
     "fedmoe|fedmoe|"

@@ -16,8 +16,8 @@ from .federation import checkpoint
 from .federation.checkpoint import Checkpoint
 from .federation.strategies import FEDERATED
 from .report.evidence import collect_summaries, write_comparison
-from .report.tables import group_cells
 from .report.plots import draw_run
+from .report.tables import group_cells
 from .runlog import dumps, read_summary, write_atomic
 from .training.setup import open_log, open_workspace
 from .training.standalone import run_centralised, run_local
