@@ -24,7 +24,7 @@ def spread(run: Path) -> dict:
         norms = [c["update_norm"] for c in rows]
         per_step = [n / s for n, s in zip(norms, steps)]
         median.append(statistics.median(norms))
-        raw.append(max(norms) / statistics.median(norms))
+        raw.append(max(norms) / median[-1])
         pace.append(max(per_step) / statistics.median(per_step))
     return {"run": str(run), "strategy": cfg["federation"]["strategy"], "alpha": cfg["partition"]["alpha"],
             "rounds": len(raw), "raw_max_over_median": [round(min(raw), 2), round(max(raw), 2)],
