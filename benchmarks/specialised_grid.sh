@@ -8,7 +8,7 @@
 # Ends with `fedalign-moe report`, which writes results.json, results.md, evidence.md and the figures over
 # every finished run in the folder.
 # Usage: benchmarks/specialised_grid.sh [out_dir] [seeds]   defaults: benchmarks/results/specialised 0,1,2,3,4
-# Alone on the 2-core CPU: 10-20 min a federated run, 12.5 min centralised, 39 min local (80 runs for 5 seeds: ~25 h).
+# Alone on the 2-core CPU: 14-20 min a federated run, 12.5 min centralised, 39 min local (80 runs for 5 seeds: ~25 h).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-benchmarks/results/specialised}"
