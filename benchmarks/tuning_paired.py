@@ -55,9 +55,10 @@ def main() -> None:
     print()
     rows = paired_rows(runs, reference=args.reference)
     print(paired_table(rows, reference=args.reference), end="")
-    print("\nper seed, global final (points): " + "; ".join(
-        f"{r['strategy']} " + " / ".join(f"{100 * d:+.1f}" for d in r["final_accuracy"].per_seed.values())
-        for r in rows if r["final_accuracy"] is not None))
+    for key, label in (("final_accuracy", "global final"), ("last5_accuracy", "global last 5")):
+        print(f"\nper seed, {label} (points): " + "; ".join(
+            f"{r['strategy']} " + " / ".join(f"{100 * d:+.1f}" for d in r[key].per_seed.values())
+            for r in rows if r[key] is not None))
 
 
 if __name__ == "__main__":
