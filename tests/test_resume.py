@@ -133,6 +133,37 @@ def test_ctrl_c_keeps_no_round_that_the_interrupt_cut_short(tmp_path):
     assert _checkpoint_round(out / "checkpoint.safetensors") == len(rounds) < 6
 
 
+def test_the_first_ctrl_c_only_asks_the_run_to_stop():
+    """The first Ctrl-C used to raise KeyboardInterrupt in the main thread at once: Flower's engine then shut Ray
+    down while its worker threads were still inside Ray, and Ray's core worker ended the CLI with status 1
+    instead of 130 (once in CI). Now it only sets the event the server loop reads; the engine stops in order.
+    A second Ctrl-C interrupts at once, and so does the grace period running out."""
+    import threading
+    from fedalign_moe.federation.server_app import interrupt_sets
+
+    before = signal.getsignal(signal.SIGINT)
+    event = threading.Event()
+    with interrupt_sets(event, grace_s=60):
+        signal.raise_signal(signal.SIGINT)
+        time.sleep(0.05)  # the handler runs here: no KeyboardInterrupt
+        assert event.is_set()
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+            time.sleep(0.05)
+    assert signal.getsignal(signal.SIGINT) is before
+
+    event = threading.Event()
+    with pytest.raises(KeyboardInterrupt):
+        with interrupt_sets(event, grace_s=0.2):
+            signal.raise_signal(signal.SIGINT)
+            time.sleep(10)  # an engine that does not stop: interrupted when the grace period ends
+    assert event.is_set() and signal.getsignal(signal.SIGINT) is before
+
+    with interrupt_sets(threading.Event(), grace_s=0.2):  # leaving cancels the grace timer
+        signal.raise_signal(signal.SIGINT)
+    time.sleep(0.5)
+
+
 def test_a_comparison_treats_a_damaged_summary_as_unfinished(tmp_path):
     from fedalign_moe.experiment import grid_configs, resumable
     from fedalign_moe.report.evidence import collect_summaries

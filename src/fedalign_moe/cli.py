@@ -364,11 +364,13 @@ def _unexpected(err: BaseException) -> None:
 
 
 def _exit_interrupted() -> None:
-    """Say how to resume, then leave at once with status 130. Not ``sys.exit``: after a Ctrl-C, Flower's
-    simulation engine can leave a worker thread blocked for good in ``ray.get`` on a client that Ray has
-    already shut down, and the interpreter's exit would join that thread forever (seen with py-spy, about
-    one interrupt in six). What matters is on disk already: the server thread has finished (``simulate``
-    joins it) and the checkpoint is written atomically."""
+    """Say how to resume, then leave at once with status 130. Not ``sys.exit``: when Flower's simulation
+    engine is interrupted before it has stopped (a second Ctrl-C, or one it did not answer within its grace
+    period: ``server_app.interrupt_sets``), a worker thread can stay blocked for good in ``ray.get`` on a
+    client that Ray has already shut down, and the interpreter's exit would join that thread forever (seen
+    with py-spy, about one interrupt in six, before the first Ctrl-C let the engine stop in order). What
+    matters is on disk already: the server thread has finished (``simulate`` joins it) and the checkpoint is
+    written atomically."""
     print("interrupted (a federated run continues with `fedalign-moe resume <its folder>`)", file=sys.stderr)
     logging.shutdown()
     sys.stdout.flush()

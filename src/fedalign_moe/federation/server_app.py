@@ -9,6 +9,7 @@ Two ways in, one loop (``server.run_federation``):
 
 from __future__ import annotations
 
+import _thread
 import logging
 import os
 import signal
@@ -29,7 +30,7 @@ from ..config import Config, load_config, parse_overrides
 from ..training.setup import Workspace, open_log, open_workspace
 from .checkpoint import Checkpoint
 from .node_policy import TRUST_ENV
-from .server import run_federation
+from .server import RunInterrupted, run_federation
 
 
 def config_from_run_config(run_config: dict) -> Config:
@@ -81,18 +82,28 @@ def make_server_app(cfg: Config, on_round: Callable[[dict], None] | None, holder
 
 
 @contextmanager
-def interrupt_sets(event: threading.Event):
-    """While it lasts, SIGINT (Ctrl-C) sets ``event`` first, then interrupts as before; the server loop
-    reads the event and discards the round in flight (``server.run_federation``). Only the main thread
-    can install a handler, and a process that ignores SIGINT keeps ignoring it."""
+def interrupt_sets(event: threading.Event, grace_s: float = 30.0):
+    """While it lasts, the first SIGINT (Ctrl-C) only sets ``event``: the server loop discards the round in
+    flight and ends the run (``server.run_federation`` raises ``RunInterrupted``), and Flower's engine then
+    stops its worker threads, the client actors and Ray, in that order. Interrupting the main thread at once
+    (Python's default) unwinds the engine while its worker threads are still inside Ray: Flower shuts Ray
+    down under them and Ray's core worker ends the process with status 1 ("The core worker has already been
+    shutdown", seen in CI). A second Ctrl-C, or an engine still running ``grace_s`` seconds after the first,
+    interrupts the main thread as before. Only the main thread can install a handler, and a process that
+    ignores SIGINT keeps ignoring it."""
     previous = signal.getsignal(signal.SIGINT)
     if threading.current_thread() is not threading.main_thread() or previous == signal.SIG_IGN:
         yield
         return
+    timers: list[threading.Timer] = []
 
     def handler(signum, frame):
-        event.set()
-        if callable(previous):
+        if not event.is_set():
+            event.set()
+            timers.append(threading.Timer(grace_s, _thread.interrupt_main, (signal.SIGINT,)))
+            timers[-1].daemon = True
+            timers[-1].start()
+        elif callable(previous):
             previous(signum, frame)
         else:
             raise KeyboardInterrupt
@@ -101,6 +112,8 @@ def interrupt_sets(event: threading.Event):
     try:
         yield
     finally:
+        for timer in timers:
+            timer.cancel()
         signal.signal(signal.SIGINT, previous)
 
 
@@ -181,15 +194,20 @@ def simulate(cfg: Config, on_round: Callable[[dict], None] | None = None, resume
             try:
                 run_simulation(make_server_app(cfg, on_round, holder, resume, ws, on_reply, interrupted), client_app,
                                cfg.partition.num_clients, backend_config=backend)
+            except RunInterrupted:  # a Ctrl-C, re-raised by Flower once its engine has stopped in order
+                raise KeyboardInterrupt from None
             except KeyboardInterrupt:
-                # Flower does not wait for its server thread: wait here until it has seen the event and
-                # discarded the round in flight, so that whoever handles the interrupt finds the run's
-                # folder as the last finished round left it (a second Ctrl-C stops waiting)
+                # a second Ctrl-C, or an engine that did not stop in time: Flower does not wait for its
+                # server thread, so wait here until it has seen the event and discarded the round in
+                # flight; whoever handles the interrupt then finds the run's folder as the last finished
+                # round left it (a third Ctrl-C stops waiting)
                 interrupted.set()
                 server_thread = holder.get("server_thread")
                 if server_thread is not None:
                     server_thread.join()
                 raise
+            if interrupted.is_set():  # Ctrl-C came as the run ended: it is complete, the caller stops all the same
+                raise KeyboardInterrupt
             if not verbose:  # on the terminal already otherwise
                 append_client_output(Path(cfg.out_dir) / "run.log")
     finally:
