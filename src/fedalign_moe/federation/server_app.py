@@ -81,6 +81,15 @@ def make_server_app(cfg: Config, on_round: Callable[[dict], None] | None, holder
     return server
 
 
+def _signal_main_thread() -> None:
+    """SIGINT to the main thread itself: a real signal breaks the wait of a main thread blocked in a join,
+    which ``_thread.interrupt_main`` (a flag checked between bytecodes) does not."""
+    if hasattr(signal, "pthread_kill"):
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+    else:  # no POSIX threads (Windows)
+        _thread.interrupt_main(signal.SIGINT)
+
+
 @contextmanager
 def interrupt_sets(event: threading.Event, grace_s: float = 30.0):
     """While it lasts, the first SIGINT (Ctrl-C) only sets ``event``: the server loop discards the round in
@@ -100,7 +109,7 @@ def interrupt_sets(event: threading.Event, grace_s: float = 30.0):
     def handler(signum, frame):
         if not event.is_set():
             event.set()
-            timers.append(threading.Timer(grace_s, _thread.interrupt_main, (signal.SIGINT,)))
+            timers.append(threading.Timer(grace_s, _signal_main_thread))
             timers[-1].daemon = True
             timers[-1].start()
         elif callable(previous):
