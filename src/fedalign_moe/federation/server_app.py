@@ -104,14 +104,13 @@ def interrupt_sets(event: threading.Event, grace_s: float = 30.0):
     if threading.current_thread() is not threading.main_thread() or previous == signal.SIG_IGN:
         yield
         return
-    timers: list[threading.Timer] = []
+    grace = threading.Timer(grace_s, _signal_main_thread)
+    grace.daemon = True
 
     def handler(signum, frame):
         if not event.is_set():
             event.set()
-            timers.append(threading.Timer(grace_s, _signal_main_thread))
-            timers[-1].daemon = True
-            timers[-1].start()
+            grace.start()
         elif callable(previous):
             previous(signum, frame)
         else:
@@ -121,8 +120,7 @@ def interrupt_sets(event: threading.Event, grace_s: float = 30.0):
     try:
         yield
     finally:
-        for timer in timers:
-            timer.cancel()
+        grace.cancel()
         signal.signal(signal.SIGINT, previous)
 
 
