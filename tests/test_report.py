@@ -175,6 +175,18 @@ def test_paired_difference_has_the_paired_t_interval():
     assert tight.resolved and tight.mean == pytest.approx(0.12)
 
 
+def test_two_seeds_never_resolve_a_difference():
+    """alpha 1.0 on `specialised`, FedProx - FedAvg client-own: 9 questions of 401, then 9 of 402, printed
+    as +2.2 +- 0.0 (2) and once marked resolved."""
+    from fedalign_moe.report.paired import format_difference, paired_difference
+
+    d = paired_difference({0: 354 / 401, 1: 361 / 402}, {0: 345 / 401, 1: 352 / 402})
+    assert d.n == 2 and d.half_width is not None and d.half_width < abs(d.mean)
+    assert not d.resolved and format_difference(d) == "+2.2 ± 0.0 (2)"
+    three = paired_difference({0: 354 / 401, 1: 361 / 402, 2: 0.9}, {0: 345 / 401, 1: 352 / 402, 2: 0.87})
+    assert three.resolved and format_difference(three).endswith("(3) *")
+
+
 def test_the_evidence_report_pairs_every_strategy_with_fedavg_by_seed(tmp_path):
     from fedalign_moe.report.paired import paired_rows, paired_table
 
@@ -191,7 +203,7 @@ def test_the_evidence_report_pairs_every_strategy_with_fedavg_by_seed(tmp_path):
     assert rows["fedalign"]["final_local_accuracy"].mean == pytest.approx(0.05)
     assert rows["centralised"]["final_local_accuracy"] is None  # no client-own figure
     table = paired_table(list(rows.values()))
-    assert "| 0.1 | fedalign | +5.5 ± 6.4 (2) | +5.5 ± 6.4 (2) | +5.0 ± 0.0 (2) * |" in table
+    assert "| 0.1 | fedalign | +5.5 ± 6.4 (2) | +5.5 ± 6.4 (2) | +5.0 ± 0.0 (2) | +5.0 ± 0.0 (2) |" in table  # two seeds: no *
     assert "| 0.1 | centralised | +20.0 (1 seed) |" in table
 
 

@@ -400,7 +400,7 @@ def write_evidence(out: Path, summaries: list[dict] | None = None) -> Path:
              "## Accuracy", "", results_table(summaries),
              "## Paired with FedAvg", "",
              "Strategy minus FedAvg on the same seed (same splits), in points: mean ± the 95% paired-t "
-             "half-width (seeds); * where the interval excludes 0, i.e. the data resolve the difference.", "",
+             "half-width (seeds); * where the interval excludes 0 over at least three seeds, i.e. the data resolve the difference.", "",
              paired_table(paired_rows(summaries)),
              *_against_baselines(summaries),
              "## Convergence", "", convergence_table(convergence_rows(summaries)),

@@ -3,7 +3,10 @@
 Two runs of one seed share the data split, the partition and the model's initialisation, so the
 difference strategy - reference on the same seed removes the seed-to-seed swing both share. Over n seeds
 the mean difference gets a 95% paired-t interval, mean +- t(0.975, n - 1) * sd / sqrt(n) (scipy's t
-quantile); with one seed there is no interval. A difference is "resolved" when its interval excludes 0.
+quantile); with one seed there is no interval. A difference is "resolved" when its interval excludes 0
+and at least ``MIN_SEEDS_TO_RESOLVE`` seeds pair up: with two, the interval rests on one degree of freedom
+and on a sample std that the accuracies' granularity (one question in a few hundred) can make near zero by
+chance (two seeds each 9 questions apart give +2.2 +- 0.0 points), so it is printed but decides nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from .tables import cell_order, group_cells
 
 METRICS = (("final_accuracy", "global, final"), ("last5_accuracy", "global, last 5"),
            ("final_local_accuracy", "client-own, final"), ("last5_local_accuracy", "client-own, last 5"))
+MIN_SEEDS_TO_RESOLVE = 3
 
 
 @dataclass(frozen=True)
@@ -31,7 +35,7 @@ class PairedDifference:
 
     @property
     def resolved(self) -> bool:
-        return self.half_width is not None and abs(self.mean) > self.half_width
+        return self.n >= MIN_SEEDS_TO_RESOLVE and self.half_width is not None and abs(self.mean) > self.half_width
 
 
 def paired_difference(values: dict[int, float], reference: dict[int, float], level: float = 0.95) -> PairedDifference | None:
@@ -75,7 +79,7 @@ def method_rows(summaries: list[dict], method: str = "fedalign", skip: tuple[str
 
 
 def format_difference(diff: PairedDifference | None) -> str:
-    """Points: mean ± 95% half-width (seeds), * where the interval excludes 0."""
+    """Points: mean ± 95% half-width (seeds), * where the difference is resolved."""
     if diff is None:
         return "-"
     if diff.half_width is None:
