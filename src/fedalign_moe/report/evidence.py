@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..runlog import dumps, read_jsonl, read_summary, save_figure, write_atomic
-from .paired import method_rows, paired_rows, paired_table
+from .paired import MIN_SEEDS_TO_RESOLVE, method_rows, paired_rows, paired_table
 from .tables import (cell_order, draw_comparison, group_cells, mean_curves, mean_std, results_table, split_name,
                      write_results_table)
 
@@ -400,7 +400,8 @@ def write_evidence(out: Path, summaries: list[dict] | None = None) -> Path:
              "## Accuracy", "", results_table(summaries),
              "## Paired with FedAvg", "",
              "Strategy minus FedAvg on the same seed (same splits), in points: mean ± the 95% paired-t "
-             "half-width (seeds); * where the interval excludes 0 over at least three seeds, i.e. the data resolve the difference.", "",
+             f"half-width (seeds); * where the interval excludes 0 over at least {MIN_SEEDS_TO_RESOLVE} seeds, "
+             "i.e. the data resolve the difference.", "",
              paired_table(paired_rows(summaries)),
              *_against_baselines(summaries),
              "## Convergence", "", convergence_table(convergence_rows(summaries)),
