@@ -89,7 +89,7 @@ def format_difference(diff: PairedDifference | None) -> str:
 
 
 def paired_table(rows: list[dict], reference: str = "fedavg", method: str | None = None) -> str:
-    """Markdown: points, mean ± 95% half-width (seeds); * where the interval excludes 0. Rows of
+    """Markdown: points, mean ± 95% half-width (seeds); * where the difference is resolved. Rows of
     ``paired_rows`` are strategy − ``reference``; rows of ``method_rows`` (give ``method``) are method − strategy."""
     head = ([f"{name}: {method} − it" for _, name in METRICS] if method else [f"{name} − {reference}" for _, name in METRICS])
     lines = ["| alpha | " + ("baseline" if method else "strategy") + " | " + " | ".join(head) + " |",
