@@ -8,13 +8,14 @@ Usage: .venv/bin/python benchmarks/aligned_sets.py RUN_DIR [RUN_DIR]
 Example: .venv/bin/python benchmarks/aligned_sets.py benchmarks/results/lora-direction/{product,factors}/fedalign-alpha0.1-seed0
 """
 
-import json
 import sys
 from pathlib import Path
 
+from fedalign_moe.runlog import read_jsonl  # diagnostics.jsonl, or the .gz copy stored results keep
+
 
 def rounds(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "diagnostics.jsonl").read_text().splitlines()]
+    return read_jsonl(run / "diagnostics.jsonl")
 
 
 def main() -> None:

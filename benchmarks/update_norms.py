@@ -11,13 +11,15 @@ import statistics
 import sys
 from pathlib import Path
 
+from fedalign_moe.runlog import read_jsonl  # metrics.jsonl, or the .gz copy stored results keep
+
 
 def spread(run: Path) -> dict:
     cfg = json.loads((run / "config.json").read_text())
     t = cfg["train"]
     raw, pace, median = [], [], []
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        rows = [c for c in json.loads(line)["clients"] if "update_norm" in c]
+    for record in read_jsonl(run / "metrics.jsonl"):
+        rows = [c for c in record["clients"] if "update_norm" in c]
         if len(rows) < 3:
             continue
         steps = [t["local_steps"] or t["local_epochs"] * math.ceil(c["num_examples"] / t["batch_size"]) for c in rows]

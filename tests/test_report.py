@@ -230,3 +230,34 @@ def test_the_evidence_report_pairs_fedalign_with_each_other_strategy():
     section = "\n".join(_against_baselines(summaries))
     assert section.startswith("## FedAlign-MoE paired with the other strategies") and "| 0.1 | fedprox | -4.0" in section
     assert _against_baselines(summaries[:4]) == []  # no FedAlign-MoE run: no section
+
+
+def test_stored_runs_with_gzipped_round_files_report_as_the_plain_ones(tmp_path):
+    """benchmarks/results keeps each run's JSONL files as NAME.jsonl.gz: every reader takes them as the plain files."""
+    import gzip
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from fedalign_moe.cli import app
+    from fedalign_moe.report.plots import draw_run
+    from fedalign_moe.runlog import read_jsonl
+
+    plain, packed = tmp_path / "plain", tmp_path / "packed"
+    for seed in (0, 1):
+        _write_run(plain, "fedavg", seed, up=1_000_000, stats=0)
+        _write_run(plain, "fedalign", seed, up=1_000_100, stats=100)
+    for path in plain.glob("*/metrics.jsonl"):  # a curve for the run's accuracy figure
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        path.write_text("".join(json.dumps({**r, "accuracy": 0.4 + 0.1 * r["round"]}) + "\n" for r in rows))
+    shutil.copytree(plain, packed)
+    for path in sorted(packed.glob("*/*.jsonl")):
+        path.with_name(path.name + ".gz").write_bytes(gzip.compress(path.read_bytes()))
+        path.unlink()
+    run = packed / "fedalign-alpha0.1-seed0"
+    assert not list(packed.glob("*/*.jsonl")) and (run / "routing.jsonl.gz").exists()
+    assert read_jsonl(run / "routing.jsonl") == read_jsonl(plain / run.name / "routing.jsonl") != []
+    assert write_evidence(packed).read_text() == write_evidence(plain).read_text()  # routing, diagnostics, bytes
+    assert {p.name for p in draw_run(run)} == {"accuracy.png", "routing.png"}  # from metrics and routing .gz
+    res = CliRunner().invoke(app, ["report", str(run)])  # a run folder, told apart by its metrics.jsonl.gz
+    assert res.exit_code == 0 and "routing.png" in res.output, res.output

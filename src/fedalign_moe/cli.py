@@ -323,8 +323,9 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory, or a c
     from .report.evidence import write_comparison
     from .report.plots import draw_run
     from .report.tables import MixedCellError
+    from .runlog import stored
 
-    if (run_dir / "metrics.jsonl").exists():
+    if stored(run_dir / "metrics.jsonl").exists():  # metrics.jsonl, or a stored run's metrics.jsonl.gz
         for path in draw_run(run_dir):
             console.print(str(path), markup=False)
         return

@@ -3,11 +3,14 @@
 Every strategy, federated or standalone, writes through ``RunLog`` so that the CLI contract
 (keys of metrics.jsonl and summary.json) is defined in one place. Every file is strict JSON (a
 non-finite number is written as null) and whole files are replaced atomically; a resumed run keeps
-the lines of the rounds its checkpoint holds and drops the rest.
+the lines of the rounds its checkpoint holds and drops the rest. A run writes plain files; a stored
+copy may keep a JSONL file gzip-compressed as ``NAME.gz`` (benchmarks/results does), and every reader
+goes through ``stored``/``read_jsonl``, which take either.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
@@ -62,12 +65,31 @@ def save_figure(fig, path: Path, **savefig_kwargs) -> Path:
     return path
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """The complete lines of a JSONL file (a line cut short by a kill is skipped)."""
+def stored(path: Path) -> Path:
+    """``path``, or its gzip-compressed copy ``path.gz`` where only that exists (stored results keep their
+    per-round files compressed); ``path`` itself where neither does."""
+    path = Path(path)
     if not path.exists():
+        compressed = path.with_name(path.name + ".gz")
+        if compressed.exists():
+            return compressed
+    return path
+
+
+def read_stored_text(path: Path) -> str:
+    """The text of ``path``, or of ``path.gz`` decompressed where only that exists."""
+    path = stored(path)
+    if path.name.endswith(".gz"):
+        return gzip.decompress(path.read_bytes()).decode("utf-8")
+    return path.read_text()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The complete lines of a JSONL file, or of its ``.gz`` copy (a line cut short by a kill is skipped)."""
+    if not stored(path).exists():
         return []
     out = []
-    for line in path.read_text().splitlines():
+    for line in read_stored_text(path).splitlines():
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:
@@ -100,6 +122,8 @@ class RunLog:
             write_atomic(self.out / "config.json", cfg.model_dump_json(indent=2))
             for name in RUN_FILES:
                 (self.out / name).unlink(missing_ok=True)
+            for name in JSONL_FILES:  # a stored copy's compressed files would outlive the new run's plain ones
+                (self.out / f"{name}.gz").unlink(missing_ok=True)
             self.metrics_path.write_text("")
             self.rounds: list[dict] = []
         else:
@@ -107,6 +131,7 @@ class RunLog:
             for name in JSONL_FILES:
                 kept = [r for r in read_jsonl(self.out / name) if r.get("round", 0) <= resume_round]
                 write_atomic(self.out / name, "".join(dumps(r) + "\n" for r in kept))
+                (self.out / f"{name}.gz").unlink(missing_ok=True)  # the plain file now holds its lines
             self.rounds = read_jsonl(self.metrics_path)
         self.started = time.perf_counter() - wall_seconds_before
         self.tracker = None
