@@ -158,10 +158,84 @@ def run(
         from .experiment import run_experiment
 
         with _Display(cfg.federation.rounds) as display:
-            summary = run_experiment(cfg, display.round, verbose=verbose, on_reply=display.reply)
+            summary = run_experiment(cfg, display.round, verbose=verbose, on_reply=display.reply, on_plan=_print_plan)
     except UserError as err:
         _fail(str(err))
     _finish(summary, cfg)
+
+
+def _print_plan(plan) -> None:
+    console.print(plan.summary_line(), markup=False, style="dim")
+
+
+@app.command()
+def plan(
+    preset: PresetOpt = "quick",
+    config: ConfigOpt = None,
+    strategy: Annotated[str | None, typer.Option(help=f"one of {', '.join(STRATEGIES)}")] = None,
+    alpha: Annotated[float | None, typer.Option(help="Dirichlet concentration (smaller = more non-IID)")] = None,
+    num_clients: Annotated[int | None, typer.Option(help="number of clients")] = None,
+    rounds: Annotated[int | None, typer.Option(help="federated rounds")] = None,
+    seed: Annotated[int | None, typer.Option(help="random seed")] = None,
+    set_: SetOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
+    free_gb: Annotated[float | None, typer.Option(help="plan for devices with this much free memory (GB each) instead "
+                                                       "of this machine's: e.g. --set model.device=cuda --free-gb 79 "
+                                                       "for one H100")] = None,
+    devices: Annotated[int, typer.Option(help="with --free-gb: how many such devices")] = 1,
+) -> None:
+    """What a run would hold, before anything heavy is loaded: parameters, bytes per reply, and per worker
+    the memory of the base, the trainable state, the activations and their sum (peak_bytes); how many
+    workers fit and whether the run fits. Takes the options of `run`; exit 1 when it does not fit."""
+    try:
+        cfg = _with_checkpoint(load_config(preset, config, _overrides(strategy, alpha, num_clients, rounds, seed, None, set_)))
+        from .training.plan import make_plan, plan_model, what_would_fit
+
+        available = None if free_gb is None else (int(free_gb * 1e9), devices)
+        if available is None and cfg.model.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError("model.device = 'cuda' but this machine has no CUDA device: plan for one with "
+                                  "--free-gb (e.g. 79 for an H100)")
+        built = plan_model(cfg)
+        the_plan = make_plan(cfg, built, available)
+        advice = None if the_plan.fits else what_would_fit(cfg, built, available)
+    except UserError as err:
+        _fail(str(err))
+    if as_json:
+        console.print_json(the_plan.to_json())
+    else:
+        _plan_table(the_plan)
+    if not the_plan.fits:
+        from .training.plan import refusal
+
+        _fail(refusal(the_plan, advice), code=1)
+
+
+def _plan_table(p) -> None:
+    f, w = p.facts, p.worker
+    table = Table(title=p.summary_line().split(";")[0], title_justify="left", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    gb = lambda n: f"{n / 1e9:.2f} GB"  # noqa: E731
+    rows = [("parameters (total / active per token / trainable)",
+             f"{f.parameters / 1e9:.3f}B / {f.active_parameters / 1e9:.3f}B / {f.trainable_parameters / 1e6:.2f}M"),
+            ("bytes per reply (down / up)", f"{p.reply_bytes_down / 1e6:.1f} MB / {p.reply_bytes_up / 1e6:.1f} MB"),
+            ("worker: frozen base", gb(w.base_bytes)),
+            ("worker: trainable state (params, grads, AdamW, copies)", gb(w.trainable_bytes)),
+            ("worker: activations (batch x length)", gb(w.activation_bytes)),
+            ("worker: runtime (Python, torch, data)", gb(w.runtime_bytes)),
+            ("worker: peak_bytes", gb(w.peak_bytes)),
+            ("server process" + ("" if p.global_eval == "node" else " (holds a base: evaluates the global model)"),
+             gb(p.server_bytes)),
+            ("simulation engine (Ray)", gb(p.engine_bytes)),
+            ("workers" + (" (federation.workers)" if p.workers_fixed else " (from cores and memory)"), str(p.workers)),
+            (f"needed / free on {p.device}", f"{gb(p.total_bytes)} / {gb(p.available_bytes)}"),
+            ("fits", "yes" if p.fits else "no")]
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
 
 
 def _finish(summary: dict, cfg: Config) -> None:

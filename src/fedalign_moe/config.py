@@ -24,8 +24,9 @@ FEDALIGN_RUNGS = {
 }
 STRATEGIES = ("fedavg", "fedprox", "fedmoe", "local", "centralised", *FEDALIGN_RUNGS)
 # Fields whose default changed after runs that lack them were stored, and the value those runs used:
-# FedAlign-MoE weighted aligned experts by tokens until issue 9 made `examples` the default.
-LEGACY = {("fedalign", "expert_weights"): "tokens"}
+# FedAlign-MoE weighted aligned experts by tokens until issue 9 made `examples` the default; checkpoints
+# loaded in float32 before `model.dtype` existed.
+LEGACY = {("fedalign", "expert_weights"): "tokens", ("model", "dtype"): "float32"}
 # Bumped when a strategy's code changes what its runs measure: `compare` runs a finished cell of an older
 # revision again, and no table averages two revisions. fedmoe 2: clients upload their sub-MoE only.
 STRATEGY_REVISIONS = {"fedmoe": 2}
@@ -110,9 +111,20 @@ class ModelConfig(_Section):
     btx_balance_coef: float = Field(0.01, ge=0)  # Switch load-balancing loss weight during router training
     build_seed: StrictInt = Field(0, ge=0, lt=2**32)  # seed of the btx build (the same model for every run seed)
     build_cache_dir: str | None = "~/.cache/fedalign-moe/models"  # None: build in every process, keep nothing
-    trainable: Literal["experts-routers", "all", "lora-experts"] = "experts-routers"
+    # what trains and travels: "experts-routers" (routed experts, routers, head), "all", "lora-experts" (LoRA
+    # on the routed experts, routers and head in full) or "lora" (LoRA on the routed experts and on every
+    # other linear layer of the decoder: attention, dense and shared-expert MLPs; routers and head in full)
+    trainable: Literal["experts-routers", "all", "lora-experts", "lora"] = "experts-routers"
     lora_rank: StrictInt = Field(8, ge=1)
     lora_alpha: float = Field(16.0, gt=0)
+    # trainable = "lora": the linear modules that get LoRA, by the last part of their name (q_proj, o_proj,
+    # gate_proj, ...); None: every nn.Linear inside the decoder's layers but the routers
+    lora_targets: tuple[str, ...] | None = None
+    # the dtype of the frozen base; what trains (and its optimiser state) stays float32, and the forward runs
+    # under autocast in this dtype (mixed precision). "auto": a checkpoint in the dtype it was saved in (its
+    # config.json; float32 when it names none), so a bfloat16 checkpoint is never widened to twice its
+    # size; the built-in backbones in float32, so every published number stays as it was
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     cache_frozen_prefix: bool = True  # encoder: cache outputs of the frozen layers below the MoE
     # ...and keep them on disk, keyed by the frozen weights and the token ids (None: memory only)
     prefix_cache_dir: str | None = "~/.cache/fedalign-moe/prefix"
@@ -144,6 +156,13 @@ class TrainConfig(_Section):
     eval_batch_size: StrictInt = Field(128, ge=1)
     proximal_mu: float = Field(0.01, ge=0)  # FedProx only
     torch_threads: StrictInt | None = Field(None, ge=1)  # per simulated client process; None = torch's default
+    # "longest": each batch padded to its own longest sequence (less compute where texts are shorter than
+    # data.max_length; the same numbers for models whose outputs ignore padding); "max_length": every
+    # batch padded to data.max_length, as every published run was
+    padding: Literal["max_length", "longest"] = "max_length"
+    # recompute each decoder layer's activations in the backward pass instead of keeping them: less memory
+    # (transformers' own gradient checkpointing; the numbers stay the same), about a third more compute
+    gradient_checkpointing: bool = False
 
 
 class FederationConfig(_Section):
@@ -151,7 +170,14 @@ class FederationConfig(_Section):
     rounds: StrictInt = Field(5, ge=1)
     fraction_train: float = Field(1.0, gt=0, le=1)
     client_cpus: float = Field(1.0, gt=0)  # simulation: CPU cores reserved per client actor
-    client_gpus: float = Field(0.0, ge=0)
+    client_gpus: float = Field(0.0, ge=0)  # GPUs a client process reserves; 0 on CUDA: from the memory plan
+    # simulation: how many client processes (workers) run at once, each holding one copy of the frozen base
+    # and serving many clients in turn; None: as many as the CPU cores, client_cpus and the memory plan allow
+    workers: StrictInt | None = Field(None, ge=1)
+    # where the global model is evaluated: "server" (the server process builds the model too), "node" (a
+    # worker that already holds the base evaluates it; the server builds its model on the meta device and
+    # never holds the weights), "auto": "node" when the frozen base is larger than 1 GB
+    global_eval: Literal["auto", "server", "node"] = "auto"
     round_timeout: float | None = Field(None, gt=0)  # seconds to wait for replies; missing ones count as failures
     # stop the run after this many consecutive rounds that adopted no new global model (no valid reply,
     # e.g. dead client processes, which Flower's simulation does not revive, or a non-finite
@@ -259,6 +285,8 @@ class Config(_Section):
         raw.pop("output")
         raw["model"].pop("prefix_cache_dir")
         raw["model"].pop("build_cache_dir")
+        raw["federation"].pop("workers")  # where and how many processes compute changes no number
+        raw["federation"].pop("global_eval")
         strategy = self.federation.strategy
         if strategy in FEDALIGN_RUNGS:
             raw["fedalign"] = self.effective_fedalign().model_dump(mode="json")  # the rung's switches applied

@@ -19,26 +19,35 @@ from .report.evidence import collect_summaries, write_comparison
 from .report.plots import draw_run
 from .report.tables import group_cells
 from .runlog import dumps, read_summary, write_atomic
-from .training.setup import open_log, open_workspace
+from .models.build import supports_meta
+from .training.plan import Plan, check_fits, plan_model
+from .training.setup import open_log, open_workspace, prepare_data
 from .training.standalone import run_centralised, run_local
 
 logger = logging.getLogger(__name__)
 
 
 def run_experiment(cfg: Config, on_round: Callable[[dict], None] | None = None, resume: Checkpoint | None = None,
-                   verbose: bool = False, on_reply: Callable[[int, int, int], None] | None = None) -> dict:
+                   verbose: bool = False, on_reply: Callable[[int, int, int], None] | None = None,
+                   on_plan: Callable[[Plan], None] | None = None) -> dict:
     """Run ``cfg`` (a federated one from ``resume``, its checkpoint, when given); write metrics, summary
     and plots under ``cfg.out_dir``; return the summary. Flower's own log goes to ``run.log`` there
-    (``verbose``: to the terminal too)."""
+    (``verbose``: to the terminal too). The memory plan comes first (``on_plan`` sees it); a run that
+    cannot fit stops with ``ConfigError`` before any work."""
     strategy = cfg.federation.strategy
     if strategy in FEDERATED:
         from .federation.server_app import simulate
 
         if resume is not None and (caveat := resume_caveat(cfg, resume.round)):
             logger.warning(caveat)
-        summary = simulate(cfg, on_round, resume, verbose=verbose, on_reply=on_reply)
+        summary = simulate(cfg, on_round, resume, verbose=verbose, on_reply=on_reply, on_plan=on_plan)
     else:
-        ws = open_workspace(cfg)
+        data = prepare_data(cfg)
+        plan = check_fits(cfg, plan_model(cfg, data)) if supports_meta(cfg.model) else None
+        ws = open_workspace(cfg, data=data)
+        plan = plan or check_fits(cfg, ws.built)
+        if on_plan is not None:
+            on_plan(plan)
         runner = run_local if strategy == "local" else run_centralised
         summary = runner(ws, open_log(ws), on_round)
     draw_run(cfg.out_dir)

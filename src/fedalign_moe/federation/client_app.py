@@ -95,11 +95,23 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
-    """Evaluate the received (global) model on this client's own test split."""
+    """Evaluate the received (global) model on this client's own test split, or on the run's global test
+    split when the instruction says so (the server of a run whose base it does not hold)."""
     ins = protocol.read_instruction(msg.content)
+    split = protocol.read_eval_split(msg.content)
     ws, pid = _workspace(ins.run_config, context)
     load_state(ws.built.model, ins.arrays)
-    _, test_data = ws.client(pid)
+    test_data = ws.global_test() if split == "global" else ws.client(pid)[1]
     with torch.no_grad():
         res = evaluate(ws.built.model, test_data, ws.cfg.train.eval_batch_size, ws.device)
     return Message(content=protocol.eval_reply(pid, res["num-examples"], res["accuracy"], res["loss"]), reply_to=msg)
+
+
+@app.query()
+def initial_state(msg: Message, context: Context) -> Message:
+    """The trainable parameters of the model as this node built it, before any round: the server that holds
+    no base starts the run from them and sends them to every client."""
+    ws, _ = _workspace(protocol.read_run_config(msg.content), context)
+    if ws.initial_trainable is None:
+        raise ValueError("this node keeps no initial model: the run does not evaluate on nodes (federation.global_eval)")
+    return Message(content=protocol.initial_state_reply(ws.initial_trainable), reply_to=msg)

@@ -16,7 +16,13 @@ Client -> server, its training reply (``train_reply`` builds it, ``read_train_re
   metrics          MetricRecord  num-examples, partition-id, training and local-evaluation figures,
                                  routing-p and routing-n [L*E] (every strategy), sub-moe [L*E] (0/1)
   fedalign-stats   ArrayRecord   when the round carried a fedalign-target: o, m [L, E], mu [L, E, H]
-Evaluation: the server sends arrays and config; the client replies metrics (``read_eval_reply``).
+Evaluation: the server sends arrays and config; the client replies metrics (``read_eval_reply``). The
+config's eval-split says on what: "own" (the client's own test split, the default) or "global" (the run's
+global test split: the server's evaluation of the global model, run on a node that holds the base when
+the server holds none; ``global_eval_instruction``).
+Initial model (a query, ``initial_state_request``): the server that holds no base asks one node for the
+trainable parameters as built; the node replies them as ``arrays`` (``read_initial_state`` checks them
+against the names and shapes of the server's meta-device model).
 
 Flower's own FedAvg and FedProx aggregate these replies as they are: one ArrayRecord of parameters and
 one MetricRecord carrying ``num-examples`` (the statistics beside them travel as metric lists).
@@ -54,6 +60,8 @@ SUB_MOE_COVERAGE = "sub-moe-coverage"
 REG_LAMBDA = "reg-lambda"
 STATS_NOISE = "stats-noise-sigma"
 PERSONAL_EXPERTS = "personal-experts"  # per client: [L*E] 0/1
+EVAL_SPLIT = "eval-split"  # evaluation: "own" (default) or "global"
+EVAL_SPLITS = ("own", "global")
 # metric keys (client -> server)
 NUM_EXAMPLES = "num-examples"  # Flower's weighting key
 PARTITION_ID = "partition-id"
@@ -195,6 +203,18 @@ def attach_alignment(content: RecordDict, target: AlignmentTarget) -> None:
     content[FEDALIGN_TARGET] = ArrayRecord({"p_g": target.p_g_LE.float().clone(), "alpha": target.alpha_LE.float().clone()})
 
 
+def global_eval_instruction(run_config: str, server_round: int, arrays: ArrayRecord) -> RecordDict:
+    """Ask a node to evaluate ``arrays`` on the run's global test split (the server holds no base)."""
+    config = round_config(run_config)
+    config[SERVER_ROUND], config[EVAL_SPLIT] = int(server_round), "global"
+    return RecordDict({ARRAYS: arrays, CONFIG: config})
+
+
+def initial_state_request(run_config: str) -> RecordDict:
+    """Ask a node for the trainable parameters of the model as built (the server holds no base)."""
+    return RecordDict({CONFIG: round_config(run_config)})
+
+
 def with_personal_experts(content: RecordDict, personal_LE: torch.Tensor) -> RecordDict:
     """One client's copy of a FedAlign-MoE message that tells it which experts to keep (bool [L, E]). The
     copy shares the parameters and the target with ``content`` (nothing large is copied); only its config
@@ -257,6 +277,35 @@ def read_instruction(content: RecordDict) -> Instruction:
         run_config=config[RUN_CONFIG], arrays=content[ARRAYS].to_torch_state_dict(),
         proximal_mu=_number(config, PROXIMAL_MU, where, low=0.0, error=InstructionError) if PROXIMAL_MU in config else 0.0,
         sub_moe_coverage=coverage, alignment=alignment)
+
+
+def read_eval_split(content: RecordDict) -> str:
+    """What an evaluation instruction asks to evaluate on: "own" or "global"."""
+    split = content[CONFIG].get(EVAL_SPLIT, "own") if CONFIG in content else "own"
+    if split not in EVAL_SPLITS:
+        raise InstructionError(f"instruction config: {EVAL_SPLIT} {split!r} is neither 'own' nor 'global'")
+    return split
+
+
+def read_run_config(content: RecordDict) -> str:
+    """The run config of a query (the initial-state request)."""
+    config = content.get(CONFIG) if CONFIG in content.keys() else None
+    if not isinstance(config, ConfigRecord) or not isinstance(config.get(RUN_CONFIG), str):
+        raise InstructionError(f"query lacks {RUN_CONFIG!r} in a {CONFIG!r} record")
+    return config[RUN_CONFIG]
+
+
+def initial_state_reply(state: dict[str, torch.Tensor]) -> RecordDict:
+    return RecordDict({ARRAYS: ArrayRecord(state)})
+
+
+def read_initial_state(msg: Message, shapes: dict[str, tuple[int, ...]]) -> ArrayRecord:
+    """A node's initial trainable parameters, checked: exactly the expected names, float32, the expected
+    shapes, finite. Raises ``ReplyError`` naming the first problem."""
+    if set(msg.content.keys()) != {ARRAYS} or not isinstance(msg.content[ARRAYS], ArrayRecord):
+        raise ReplyError(f"records {sorted(msg.content.keys())}, expected ['{ARRAYS}']")
+    _check_arrays(msg.content[ARRAYS], {n: (tuple(shape), "float32") for n, shape in shapes.items()})
+    return msg.content[ARRAYS]
 
 
 def _personal(config: ConfigRecord, shape_LE: torch.Size, where: str) -> torch.Tensor | None:
@@ -351,18 +400,22 @@ def _vector(metrics: MetricRecord, key: str, size: int, where: str) -> torch.Ten
     return out
 
 
-def _check_arrays(arrays: ArrayRecord, expect: Expectation, sub_moe_LE: torch.Tensor | None) -> None:
-    names, wanted = set(arrays.keys()), set(expect.shapes)
+def _sub_moe_rows(layout: MoELayout, sub_moe_LE: torch.Tensor | None) -> dict[str, int]:
+    """Rows of each router and stacked expert tensor a sub-MoE upload holds (none without a sub-MoE)."""
+    if sub_moe_LE is None:
+        return {}
+    return {name: int(sub_moe_LE[l].sum()) for l, layer in enumerate(layout.layers) for name in (layer.router, *layer.experts)}
+
+
+def _check_arrays(arrays: ArrayRecord, shapes: dict[str, tuple[tuple[int, ...], str]], rows: dict[str, int] | None = None) -> None:
+    """Names, dtypes, shapes (``rows``: dimension 0 of a sub-MoE's tensors), readable bytes and finiteness."""
+    rows = rows or {}
+    names, wanted = set(arrays.keys()), set(shapes)
     if names != wanted:
         missing, extra = sorted(wanted - names), sorted(names - wanted)
         raise ReplyError(f"update arrays differ from the model's: missing {missing[:3]}, unexpected {extra[:3]}")
-    rows = {}
-    if sub_moe_LE is not None:
-        for l, layer in enumerate(expect.layout.layers):
-            for name in (layer.router, *layer.experts):
-                rows[name] = int(sub_moe_LE[l].sum())
     for name, array in arrays.items():
-        shape, dtype = expect.shapes[name]
+        shape, dtype = shapes[name]
         if name in rows:
             shape = (rows[name], *shape[1:])
         if tuple(array.shape) != shape or str(array.dtype) != dtype:
@@ -427,7 +480,7 @@ def read_train_reply(msg: Message, expect: Expectation) -> TrainReply:
         if not ((sub_moe_LE == 0) | (sub_moe_LE == 1)).all() or (sub_moe_LE.sum(-1) < 1).any():
             raise ReplyError(f"{where}: {SUB_MOE} must be 0/1 with at least one expert a layer")
         sub_moe_LE = sub_moe_LE.bool()
-    _check_arrays(content[ARRAYS], expect, sub_moe_LE)
+    _check_arrays(content[ARRAYS], expect.shapes, _sub_moe_rows(expect.layout, sub_moe_LE))
     o_LE = m_LE = torch.zeros(L, E)
     mu_LEH = torch.zeros(L, E, 0)
     if expect.alignment:

@@ -24,10 +24,11 @@ from safetensors.torch import save_file
 
 from ..config import Config
 from ..runlog import RunLog, replace_atomically, training_totals
-from ..training.local import evaluate, load_state, release_memory, trainable_state
+from ..training.local import release_memory
 from ..training.setup import Workspace
 from . import checkpoint, protocol
 from .checkpoint import Checkpoint
+from .global_eval import global_model
 from .protocol import ReplyError, TrainReply
 from .screening import ROUND_RECORD, Failure, error_cause
 from .strategies import make_strategy
@@ -120,16 +121,17 @@ class _Server:
         self.on_reply = on_reply  # (round, replies so far, messages sent), for a live display
         self.interrupted = interrupted  # set by Ctrl-C (server_app.interrupt_sets)
         self.strategy = make_strategy(self.cfg, ws.built.layout)
-        self.model, self.names = ws.built.model, ws.built.trainable
-        self.test = ws.global_test()
+        self.global_model = global_model(grid, ws)  # in this process, or on a node that holds the base
         self.first_round, self.idle = 1, 0
         if resume is not None:
-            load_state(self.model, resume.global_state)
             self.strategy.load_state_dict(resume.strategy_state)
             random.setstate(resume.random_state)
             self.first_round, self.idle = resume.round + 1, resume.idle_rounds
-        self.arrays = ArrayRecord(trainable_state(self.model, self.names))
+            self.arrays = ArrayRecord(resume.global_state)
+        else:
+            self.arrays = self.global_model.initial_state()
         self.current_eval: dict | None = None  # the global model's test result, once computed
+        self.current_round = self.first_round - 1
 
     def adopt(self, new: ArrayRecord | None) -> str | None:
         """Make ``new`` the global model unless it is missing or broken; the reason when it is not adopted."""
@@ -137,23 +139,21 @@ class _Server:
             return "no valid reply"
         if not _finite_state(new):
             return "the aggregate holds NaN or Inf"
-        load_state(self.model, new.to_torch_state_dict())
-        result = evaluate(self.model, self.test, self.cfg.train.eval_batch_size, self.ws.device)
+        result = self.global_model.evaluate(self.current_round, new)
         if not math.isfinite(result["loss"]):
-            load_state(self.model, self.arrays.to_torch_state_dict())
             return "the aggregate's test loss is not finite"
         self.arrays, self.current_eval = new, result
         return None
 
     def evaluation(self) -> dict:
         if self.current_eval is None:
-            self.current_eval = evaluate(self.model, self.test, self.cfg.train.eval_batch_size, self.ws.device)
+            self.current_eval = self.global_model.evaluate(self.current_round, self.arrays)
         return self.current_eval
 
     def train_round(self, server_round: int) -> dict:
         """One round; its metrics record."""
         t0 = time.perf_counter()
-        strategy = self.strategy
+        strategy, self.current_round = self.strategy, server_round
         messages = list(strategy.configure_train(server_round, self.arrays, protocol.round_config(self.cfg.to_json()), self.grid))
         downlink = sum(record_bytes(m.content) for m in messages)
         watch = None if self.on_reply is None else (lambda n: self.on_reply(server_round, n, len(messages)))

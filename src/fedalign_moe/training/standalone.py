@@ -23,7 +23,7 @@ from .setup import Workspace
 def _concat(parts: list[ClientTensors]) -> ClientTensors:
     prefix = None if parts[0].prefix_hidden_NSH is None else torch.cat([p.prefix_hidden_NSH for p in parts])
     return ClientTensors(torch.cat([p.input_ids_NS for p in parts]), torch.cat([p.attention_mask_NS for p in parts]),
-                         torch.cat([p.labels_N for p in parts]), prefix)
+                         torch.cat([p.labels_N for p in parts]), prefix, trim=parts[0].trim)
 
 
 def _weighted_mean(values: list[float], weights: list[int]) -> float:

@@ -1,0 +1,264 @@
+"""The memory plan of a run, made before anything heavy is loaded: what each process holds, how many
+workers fit, and whether the run fits at all.
+
+A federated run on one machine is a server process, the simulation engine's own processes (Ray's), and
+W workers (client processes), each holding one copy of the frozen base and serving many clients in turn.
+The plan counts, per worker:
+- base: every frozen parameter at its dtype (``model.dtype``);
+- trainable: the parameters that train and travel (float32), their gradients, AdamW's two moments, the
+  received global copy and the reply's copy: 6 x 4 bytes a parameter (7 with a proximal term);
+- activations of one training step at ``train.batch_size`` x ``data.max_length`` tokens (below);
+- runtime: Python with torch, transformers and flwr imported, and the run's data (``RUNTIME_BYTES``).
+The sum is the worker's ``peak_bytes``. The server adds its runtime, the replies of a round's sampled
+clients (``MESSAGE_COPIES`` times each reply's bytes) and, when it evaluates the global model itself, a
+base and the trainable parameters; Ray adds ``ENGINE_BYTES``.
+
+Activations, per token and decoder layer, with b bytes an activation element (2 under a 16-bit autocast,
+4 in float32), H the hidden size, P_d the layer's dense parameters (attention, dense and shared MLPs),
+P_e one routed expert's parameters and k the experts a token visits [ours; calibrated on this package's
+runs, benchmarks/llm_memory.py]: b (4 H + 1.5 P_d / H) + 8 H (norms in float32) + k b (2 H + 1.33 P_e / H)
++ 8 E. LoRA on stacked experts (peft's ``target_parameters``) materialises W + BA for each MoE layer in
+the forward and keeps it for the backward: a whole expert stack per layer. Gradient checkpointing keeps
+only each layer's input (T H b) and recomputes one layer at a time. The backward adds one layer's
+activations (and, with expert LoRA, one stack's W + BA and its gradient). Attention scores are not
+counted: transformers' SDPA attention does not keep them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..config import Config, ConfigError
+from ..models.build import BuiltModel, build_model, supports_meta
+from .setup import FederatedData, base_bytes, evaluates_on_node, prepare_data
+
+# measured on this package's 2-core CPU machine (benchmarks/llm_memory.py, docs/benchmarks.md#llms):
+RUNTIME_BYTES = 600_000_000  # one client process before its model: Python, torch, transformers, flwr, Ray's worker, data
+ENGINE_BYTES = 400_000_000  # Ray's own processes in a simulation (GCS, raylet, log monitor, ...)
+# the server holds each sampled client's reply while it aggregates, with the copies Flower's simulation
+# makes on the way (serialised, deserialised): measured 2.4x the reply's arrays a client (16.5 MB replies,
+# 2 against 10 clients: +312 MB), rounded up
+MESSAGE_COPIES = 3
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the plan reads off a model (built on the meta device where the backbone allows)."""
+
+    parameters: int
+    active_parameters: int  # per token: everything but the routed experts a token does not visit
+    trainable_parameters: int
+    base_bytes: int
+    hidden: int
+    layers: int  # layers of the network (decoder layers; encoder + decoder for Switch)
+    moe_layers: int
+    num_experts: int
+    top_k: int
+    expert_parameters_per_layer: int  # one MoE layer's routed experts (the stacked tensors)
+    dense_parameters_per_layer: int
+    lora_on_experts: bool
+    base_element_bytes: int
+    activation_element_bytes: int  # 2 under a 16-bit autocast, 4 in float32
+    routing_stats_bytes: int  # FedAlign-MoE's statistics a reply carries beside the update
+
+    @classmethod
+    def of(cls, built: BuiltModel) -> "ModelFacts":
+        params = dict(built.model.named_parameters())
+        layout = built.adapter.layout
+        E, k = layout.num_experts, min(layout.top_k, layout.num_experts)
+        expert_names = {n for l in layout.layers for n in l.experts}
+        routed = sum(params[n].numel() for n in expert_names)
+        total = sum(p.numel() for p in params.values())
+        embeddings = sum(m.weight.numel() for n, m in built.model.named_modules()  # input and output embeddings
+                         if isinstance(m, torch.nn.Embedding) or n.split(".")[-1] == "lm_head")
+        config = built.model.config
+        hidden = int(getattr(config, "hidden_size", None) or getattr(config, "d_model"))
+        layers = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "num_layers", 0)
+                     + getattr(config, "num_decoder_layers", 0) or len(layout.layers))
+        routers = sum(params[l.router].numel() for l in layout.layers)
+        dense = max(total - embeddings - routed - routers - sum(params[n].numel() for n in built.trainable
+                                                                  if "lora_" in n), 0) // max(layers, 1)
+        frozen = [p for n, p in params.items() if n not in set(built.trainable)]
+        return cls(
+            parameters=total, active_parameters=total - routed + routed * k // E,
+            trainable_parameters=sum(params[n].numel() for n in built.trainable),
+            base_bytes=base_bytes(built), hidden=hidden, layers=layers, moe_layers=len(layout.layers),
+            num_experts=E, top_k=k, expert_parameters_per_layer=routed // max(len(layout.layers), 1),
+            dense_parameters_per_layer=dense, lora_on_experts=any(l.lora for l in layout.layers),
+            base_element_bytes=frozen[0].element_size() if frozen else 4,
+            activation_element_bytes=torch.empty(0, dtype=getattr(built.model, "compute_dtype", torch.float32)).element_size(),
+            routing_stats_bytes=len(layout.layers) * E * (hidden + 4) * 4)
+
+
+@dataclass(frozen=True)
+class WorkerMemory:
+    base_bytes: int
+    trainable_bytes: int  # parameters, gradients, optimiser moments and the copies that travel
+    activation_bytes: int
+    runtime_bytes: int
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.base_bytes + self.trainable_bytes + self.activation_bytes + self.runtime_bytes
+
+
+@dataclass(frozen=True)
+class Plan:
+    facts: ModelFacts
+    worker: WorkerMemory
+    server_bytes: int
+    engine_bytes: int
+    workers: int  # 0: not even one fits
+    workers_fixed: bool  # set by federation.workers rather than derived
+    global_eval: str  # "server" or "node"
+    device: str
+    available_bytes: int  # free memory of the device the workers compute on (host memory on a CPU)
+    reply_bytes_down: int
+    reply_bytes_up: int
+    total_bytes: int  # what the run needs of ``available_bytes`` (per GPU on CUDA)
+    fits: bool
+
+    def summary_line(self) -> str:
+        f, w = self.facts, self.worker
+        return (f"plan: {f.parameters / 1e9:.2f}B parameters ({f.active_parameters / 1e9:.2f}B active, "
+                f"{f.trainable_parameters / 1e6:.1f}M trainable); per worker {w.peak_bytes / GB:.1f} GB (base "
+                f"{w.base_bytes / GB:.1f}, trainable {w.trainable_bytes / GB:.2f}, activations "
+                f"{w.activation_bytes / GB:.2f}); {self.workers} worker{'s' * (self.workers != 1)}, global model "
+                f"evaluated on the {self.global_eval}; {self.total_bytes / GB:.1f} GB of {self.available_bytes / GB:.1f} "
+                f"GB free on {self.device}" + ("" if self.fits else ": does not fit"))
+
+    def to_json(self) -> str:
+        worker = {**asdict(self.worker), "peak_bytes": self.worker.peak_bytes}
+        return json.dumps({"parameters": self.facts.parameters, "active_parameters": self.facts.active_parameters,
+                           "trainable_parameters": self.facts.trainable_parameters, "model": asdict(self.facts),
+                           "reply_bytes_down": self.reply_bytes_down, "reply_bytes_up": self.reply_bytes_up,
+                           "worker": worker, "peak_bytes": self.worker.peak_bytes, "workers": self.workers,
+                           "server_bytes": self.server_bytes, "engine_bytes": self.engine_bytes,
+                           "total_bytes": self.total_bytes, "available_bytes": self.available_bytes,
+                           "device": self.device, "global_eval": self.global_eval, "fits": self.fits}, indent=1)
+
+
+def activation_bytes(f: ModelFacts, cfg: Config) -> int:
+    """One training step's activations and backward transients (the module docstring's model)."""
+    b = f.activation_element_bytes
+    T, H = cfg.train.batch_size * cfg.data.max_length, f.hidden
+    moe_share = f.moe_layers / max(f.layers, 1)
+    P_e = f.expert_parameters_per_layer / max(f.num_experts, 1)
+    per_token_layer = (b * (4 * H + 1.5 * f.dense_parameters_per_layer / H) + 8 * H
+                       + moe_share * (f.top_k * b * (2 * H + 1.33 * P_e / H) + 8 * f.num_experts))
+    one_layer = T * per_token_layer
+    stack = f.expert_parameters_per_layer * f.base_element_bytes if f.lora_on_experts else 0
+    if cfg.train.gradient_checkpointing:
+        kept = f.layers * T * H * b + one_layer + stack
+    else:
+        kept = f.layers * one_layer + f.moe_layers * stack
+    backward = one_layer + 2 * stack
+    autocast_copies = f.trainable_parameters * b if b == 2 else 0  # 16-bit copies of float32 weights
+    return int(kept + backward + autocast_copies + T * H * b)
+
+
+def _available(device: str) -> tuple[int, int]:
+    """(free bytes of one device, devices): host memory on a CPU, each GPU's free memory on CUDA."""
+    if device == "cuda":
+        free, _ = torch.cuda.mem_get_info(0)
+        return int(free), torch.cuda.device_count()
+    import psutil
+
+    return int(psutil.virtual_memory().available), 1
+
+
+def make_plan(cfg: Config, built: BuiltModel, available: tuple[int, int] | None = None) -> Plan:
+    """The plan of ``cfg`` for a model ``built`` from it (on the meta device, or for real); ``available``
+    (free bytes, devices) overrides what the machine reports (tests)."""
+    f = ModelFacts.of(built)
+    device = "cuda" if cfg.model.device == "cuda" or (cfg.model.device == "auto" and torch.cuda.is_available()) else "cpu"
+    copies = 6 + (1 if cfg.federation.strategy == "fedprox" or cfg.fedalign.proximal_mu > 0 else 0)
+    worker = WorkerMemory(f.base_bytes, f.trainable_parameters * 4 * copies, activation_bytes(f, cfg), RUNTIME_BYTES)
+    on_node = evaluates_on_node(cfg, f.base_bytes)
+    up = f.trainable_parameters * 4 + (f.routing_stats_bytes if cfg.federation.strategy.startswith("fedalign") else 0)
+    sampled = max(1, math.ceil(cfg.federation.fraction_train * cfg.partition.num_clients))
+    server = (RUNTIME_BYTES + MESSAGE_COPIES * sampled * up
+              + (0 if on_node else f.base_bytes + f.trainable_parameters * 4 * 2))
+    free, devices = available or _available(device)
+    federated = cfg.federation.strategy not in ("local", "centralised")
+    engine = ENGINE_BYTES if federated else 0
+    on_gpu = worker.peak_bytes - RUNTIME_BYTES  # CUDA: weights, state and activations; the process in host memory
+    server_gpu = 0 if on_node else f.base_bytes + f.trainable_parameters * 4 * 2  # the server's model, on GPU 0
+    if not federated:  # one process trains in turn: the server process is the worker
+        server, server_gpu, workers, fixed = 0, 0, 1, True
+    elif cfg.federation.workers is not None:
+        workers, fixed = cfg.federation.workers, True
+    else:
+        fixed = False
+        by_cpu = max(1, int((os.cpu_count() or 1) // cfg.federation.client_cpus))
+        if device == "cuda":
+            by_memory = devices * (free // max(on_gpu, 1)) - (-(-server_gpu // max(on_gpu, 1)))
+        else:
+            by_memory = (free - server - engine) // max(worker.peak_bytes, 1)
+        workers = int(max(0, min(cfg.partition.num_clients, by_cpu, by_memory)))
+    if device == "cuda":  # per GPU: its share of the workers, and the server's model on the first
+        need = -(-max(workers, 1) // devices) * on_gpu + server_gpu  # (a GPU run's host memory is not checked)
+    else:
+        need = server + engine + max(workers, 1) * worker.peak_bytes
+    return Plan(f, worker, server, engine, workers, fixed, "node" if on_node else "server", device, free,
+                f.trainable_parameters * 4, up, need, workers >= 1 and need <= free)
+
+
+def plan_model(cfg: Config, data: FederatedData | None = None) -> BuiltModel:
+    """The model a plan reads: built on the meta device (no weight loaded) where the backbone allows."""
+    data = data if data is not None else prepare_data(cfg)
+    return build_model(cfg.model, data.source.label_names, data.source.task, seed=cfg.seed, meta=supports_meta(cfg.model),
+                       max_length=cfg.data.max_length)
+
+
+def what_would_fit(cfg: Config, built: BuiltModel, available: tuple[int, int] | None = None) -> str | None:
+    """The changes that make ``cfg`` fit, tried in this order and kept as they add up: a bfloat16 base,
+    gradient checkpointing, halving the batch size, one worker; as ``section.key = value and ...`` (None:
+    even all of them do not fit)."""
+    tries: list[tuple[str, str, object]] = []  # (section, field, value)
+    if ModelFacts.of(built).activation_element_bytes == 4:  # a float32 base
+        tries.append(("model", "dtype", "bfloat16"))
+    if not cfg.train.gradient_checkpointing:
+        tries.append(("train", "gradient_checkpointing", True))
+    batch = cfg.train.batch_size
+    while batch > 1:
+        batch //= 2
+        tries.append(("train", "batch_size", batch))
+    if cfg.federation.workers is not None and cfg.federation.workers > 1:
+        tries.append(("federation", "workers", 1))
+    changed, other, rebuilt = [], cfg, built
+    for section, field, value in tries:  # cumulative: each change on top of the ones before
+        if section == "train" and field == "batch_size" and any(c.startswith("train.batch_size") for c in changed):
+            changed.pop()
+        other = other.model_copy(update={section: getattr(other, section).model_copy(update={field: value})})
+        rebuilt = plan_model(other) if section == "model" else rebuilt
+        changed.append(f"{section}.{field} = {json.dumps(value)}")
+        if make_plan(other, rebuilt, available).fits:
+            return " and ".join(changed)
+    return None
+
+
+def refusal(plan: Plan, suggestion: str | None) -> str:
+    """The one error line of a run that does not fit."""
+    need = plan.total_bytes
+    return (f"the run needs {need / GB:.1f} GB ({plan.worker.peak_bytes / GB:.1f} GB per worker: base "
+            f"{plan.worker.base_bytes / GB:.1f}, trainable {plan.worker.trainable_bytes / GB:.2f}, activations "
+            f"{plan.worker.activation_bytes / GB:.2f}) but {plan.available_bytes / GB:.1f} GB is free on {plan.device}; "
+            + (f"set {suggestion} to fit" if suggestion else "no single option makes it fit: use a smaller model, "
+               "a shorter data.max_length or a machine with more memory"))
+
+
+def check_fits(cfg: Config, built: BuiltModel | None = None) -> Plan:
+    """The plan of ``cfg``; ``ConfigError`` (one line naming the numbers and the option that would make it
+    fit) when it does not fit."""
+    built = built if built is not None else plan_model(cfg)
+    plan = make_plan(cfg, built)
+    if not plan.fits:
+        raise ConfigError(refusal(plan, what_would_fit(cfg, built)))
+    return plan

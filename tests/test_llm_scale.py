@@ -1,0 +1,192 @@
+"""MoE LLMs at scale: a 16-bit base under float32 adapters, LoRA across the model, one base per worker and
+none in the server, and the memory plan that decides the workers and refuses what cannot fit."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fedalign_moe.config import ConfigError, load_config
+from fedalign_moe.models.build import build_model
+from fedalign_moe.training import setup
+from fedalign_moe.training.plan import ENGINE_BYTES, RUNTIME_BYTES, ModelFacts, check_fits, make_plan, plan_model
+
+
+def _cfg(**sections):
+    return load_config("tiny", overrides={k: v for k, v in sections.items()})
+
+
+def test_lora_puts_adapters_on_attention_dense_shared_and_routed_experts_over_a_16_bit_base():
+    cfg = _cfg(model={"backbone": "tiny-qwen2-moe", "trainable": "lora", "dtype": "bfloat16"})
+    built = build_model(cfg.model, ["a", "b", "c"], "classification", seed=0)
+    params = dict(built.model.named_parameters())
+    frozen = {n: p for n, p in params.items() if n not in built.trainable}
+    assert {p.dtype for p in frozen.values()} == {torch.bfloat16}  # the base
+    assert {params[n].dtype for n in built.trainable} == {torch.float32}  # what trains and travels
+    lora = [n for n in built.trainable if "lora_" in n]
+    for part in ("self_attn.q_proj", "self_attn.o_proj", "shared_expert.down_proj", "experts.base_layer"):
+        assert any(part in n for n in lora), part
+    assert not any("shared_expert_gate" in n and "lora_" in n for n in params)  # one output: frozen, no adapter
+    routers = {layer.router for layer in built.layout.layers}
+    assert routers <= set(built.trainable) and all("lora_" not in r for r in routers)  # routers train in full
+    assert all(layer.lora for layer in built.layout.layers)  # routed-expert factors aggregated per expert
+    assert built.model.compute_dtype == torch.bfloat16
+
+
+def test_lora_targets_choose_the_adapted_linears_and_an_unknown_name_is_one_error():
+    from fedalign_moe.models.assets import ModelLoadError
+
+    cfg = _cfg(model={"backbone": "tiny-mixtral", "trainable": "lora", "lora_targets": ["q_proj", "v_proj"]})
+    built = build_model(cfg.model, ["a", "b"], "classification", seed=0)
+    adapted = {n.split(".lora_")[0].split(".")[-1] for n in built.trainable if "lora_" in n and "experts" not in n}
+    assert adapted == {"q_proj", "v_proj"}
+    bad = _cfg(model={"backbone": "tiny-mixtral", "trainable": "lora", "lora_targets": ["qproj"]})
+    with pytest.raises(ModelLoadError, match="names no linear layer"):
+        build_model(bad.model, ["a", "b"], "classification", seed=0)
+
+
+def test_plan_counts_the_tiny_mixtral_by_hand():
+    cfg = _cfg()  # tiny-mixtral: 4 experts top-2, hidden 64, expert inner 128, 2 layers, float32, experts-routers
+    built = plan_model(cfg)
+    assert next(built.model.parameters()).device.type == "meta"  # nothing loaded to plan
+    f = ModelFacts.of(built)
+    routed_per_layer = 4 * (2 * 128 * 64 + 64 * 128)  # gate_up [E, 2I, H] + down [E, H, I]
+    assert f.expert_parameters_per_layer == routed_per_layer
+    assert f.active_parameters == f.parameters - 2 * routed_per_layer // 2  # a token visits 2 of 4 experts
+    plan = make_plan(cfg, built, available=(int(10e9), 1))
+    assert plan.worker.trainable_bytes == f.trainable_parameters * 4 * 6
+    assert plan.worker.base_bytes == (f.parameters - f.trainable_parameters) * 4
+    assert plan.reply_bytes_down == f.trainable_parameters * 4
+    # two cores and one core a client: two workers, however much memory is free
+    assert plan.workers == 2 and plan.fits
+    assert plan.total_bytes == RUNTIME_BYTES + 3 * 3 * plan.reply_bytes_up + plan.worker.base_bytes + 2 * f.trainable_parameters * 4 + ENGINE_BYTES \
+        + 2 * plan.worker.peak_bytes
+    # memory for one worker only: one worker
+    one = plan.server_bytes + ENGINE_BYTES + plan.worker.peak_bytes
+    assert make_plan(cfg, built, available=(one + 1, 1)).workers == 1
+    assert not make_plan(cfg, built, available=(one - 1, 1)).fits
+
+
+def test_a_run_that_cannot_fit_is_refused_before_any_work_with_the_option_that_fits(tmp_path):
+    cfg = _cfg(data={"max_length": 4096}, train={"batch_size": 8192})
+    with pytest.raises(ConfigError, match=r"set .*train.batch_size = \d+ to fit"):
+        check_fits(cfg)
+    cmd = [sys.executable, "-m", "fedalign_moe"]
+    args = ["--preset", "tiny", "--set", "data.max_length=4096", "--set", "train.batch_size=8192"]
+    res = subprocess.run([*cmd, "run", *args, "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    errors = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: the run needs ") and "per worker" in errors[0]
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+    res = subprocess.run([*cmd, "plan", "--json", *args], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1
+    plan = json.loads(res.stdout)
+    assert plan["fits"] is False and plan["peak_bytes"] == plan["worker"]["peak_bytes"] > 0
+
+
+def test_one_base_per_worker_and_none_in_the_server(monkeypatch, tmp_path):
+    """Five clients served by one process: the base is built once there; the server builds its model on
+    the meta device, takes the initial model from a node and has a node evaluate each aggregate; the
+    numbers are those of the server evaluating itself."""
+    from in_process import run_in_process
+
+    from fedalign_moe.federation.client_app import cached_workspace
+
+    builds = []
+    real_build = setup.build_model
+
+    def counting_build(*args, **kwargs):
+        built = real_build(*args, **kwargs)
+        builds.append(next(built.model.parameters()).device.type)
+        return built
+
+    monkeypatch.setattr(setup, "build_model", counting_build)
+    base = {"model": {"backbone": "tiny-olmoe", "trainable": "lora", "dtype": "bfloat16"},
+            "partition": {"num_clients": 5}, "federation": {"strategy": "fedalign"}}
+    summaries = {}
+    for where in ("node", "server"):
+        cached_workspace.cache_clear()
+        builds.clear()
+        cfg = load_config("tiny", overrides={**base, "federation": {**base["federation"], "global_eval": where},
+                                             "out_dir": str(tmp_path / where)})
+        summaries[where] = run_in_process(cfg, monkeypatch)
+        assert builds == (["meta", "cpu"] if where == "node" else ["meta", "cpu", "cpu"])  # server, then one worker
+    assert summaries["node"]["accuracy_per_round"] == summaries["server"]["accuracy_per_round"]
+    losses = {where: [json.loads(line)["loss"] for line in (tmp_path / where / "metrics.jsonl").read_text().splitlines()]
+              for where in summaries}
+    assert losses["node"] == losses["server"] and len(losses["node"]) == 2
+    assert summaries["node"]["global_model_on_client_tests"] == summaries["server"]["global_model_on_client_tests"]
+    cached_workspace.cache_clear()
+
+
+def test_a_node_whose_initial_model_or_evaluation_is_bad_is_passed_over_with_a_line_naming_it(monkeypatch, caplog):
+    from flwr.app import ArrayRecord, Message
+
+    from in_process import InProcessGrid
+
+    from fedalign_moe.federation import protocol
+    from fedalign_moe.federation.client_app import cached_workspace
+    from fedalign_moe.federation.global_eval import NoNodeAnswer, NodeModel
+
+    class OneBadNode(InProcessGrid):
+        def send_and_receive(self, messages, timeout=None):
+            msg = messages[0]
+            if msg.metadata.dst_node_id != 1:
+                return super().send_and_receive(messages, timeout)
+            if msg.metadata.message_type == "query":  # a forged initial model: one tensor of the wrong shape
+                good = super().send_and_receive(messages, timeout)[0].content[protocol.ARRAYS].to_torch_state_dict()
+                name = sorted(good)[0]
+                good[name] = torch.zeros(3)
+                return [Message(protocol.initial_state_reply(good), reply_to=msg)]
+            return [Message(protocol.eval_reply(0, 10, 2.0, 0.1), reply_to=msg)]  # accuracy 2.0: out of range
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedalign_moe.federation.node_policy import TRUST_ENV
+
+    monkeypatch.setenv(TRUST_ENV, "run-config")
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    cached_workspace.cache_clear()
+    cfg = _cfg(federation={"global_eval": "node"})
+    ws = setup.open_workspace(cfg, server=True)
+    assert ws.on_meta and all(p.device.type == "meta" for p in ws.built.model.parameters())
+    model = NodeModel(OneBadNode(3), ws)
+    with caplog.at_level("WARNING"):
+        initial = model.initial_state()
+        result = model.evaluate(1, initial)
+    assert set(initial.keys()) == set(ws.built.trainable)
+    assert 0 <= result["accuracy"] <= 1 and result["num-examples"] == len(ws.data.global_test)
+    lines = [r.getMessage() for r in caplog.records if "node 1 gave no usable answer" in r.getMessage()]
+    assert len(lines) == 2 and "expected float32" in lines[0] and "eval-accuracy" in lines[1]
+
+    class NoNode(InProcessGrid):
+        def send_and_receive(self, messages, timeout=None):
+            return []
+
+    with pytest.raises(NoNodeAnswer, match="node 1: no reply"):
+        NodeModel(NoNode(2), ws).initial_state()
+    assert math.isnan(NodeModel(NoNode(2), ws).evaluate(1, initial)["loss"])  # the round then keeps its model
+    cached_workspace.cache_clear()
+
+
+def test_a_checkpoint_with_lora_builds_the_same_adapters_in_every_process(tmp_path):
+    """A checkpoint run's LoRA factors come from its seed, not from whatever the process drew before."""
+    from transformers import AutoModelForCausalLM
+
+    from fedalign_moe.models.build import minilm_tokenizer
+    from fedalign_moe.models.hf_moe import tiny_config
+
+    folder = tmp_path / "ckpt"
+    AutoModelForCausalLM.from_config(tiny_config("olmoe", vocab_size=30522)).save_pretrained(folder)
+    minilm_tokenizer().save_pretrained(folder)
+    cfg = _cfg(model={"backbone": str(folder), "trainable": "lora", "num_experts": 4, "top_k": 2})
+    states = []
+    for draw in (1, 2):
+        torch.rand(draw)  # a process that used its generator differently before building
+        built = build_model(cfg.model, ["a", "b"], "classification", seed=0)
+        states.append({n: p.detach().clone() for n, p in built.model.named_parameters() if n in built.trainable})
+    assert states[0].keys() == states[1].keys() and all(torch.equal(states[0][n], states[1][n]) for n in states[0])
