@@ -9,7 +9,7 @@
 # Usage: benchmarks/gpu_on_cpu.sh [out_dir]      default: benchmarks/results/gpu-on-cpu
 # Its figures were measured with token-weighted expert aggregation, the default before issue 9 made
 # `examples` the default: pinned here (fedalign.expert_weights=tokens) so the script reproduces them; and
-# with a float32 base, before the preset's base became bfloat16 (model.dtype=float32 pinned likewise).
+# with a float32 base, before the preset's base became bfloat16 (model.dtype=float32 pinned likewise), each batch padded to max_length (train.padding pinned).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-benchmarks/results/gpu-on-cpu}"
@@ -17,4 +17,4 @@ out="${1:-benchmarks/results/gpu-on-cpu}"
   --out "$out" --set model.device=cpu --set federation.client_gpus=0 --set train.torch_threads=1 \
   --set model.trainable=lora-experts --set data.max_length=128 --set data.max_train=250 \
   --set data.max_test=100 --set train.batch_size=8 --set train.eval_batch_size=16 --set fedalign.expert_weights=tokens \
-  --set model.dtype=float32
+  --set model.dtype=float32 --set train.padding=max_length

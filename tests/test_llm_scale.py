@@ -190,3 +190,52 @@ def test_a_checkpoint_with_lora_builds_the_same_adapters_in_every_process(tmp_pa
         built = build_model(cfg.model, ["a", "b"], "classification", seed=0)
         states.append({n: p.detach().clone() for n, p in built.model.named_parameters() if n in built.trainable})
     assert states[0].keys() == states[1].keys() and all(torch.equal(states[0][n], states[1][n]) for n in states[0])
+
+
+def test_a_run_whose_nodes_cannot_give_the_initial_model_stops_with_one_line(monkeypatch, tmp_path):
+    from flwr.app import Message
+
+    from in_process import InProcessGrid, run_in_process
+
+    import in_process
+    from fedalign_moe.federation.global_eval import NoNodeAnswer
+
+    class Refusing(InProcessGrid):
+        def send_and_receive(self, messages, timeout=None):
+            if messages[0].metadata.message_type == "query":
+                return [Message(content=protocol_error(), reply_to=m) for m in messages]
+            return super().send_and_receive(messages, timeout)
+
+    def protocol_error():
+        from flwr.app import RecordDict
+
+        return RecordDict()  # no arrays: not an initial model
+
+    monkeypatch.setattr(in_process, "InProcessGrid", Refusing)
+    cfg = _cfg(federation={"global_eval": "node"}, out_dir=str(tmp_path))
+    with pytest.raises(NoNodeAnswer, match=r"the initial model: no node answered \(node 1: records \[\], expected"):
+        run_in_process(cfg, monkeypatch)
+
+
+def test_a_bfloat16_checkpoint_with_lora_runs_through_the_cli_with_its_base_only_in_the_worker(tmp_path):
+    """The real simulation: the plan line first; the server asks a worker (through Ray) for the initial
+    model and for every evaluation; the checkpoint stays bfloat16 ("auto")."""
+    from transformers import AutoModelForCausalLM
+
+    from fedalign_moe.models.build import minilm_tokenizer
+    from fedalign_moe.models.hf_moe import tiny_config
+
+    folder = tmp_path / "ckpt"
+    AutoModelForCausalLM.from_config(tiny_config("qwen2_moe", vocab_size=30522), dtype=torch.bfloat16).save_pretrained(folder)
+    minilm_tokenizer().save_pretrained(folder)
+    out = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "fedalign_moe", "run", "--preset", "tiny", "--strategy", "fedalign",
+                          "--rounds", "1", "--out", str(out), "--set", f"model.backbone={folder}",
+                          "--set", "model.trainable=lora", "--set", "federation.global_eval=node",
+                          "--set", "train.padding=longest"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    plan_line = next(line for line in res.stdout.splitlines() if line.startswith("plan: "))
+    assert "global model evaluated on the node" in plan_line and "1 worker" not in plan_line  # two cores: two workers
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["adopted"] and math.isfinite(record["loss"]) and record["replied"] == 3
+    assert json.loads((out / "config.json").read_text())["model"]["dtype"] == "auto"

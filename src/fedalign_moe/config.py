@@ -25,8 +25,8 @@ FEDALIGN_RUNGS = {
 STRATEGIES = ("fedavg", "fedprox", "fedmoe", "local", "centralised", *FEDALIGN_RUNGS)
 # Fields whose default changed after runs that lack them were stored, and the value those runs used:
 # FedAlign-MoE weighted aligned experts by tokens until issue 9 made `examples` the default; checkpoints
-# loaded in float32 before `model.dtype` existed.
-LEGACY = {("fedalign", "expert_weights"): "tokens", ("model", "dtype"): "float32"}
+# loaded in float32 before `model.dtype` existed, and batches were padded to data.max_length.
+LEGACY = {("fedalign", "expert_weights"): "tokens", ("model", "dtype"): "float32", ("train", "padding"): "max_length"}
 # Bumped when a strategy's code changes what its runs measure: `compare` runs a finished cell of an older
 # revision again, and no table averages two revisions. fedmoe 2: clients upload their sub-MoE only.
 STRATEGY_REVISIONS = {"fedmoe": 2}
@@ -157,9 +157,11 @@ class TrainConfig(_Section):
     proximal_mu: float = Field(0.01, ge=0)  # FedProx only
     torch_threads: StrictInt | None = Field(None, ge=1)  # per simulated client process; None = torch's default
     # "longest": each batch padded to its own longest sequence (less compute where texts are shorter than
-    # data.max_length; the same numbers for models whose outputs ignore padding); "max_length": every
-    # batch padded to data.max_length, as every published run was
-    padding: Literal["max_length", "longest"] = "max_length"
+    # data.max_length; the same accuracy for models whose outputs ignore padding, the loss within float
+    # rounding); "max_length": every batch padded to data.max_length, as every published run was (the
+    # presets behind published numbers pin it). Switch Transformers' expert capacity counts padding tokens:
+    # there the two differ.
+    padding: Literal["max_length", "longest"] = "longest"
     # recompute each decoder layer's activations in the backward pass instead of keeping them: less memory
     # (transformers' own gradient checkpointing; the numbers stay the same), about a third more compute
     gradient_checkpointing: bool = False
@@ -258,6 +260,9 @@ class Config(_Section):
         if self.model.recipe == "btx" and self.data.public_fraction == 0:
             raise ValueError("model.recipe = 'btx' trains its experts on a public split: set data.public_fraction "
                              "(for example 0.2)")
+        if self.federation.global_eval == "node" and self.model.backbone in ("minilm", "smollm2"):
+            raise ValueError(f"federation.global_eval = 'node' keeps the base out of the server, which builds its model "
+                             f"without weights; {self.model.backbone} is built from its weights: use 'server' or 'auto'")
         if self.keeps_personal_experts() and self.effective_fedalign().expert_aggregation != "semantic":
             raise ValueError(f"fedalign.personal_experts keeps the experts outside their aligned sets, and strategy "
                              f"{self.federation.strategy!r} aggregates experts without aligned sets (expert_aggregation "

@@ -26,7 +26,7 @@ from flwr.common.logger import console_handler, log
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from ..config import Config, load_config, parse_overrides
+from ..config import Config, UserError, load_config, parse_overrides
 from ..models.build import supports_meta
 from ..training.plan import Plan, check_fits, plan_model
 from ..training.setup import Workspace, open_log, open_workspace, prepare_data
@@ -52,6 +52,9 @@ def _main(grid: Grid, cfg: Config, on_round: Callable[[dict], None] | None, hold
     log = open_log(ws, resume.round if resume else None, resume.wall_seconds if resume else 0.0)
     try:
         holder["summary"] = run_federation(grid, ws, log, on_round, resume, on_reply, interrupted)
+    except UserError as err:  # e.g. no node answered for the initial model: one line for the caller
+        holder["error"] = err
+        raise
     finally:
         log.close()  # an interrupted run's TensorBoard events up to its last finished round reach the disk
 
@@ -176,10 +179,29 @@ def append_client_output(run_log: Path) -> None:
                 out.write(f"--- client process output ({path.name}) ---\n{text}\n")
 
 
-def _gpu_count() -> int:
-    import torch
+def planned_workspace(cfg: Config) -> tuple[Plan, Workspace]:
+    """The run's memory plan (``ConfigError`` when it cannot fit), then the server's workspace. The plan
+    reads the model's structure on the meta device, before anything heavy is loaded; minilm and smollm2,
+    which build only from their weights, are small enough to build first."""
+    data = prepare_data(cfg)
+    if supports_meta(cfg.model):
+        plan = check_fits(cfg, plan_model(cfg, data))
+        return plan, open_workspace(cfg, server=True, data=data)
+    ws = open_workspace(cfg, server=True, data=data)
+    return check_fits(cfg, ws.built), ws
 
-    return torch.cuda.device_count()
+
+def backend_config(cfg: Config, plan: Plan, verbose: bool) -> dict:
+    """Flower's Ray backend: as many client processes (workers) as the plan says (Ray's CPUs divided by
+    ``client_cpus``), each sharing its GPU with the plan's other workers there unless ``client_gpus`` is set."""
+    fed, gpus = cfg.federation, cfg.federation.client_gpus
+    if plan.device == "cuda" and gpus == 0:
+        import torch
+
+        gpus = 1 / -(-plan.workers // max(torch.cuda.device_count(), 1))
+    return {"client_resources": {"num_cpus": fed.client_cpus, "num_gpus": gpus},
+            "init_args": {"num_cpus": plan.workers * fed.client_cpus, "include_dashboard": False,
+                          "log_to_driver": verbose}}
 
 
 def simulate(cfg: Config, on_round: Callable[[dict], None] | None = None, resume: Checkpoint | None = None,
@@ -201,24 +223,10 @@ def simulate(cfg: Config, on_round: Callable[[dict], None] | None = None, resume
 
     # the server's data, plan and model first (in this process): bad data, a bad checkpoint or a run that
     # cannot fit is one error line now, before Ray and the client processes start
-    data = prepare_data(cfg)
-    if supports_meta(cfg.model):  # the plan reads the model's structure; nothing heavy is loaded before it
-        plan = check_fits(cfg, plan_model(cfg, data))
-        ws = open_workspace(cfg, server=True, data=data)
-    else:  # minilm, smollm2: small enough to build first
-        ws = open_workspace(cfg, server=True, data=data)
-        plan = check_fits(cfg, ws.built)
+    plan, ws = planned_workspace(cfg)
     if on_plan is not None:
         on_plan(plan)
     logger.info(plan.summary_line())
-    fed = cfg.federation
-    gpus = fed.client_gpus
-    if plan.device == "cuda" and gpus == 0:  # each GPU shared by the workers the plan puts on it
-        gpus = 1 / -(-plan.workers // max(_gpu_count(), 1))
-    backend = {  # Ray starts as many client processes (workers) as the plan says: num_cpus / client_cpus
-        "client_resources": {"num_cpus": fed.client_cpus, "num_gpus": gpus},
-        "init_args": {"num_cpus": plan.workers * fed.client_cpus, "include_dashboard": False, "log_to_driver": verbose},
-    }
     holder: dict = {}
     trust_before = os.environ.get(TRUST_ENV)
     os.environ[TRUST_ENV] = "run-config"  # the client processes Ray starts are this user's own (node_policy)
@@ -227,7 +235,7 @@ def simulate(cfg: Config, on_round: Callable[[dict], None] | None = None, resume
         with third_party_output(Path(cfg.out_dir) / "run.log", verbose), interrupt_sets(interrupted):
             try:
                 run_simulation(make_server_app(cfg, on_round, holder, resume, ws, on_reply, interrupted), client_app,
-                               cfg.partition.num_clients, backend_config=backend)
+                               cfg.partition.num_clients, backend_config=backend_config(cfg, plan, verbose))
             except RunInterrupted:  # a Ctrl-C, re-raised by Flower once its engine has stopped in order
                 raise KeyboardInterrupt from None
             except KeyboardInterrupt:
@@ -249,6 +257,8 @@ def simulate(cfg: Config, on_round: Callable[[dict], None] | None = None, resume
             os.environ.pop(TRUST_ENV, None)
         else:
             os.environ[TRUST_ENV] = trust_before
+    if "error" in holder:
+        raise holder["error"]
     if "summary" not in holder:
         raise RuntimeError(f"the simulation ended without a summary; see {Path(cfg.out_dir) / 'run.log'}")
     return holder["summary"]

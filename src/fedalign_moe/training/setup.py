@@ -207,13 +207,14 @@ def open_workspace(cfg: Config, client_process: bool = False, server: bool = Fal
     if client_process and cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)
     data = data if data is not None else prepare_data(cfg)
+    texts = list(data.client_train[0]["text"][:64]) or list(data.global_test["text"][:64])
     if server and supports_meta(cfg.model):
         built = _build(cfg, data, meta=True)
         if evaluates_on_node(cfg, base_bytes(built)):
+            check_tokenizer(built.tokenizer, texts, built.model, cfg.model.backbone)
             return Workspace(cfg, data, built, torch.device("meta"))
     built = _build(cfg, data)
-    check_tokenizer(built.tokenizer, list(data.client_train[0]["text"][:64]) or list(data.global_test["text"][:64]),
-                    built.model, cfg.model.backbone)
+    check_tokenizer(built.tokenizer, texts, built.model, cfg.model.backbone)
     device = resolve_device(cfg.model.device)
     built.model.to(device)
     initial = trainable_state(built.model, built.trainable) if client_process and evaluates_on_node(cfg, base_bytes(built)) else None
