@@ -278,7 +278,7 @@ def resume(
         console.print(f"[bold]resuming {cfg.federation.strategy}[/bold] in {run_dir} after round {ckpt.round} "
                       f"of {cfg.federation.rounds}")
         with _Display(cfg.federation.rounds, done=ckpt.round) as display:
-            summary = run_experiment(cfg, display.round, ckpt, verbose, display.reply)
+            summary = run_experiment(cfg, display.round, ckpt, verbose, display.reply, on_plan=_print_plan)
     except UserError as err:
         _fail(str(err))
     _finish(summary, cfg)
