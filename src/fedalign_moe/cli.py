@@ -182,7 +182,7 @@ def plan(
     free_gb: Annotated[float | None, typer.Option(help="plan for devices with this much free memory (GB each) instead "
                                                        "of this machine's: e.g. --set model.device=cuda --free-gb 79 "
                                                        "for one H100")] = None,
-    devices: Annotated[int, typer.Option(help="with --free-gb: how many such devices")] = 1,
+    devices: Annotated[int, typer.Option(min=1, help="with --free-gb: how many such devices")] = 1,
 ) -> None:
     """What a run would hold, before anything heavy is loaded: parameters, bytes per reply, and per worker
     the memory of the base, the trainable state, the activations and their sum (peak_bytes); how many

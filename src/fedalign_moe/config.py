@@ -290,6 +290,8 @@ class Config(_Section):
         raw.pop("output")
         raw["model"].pop("prefix_cache_dir")
         raw["model"].pop("build_cache_dir")
+        if raw["model"]["dtype"] == "auto" and not self.model.is_checkpoint:
+            raw["model"]["dtype"] = "float32"  # what "auto" means for the built-in backbones (stored runs: LEGACY)
         raw["federation"].pop("workers")  # where and how many processes compute changes no number
         raw["federation"].pop("global_eval")
         strategy = self.federation.strategy

@@ -16,7 +16,6 @@ the base (docs/robustness.md).
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 
 from flwr.app import ArrayRecord, Message, RecordDict
@@ -31,6 +30,7 @@ from .protocol import ReplyError
 from .screening import error_cause
 
 logger = logging.getLogger(__name__)
+MAX_NODES_ASKED = 3  # nodes asked in turn before the server gives up on a request
 
 
 class NoNodeAnswer(UserError):
@@ -60,11 +60,12 @@ class NodeModel:
         params = dict(ws.built.model.named_parameters())
         self.shapes = {n: tuple(params[n].shape) for n in ws.built.trainable}
 
-    def _ask(self, what: str, content: Callable[[], RecordDict], message_type: str, read: Callable[[Message], object]):
+    def _ask(self, what: str, content: Callable[[], RecordDict], message_type: str, read: Callable[[Message], object],
+             timeout: float | None):
         reasons = []
-        for node in sorted(self.grid.get_node_ids()):
+        for node in sorted(self.grid.get_node_ids())[:MAX_NODES_ASKED]:
             msg = Message(content=content(), dst_node_id=node, message_type=message_type)
-            replies = list(self.grid.send_and_receive([msg], timeout=self.cfg.federation.round_timeout))
+            replies = list(self.grid.send_and_receive([msg], timeout=timeout))
             if not replies:
                 reasons.append(f"node {node}: no reply")
                 continue
@@ -79,22 +80,25 @@ class NodeModel:
         raise NoNodeAnswer(f"{what}: no node answered ({'; '.join(reasons[:3]) or 'no node connected'})")
 
     def initial_state(self) -> ArrayRecord:
+        """The trainable parameters as a node built them. No time limit: the node may first load a base of
+        many GB, far longer than a round's ``round_timeout``; a dead node answers with an error at once."""
         return self._ask("the initial model", lambda: protocol.initial_state_request(self.cfg.to_json()),
-                         MessageType.QUERY, lambda m: protocol.read_initial_state(m, self.shapes))
+                         MessageType.QUERY, lambda m: protocol.read_initial_state(m, self.shapes), None)
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> dict:
-        """``arrays`` evaluated on the global test split by a node; a loss of NaN when no node could."""
+        """``arrays`` evaluated on the global test split by a node (a non-finite loss is an answer: the
+        aggregate diverged); ``NoNodeAnswer`` when no node could."""
+        size = len(self.ws.data.global_test)
+
         def read(reply: Message) -> dict:
-            got = protocol.read_eval_reply(reply, self.cfg.partition.num_clients)
+            got = protocol.read_eval_reply(reply, self.cfg.partition.num_clients, finite_loss=False)
+            if got.num_examples != max(size, 1):
+                raise ReplyError(f"it evaluated {got.num_examples} examples, the global test split holds {size}")
             return {"loss": got.loss, "accuracy": got.accuracy, "num-examples": got.num_examples}
 
-        try:
-            return self._ask(f"round {server_round}'s global evaluation",
-                             lambda: protocol.global_eval_instruction(self.cfg.to_json(), server_round, arrays),
-                             MessageType.EVALUATE, read)
-        except NoNodeAnswer as err:
-            logger.warning("%s", err)
-            return {"loss": math.nan, "accuracy": math.nan, "num-examples": 0}
+        return self._ask(f"round {server_round}'s global evaluation",
+                         lambda: protocol.global_eval_instruction(self.cfg.to_json(), server_round, arrays),
+                         MessageType.EVALUATE, read, self.cfg.federation.round_timeout)
 
 
 def global_model(grid: Grid, ws: Workspace) -> ServerModel | NodeModel:

@@ -514,12 +514,16 @@ class EvalReply:
     loss: float
 
 
-def read_eval_reply(msg: Message, num_clients: int) -> EvalReply:
-    """An evaluation reply, validated (``ReplyError`` otherwise)."""
+def read_eval_reply(msg: Message, num_clients: int, finite_loss: bool = True) -> EvalReply:
+    """An evaluation reply, validated (``ReplyError`` otherwise). ``finite_loss=False``: a NaN or infinite
+    loss is an answer (a diverged global model), not a malformed reply."""
     if set(msg.content.keys()) != {METRICS}:
         raise ReplyError(f"records {sorted(msg.content.keys())}, expected ['{METRICS}']")
     m, where = msg.content[METRICS], "metrics"
+    loss = m.get(EVAL_LOSS)
+    diverged = not finite_loss and isinstance(loss, float) and not math.isfinite(loss)
     return EvalReply(msg.metadata.src_node_id,
                      _number(m, PARTITION_ID, where, integer=True, low=0, high=num_clients - 1),
                      _number(m, NUM_EXAMPLES, where, integer=True, low=1),
-                     _number(m, EVAL_ACCURACY, where, low=0.0, high=1.0), _number(m, EVAL_LOSS, where, low=0.0))
+                     math.nan if diverged else _number(m, EVAL_ACCURACY, where, low=0.0, high=1.0),
+                     loss if diverged else _number(m, EVAL_LOSS, where, low=0.0))

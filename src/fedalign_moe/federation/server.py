@@ -28,7 +28,7 @@ from ..training.local import release_memory
 from ..training.setup import Workspace
 from . import checkpoint, protocol
 from .checkpoint import Checkpoint
-from .global_eval import global_model
+from .global_eval import NoNodeAnswer, global_model
 from .protocol import ReplyError, TrainReply
 from .screening import ROUND_RECORD, Failure, error_cause
 from .strategies import make_strategy
@@ -139,15 +139,23 @@ class _Server:
             return "no valid reply"
         if not _finite_state(new):
             return "the aggregate holds NaN or Inf"
-        result = self.global_model.evaluate(self.current_round, new)
+        try:
+            result = self.global_model.evaluate(self.current_round, new)
+        except NoNodeAnswer as err:
+            return f"no node evaluated it ({err})"
         if not math.isfinite(result["loss"]):
             return "the aggregate's test loss is not finite"
         self.arrays, self.current_eval = new, result
         return None
 
     def evaluation(self) -> dict:
+        """The global model's test result (NaN, not kept, when no node could evaluate it)."""
         if self.current_eval is None:
-            self.current_eval = self.global_model.evaluate(self.current_round, self.arrays)
+            try:
+                self.current_eval = self.global_model.evaluate(self.current_round, self.arrays)
+            except NoNodeAnswer as err:
+                logger.warning("%s", err)
+                return {"loss": math.nan, "accuracy": math.nan, "num-examples": 0}
         return self.current_eval
 
     def train_round(self, server_round: int) -> dict:
@@ -266,6 +274,7 @@ def _final_evaluation(server: _Server, stopped: str | None) -> dict:
             logger.warning("final evaluation: dropped the reply of node %s: %s", msg.metadata.src_node_id, err)
             continue
         per_client[str(reply.partition_id)] = reply.accuracy
-    mean = sum(per_client.values()) / len(per_client) if per_client else None
+    # summed in partition order: replies arrive in any order, and a float sum depends on it
+    mean = sum(per_client[k] for k in sorted(per_client, key=int)) / len(per_client) if per_client else None
     return server.log.summary(global_model_on_client_tests=mean, global_model_on_client_tests_by_client=per_client,
                               stopped_early=stopped)

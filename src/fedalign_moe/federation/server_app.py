@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import _thread
 import logging
+import math
 import os
 import signal
 import tempfile
@@ -195,13 +196,14 @@ def backend_config(cfg: Config, plan: Plan, verbose: bool) -> dict:
     """Flower's Ray backend: as many client processes (workers) as the plan says (Ray's CPUs divided by
     ``client_cpus``), each sharing its GPU with the plan's other workers there unless ``client_gpus`` is set."""
     fed, gpus = cfg.federation, cfg.federation.client_gpus
-    if plan.device == "cuda" and gpus == 0:
+    if plan.device == "cuda" and gpus == 0:  # Ray counts resources in 1e-4: round each share down
         import torch
 
-        gpus = 1 / -(-plan.workers // max(torch.cuda.device_count(), 1))
-    return {"client_resources": {"num_cpus": fed.client_cpus, "num_gpus": gpus},
-            "init_args": {"num_cpus": plan.workers * fed.client_cpus, "include_dashboard": False,
-                          "log_to_driver": verbose}}
+        gpus = math.floor(1e4 / -(-plan.workers // max(torch.cuda.device_count(), 1))) / 1e4
+    cpus = max(1, math.ceil(plan.workers * fed.client_cpus))  # Ray takes whole CPUs
+    per_client = math.floor(1e4 * cpus / plan.workers) / 1e4  # so that cpus / per_client >= workers
+    return {"client_resources": {"num_cpus": per_client, "num_gpus": gpus},
+            "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": verbose}}
 
 
 def simulate(cfg: Config, on_round: Callable[[dict], None] | None = None, resume: Checkpoint | None = None,

@@ -6,7 +6,8 @@ W workers (client processes), each holding one copy of the frozen base and servi
 The plan counts, per worker:
 - base: every frozen parameter at its dtype (``model.dtype``);
 - trainable: the parameters that train and travel (float32), their gradients, AdamW's two moments, the
-  received global copy and the reply's copy: 6 x 4 bytes a parameter (7 with a proximal term);
+  received global copy and the reply's copy: 6 x 4 bytes a parameter (one more with a proximal term, and
+  one more where the node keeps the initial model for a server that holds none);
 - activations of one training step at ``train.batch_size`` x ``data.max_length`` tokens (below);
 - runtime: Python with torch, transformers and flwr imported, and the run's data (``RUNTIME_BYTES``).
 The sum is the worker's ``peak_bytes``. The server adds its runtime, the replies of a round's sampled
@@ -34,8 +35,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..config import Config, ConfigError
-from ..models.build import BuiltModel, build_model, supports_meta
-from .setup import FederatedData, base_bytes, evaluates_on_node, prepare_data
+from ..models.build import BuiltModel, supports_meta
+from .setup import FederatedData, base_bytes, build_for, evaluates_on_node, prepare_data
 
 # measured on this package's 2-core CPU machine (benchmarks/llm_memory.py, docs/benchmarks.md#llms):
 RUNTIME_BYTES = 600_000_000  # one client process before its model: Python, torch, transformers, flwr, Ray's worker, data
@@ -79,8 +80,11 @@ class ModelFacts:
                          if isinstance(m, torch.nn.Embedding) or n.split(".")[-1] == "lm_head")
         config = built.model.config
         hidden = int(getattr(config, "hidden_size", None) or getattr(config, "d_model"))
-        layers = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "num_layers", 0)
-                     + getattr(config, "num_decoder_layers", 0) or len(layout.layers))
+        has_decoder = any(n.split(".")[-1] == "decoder" for n, _ in built.model.named_modules())
+        if getattr(config, "is_encoder_decoder", False):  # Switch: its encoder, and its decoder where it runs
+            layers = int(config.num_layers) + (int(config.num_decoder_layers) if has_decoder else 0)
+        else:
+            layers = int(getattr(config, "num_hidden_layers", 0) or len(layout.layers))
         routers = sum(params[l.router].numel() for l in layout.layers)
         dense = max(total - embeddings - routed - routers - sum(params[n].numel() for n in built.trainable
                                                                   if "lora_" in n), 0) // max(layers, 1)
@@ -166,6 +170,9 @@ def activation_bytes(f: ModelFacts, cfg: Config) -> int:
 def _available(device: str) -> tuple[int, int]:
     """(free bytes of one device, devices): host memory on a CPU, each GPU's free memory on CUDA."""
     if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("model.device = 'cuda' but no CUDA device is available (fedalign-moe plan: --free-gb "
+                              "plans for one elsewhere)")
         free, _ = torch.cuda.mem_get_info(0)
         return int(free), torch.cuda.device_count()
     import psutil
@@ -178,9 +185,10 @@ def make_plan(cfg: Config, built: BuiltModel, available: tuple[int, int] | None 
     (free bytes, devices) overrides what the machine reports (tests)."""
     f = ModelFacts.of(built)
     device = "cuda" if cfg.model.device == "cuda" or (cfg.model.device == "auto" and torch.cuda.is_available()) else "cpu"
-    copies = 6 + (1 if cfg.federation.strategy == "fedprox" or cfg.fedalign.proximal_mu > 0 else 0)
-    worker = WorkerMemory(f.base_bytes, f.trainable_parameters * 4 * copies, activation_bytes(f, cfg), RUNTIME_BYTES)
     on_node = evaluates_on_node(cfg, f.base_bytes)
+    copies = (6 + (1 if cfg.federation.strategy == "fedprox" or cfg.fedalign.proximal_mu > 0 else 0)
+              + (1 if on_node else 0))  # a node keeps the initial model it may be asked for
+    worker = WorkerMemory(f.base_bytes, f.trainable_parameters * 4 * copies, activation_bytes(f, cfg), RUNTIME_BYTES)
     up = f.trainable_parameters * 4 + (f.routing_stats_bytes if cfg.federation.strategy.startswith("fedalign") else 0)
     sampled = max(1, math.ceil(cfg.federation.fraction_train * cfg.partition.num_clients))
     server = (RUNTIME_BYTES + MESSAGE_COPIES * sampled * up
@@ -213,8 +221,7 @@ def make_plan(cfg: Config, built: BuiltModel, available: tuple[int, int] | None 
 def plan_model(cfg: Config, data: FederatedData | None = None) -> BuiltModel:
     """The model a plan reads: built on the meta device (no weight loaded) where the backbone allows."""
     data = data if data is not None else prepare_data(cfg)
-    return build_model(cfg.model, data.source.label_names, data.source.task, seed=cfg.seed, meta=supports_meta(cfg.model),
-                       max_length=cfg.data.max_length)
+    return build_for(cfg, data, meta=supports_meta(cfg.model))
 
 
 def what_would_fit(cfg: Config, built: BuiltModel, available: tuple[int, int] | None = None) -> str | None:
@@ -224,7 +231,7 @@ def what_would_fit(cfg: Config, built: BuiltModel, available: tuple[int, int] | 
     tries: list[tuple[str, str, object]] = []  # (section, field, value)
     if ModelFacts.of(built).activation_element_bytes == 4:  # a float32 base
         tries.append(("model", "dtype", "bfloat16"))
-    if not cfg.train.gradient_checkpointing:
+    if not cfg.train.gradient_checkpointing and cfg.model.backbone != "minilm":  # transformers backbones only
         tries.append(("train", "gradient_checkpointing", True))
     batch = cfg.train.batch_size
     while batch > 1:

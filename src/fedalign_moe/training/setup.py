@@ -192,7 +192,8 @@ class Workspace:
         return to_tensors(self.built, self.data.global_test, self.cfg, self.device, self.prefix_fingerprint)
 
 
-def _build(cfg: Config, data: FederatedData, meta: bool = False) -> BuiltModel:
+def build_for(cfg: Config, data: FederatedData, meta: bool = False) -> BuiltModel:
+    """The run's model for its data (labels, task, the public split of a btx recipe); ``meta``: see ``build_model``."""
     return build_model(cfg.model, data.source.label_names, data.source.task, seed=cfg.seed,
                        public=public_corpus(data.public, cfg.model.num_experts) if cfg.model.recipe == "btx" else None,
                        max_length=cfg.data.max_length, meta=meta, gradient_checkpointing=cfg.train.gradient_checkpointing)
@@ -209,11 +210,11 @@ def open_workspace(cfg: Config, client_process: bool = False, server: bool = Fal
     data = data if data is not None else prepare_data(cfg)
     texts = list(data.client_train[0]["text"][:64]) or list(data.global_test["text"][:64])
     if server and supports_meta(cfg.model):
-        built = _build(cfg, data, meta=True)
+        built = build_for(cfg, data, meta=True)
         if evaluates_on_node(cfg, base_bytes(built)):
             check_tokenizer(built.tokenizer, texts, built.model, cfg.model.backbone)
             return Workspace(cfg, data, built, torch.device("meta"))
-    built = _build(cfg, data)
+    built = build_for(cfg, data)
     check_tokenizer(built.tokenizer, texts, built.model, cfg.model.backbone)
     device = resolve_device(cfg.model.device)
     built.model.to(device)
