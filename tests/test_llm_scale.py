@@ -338,3 +338,21 @@ def test_the_final_mean_over_clients_does_not_depend_on_the_order_replies_arrive
                                log=SimpleNamespace(summary=lambda **kw: kw))
         means.append(server_mod._final_evaluation(stub, None)["global_model_on_client_tests"])
     assert means[0] == means[1] == (0.1 + 0.2 + 0.3) / 3
+
+
+def test_gradient_checkpointing_recomputes_each_layer_and_changes_no_number():
+    from fedalign_moe.training.local import ClientTensors, train_local
+
+    cfg = _cfg(model={"backbone": "tiny-olmoe", "trainable": "lora", "dtype": "bfloat16"})
+    ids = torch.randint(3, 500, (8, 12), generator=torch.Generator().manual_seed(0))
+    data = ClientTensors(ids, torch.ones(8, 12, dtype=torch.long), torch.tensor([0, 1] * 4))
+    losses, calls = {}, {}
+    for checkpointing in (False, True):
+        built = build_model(cfg.model, ["a", "b"], "classification", seed=0, gradient_checkpointing=checkpointing)
+        count = [0]
+        built.model.lm.model.layers[0].mlp.register_forward_pre_hook(lambda *a, count=count: count.__setitem__(0, count[0] + 1))
+        result = train_local(built.model, built.adapter, data, built.trainable, cfg.train.model_copy(update={"batch_size": 8}),
+                             seed=0)
+        losses[checkpointing], calls[checkpointing] = result.loss, count[0]
+    assert calls == {False: 1, True: 2}  # one training step: the checkpointed layer runs again in the backward
+    assert losses[True] == losses[False]

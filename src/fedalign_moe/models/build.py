@@ -304,7 +304,11 @@ def _enable_gradient_checkpointing(model: nn.Module, backbone: str) -> None:
     lm = getattr(model, "lm", None) or getattr(model, "switch", None)
     if lm is None or not getattr(lm, "supports_gradient_checkpointing", False):
         raise ModelLoadError(f"train.gradient_checkpointing applies to transformers backbones; {backbone} has none")
-    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.2x; the older name warns there
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def build_model(cfg: ModelConfig, label_names: list[str], task: str, seed: int, public: PublicCorpus | None = None,
