@@ -133,17 +133,22 @@ def _with_checkpoint(cfg: Config) -> Config:
 PresetOpt = Annotated[str, typer.Option("--preset", "-p", help="preset name (see `fedalign-moe presets`)")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML or JSON file merged over the preset")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override any field: section.key=value")]
+StrategyOpt = Annotated[str | None, typer.Option(help=f"one of {', '.join(STRATEGIES)}")]
+AlphaOpt = Annotated[float | None, typer.Option(help="Dirichlet concentration (smaller = more non-IID)")]
+ClientsOpt = Annotated[int | None, typer.Option(help="number of clients")]
+RoundsOpt = Annotated[int | None, typer.Option(help="federated rounds")]
+SeedOpt = Annotated[int | None, typer.Option(help="random seed")]
 
 
 @app.command()
 def run(
     preset: PresetOpt = "quick",
     config: ConfigOpt = None,
-    strategy: Annotated[str | None, typer.Option(help=f"one of {', '.join(STRATEGIES)}")] = None,
-    alpha: Annotated[float | None, typer.Option(help="Dirichlet concentration (smaller = more non-IID)")] = None,
-    num_clients: Annotated[int | None, typer.Option(help="number of clients")] = None,
-    rounds: Annotated[int | None, typer.Option(help="federated rounds")] = None,
-    seed: Annotated[int | None, typer.Option(help="random seed")] = None,
+    strategy: StrategyOpt = None,
+    alpha: AlphaOpt = None,
+    num_clients: ClientsOpt = None,
+    rounds: RoundsOpt = None,
+    seed: SeedOpt = None,
     out: Annotated[Path | None, typer.Option(help="output directory")] = None,
     set_: SetOpt = None,
     verbose: Annotated[bool, typer.Option(help="show Flower's and the client processes' own output as it comes (otherwise in DIR/run.log)")] = False,
@@ -172,11 +177,11 @@ def _print_plan(plan) -> None:
 def plan(
     preset: PresetOpt = "quick",
     config: ConfigOpt = None,
-    strategy: Annotated[str | None, typer.Option(help=f"one of {', '.join(STRATEGIES)}")] = None,
-    alpha: Annotated[float | None, typer.Option(help="Dirichlet concentration (smaller = more non-IID)")] = None,
-    num_clients: Annotated[int | None, typer.Option(help="number of clients")] = None,
-    rounds: Annotated[int | None, typer.Option(help="federated rounds")] = None,
-    seed: Annotated[int | None, typer.Option(help="random seed")] = None,
+    strategy: StrategyOpt = None,
+    alpha: AlphaOpt = None,
+    num_clients: ClientsOpt = None,
+    rounds: RoundsOpt = None,
+    seed: SeedOpt = None,
     set_: SetOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
     free_gb: Annotated[float | None, typer.Option(help="plan for devices with this much free memory (GB each) instead "
