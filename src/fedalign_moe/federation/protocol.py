@@ -289,7 +289,7 @@ def read_eval_split(content: RecordDict) -> str:
 
 def read_run_config(content: RecordDict) -> str:
     """The run config of a query (the initial-state request)."""
-    config = content.get(CONFIG) if CONFIG in content.keys() else None
+    config = content[CONFIG] if CONFIG in content else None
     if not isinstance(config, ConfigRecord) or not isinstance(config.get(RUN_CONFIG), str):
         raise InstructionError(f"query lacks {RUN_CONFIG!r} in a {CONFIG!r} record")
     return config[RUN_CONFIG]

@@ -186,8 +186,9 @@ def planned_workspace(cfg: Config) -> tuple[Plan, Workspace]:
     which build only from their weights, are small enough to build first."""
     data = prepare_data(cfg)
     if supports_meta(cfg.model):
-        plan = check_fits(cfg, plan_model(cfg, data))
-        return plan, open_workspace(cfg, server=True, data=data)
+        meta_built = plan_model(cfg, data)
+        plan = check_fits(cfg, meta_built)
+        return plan, open_workspace(cfg, server=True, data=data, meta_built=meta_built)
     ws = open_workspace(cfg, server=True, data=data)
     return check_fits(cfg, ws.built), ws
 

@@ -88,7 +88,8 @@ class ModelFacts:
         routers = sum(params[l.router].numel() for l in layout.layers)
         dense = max(total - embeddings - routed - routers - sum(params[n].numel() for n in built.trainable
                                                                   if "lora_" in n), 0) // max(layers, 1)
-        frozen = [p for n, p in params.items() if n not in set(built.trainable)]
+        keep = set(built.trainable)
+        frozen = [p for n, p in params.items() if n not in keep]
         return cls(
             parameters=total, active_parameters=total - routed + routed * k // E,
             trainable_parameters=sum(params[n].numel() for n in built.trainable),
@@ -191,13 +192,13 @@ def make_plan(cfg: Config, built: BuiltModel, available: tuple[int, int] | None 
     worker = WorkerMemory(f.base_bytes, f.trainable_parameters * 4 * copies, activation_bytes(f, cfg), RUNTIME_BYTES)
     up = f.trainable_parameters * 4 + (f.routing_stats_bytes if cfg.federation.strategy.startswith("fedalign") else 0)
     sampled = max(1, math.ceil(cfg.federation.fraction_train * cfg.partition.num_clients))
-    server = (RUNTIME_BYTES + MESSAGE_COPIES * sampled * up
-              + (0 if on_node else f.base_bytes + f.trainable_parameters * 4 * 2))
+    server_model = 0 if on_node else f.base_bytes + f.trainable_parameters * 4 * 2  # the server's own model
+    server = RUNTIME_BYTES + MESSAGE_COPIES * sampled * up + server_model
     free, devices = available or _available(device)
     federated = cfg.federation.strategy not in ("local", "centralised")
     engine = ENGINE_BYTES if federated else 0
     on_gpu = worker.peak_bytes - RUNTIME_BYTES  # CUDA: weights, state and activations; the process in host memory
-    server_gpu = 0 if on_node else f.base_bytes + f.trainable_parameters * 4 * 2  # the server's model, on GPU 0
+    server_gpu = server_model  # CUDA: on GPU 0
     if not federated:  # one process trains in turn: the server process is the worker
         server, server_gpu, workers, fixed = 0, 0, 1, True
     elif cfg.federation.workers is not None:
@@ -229,7 +230,7 @@ def what_would_fit(cfg: Config, built: BuiltModel, available: tuple[int, int] | 
     gradient checkpointing, halving the batch size, one worker; as ``section.key = value and ...`` (None:
     even all of them do not fit)."""
     tries: list[tuple[str, str, object]] = []  # (section, field, value)
-    if ModelFacts.of(built).activation_element_bytes == 4:  # a float32 base
+    if getattr(built.model, "compute_dtype", torch.float32) == torch.float32:  # a float32 base
         tries.append(("model", "dtype", "bfloat16"))
     if not cfg.train.gradient_checkpointing and cfg.model.backbone != "minilm":  # transformers backbones only
         tries.append(("train", "gradient_checkpointing", True))

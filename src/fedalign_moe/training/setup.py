@@ -200,17 +200,17 @@ def build_for(cfg: Config, data: FederatedData, meta: bool = False) -> BuiltMode
 
 
 def open_workspace(cfg: Config, client_process: bool = False, server: bool = False,
-                   data: FederatedData | None = None) -> Workspace:
+                   data: FederatedData | None = None, meta_built: BuiltModel | None = None) -> Workspace:
     """Data and model for this process; ``client_process`` applies ``train.torch_threads``. ``server``: the
     server of a federated run, which builds its model on the meta device when the global model is
     evaluated on nodes (``evaluates_on_node``): it never holds the base. ``data``: ``prepare_data(cfg)``,
-    when the caller has it already."""
+    and ``meta_built``: the server's meta-device model, when the caller has them already."""
     if client_process and cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)
     data = data if data is not None else prepare_data(cfg)
     texts = list(data.client_train[0]["text"][:64]) or list(data.global_test["text"][:64])
     if server and supports_meta(cfg.model):
-        built = build_for(cfg, data, meta=True)
+        built = meta_built if meta_built is not None else build_for(cfg, data, meta=True)
         if evaluates_on_node(cfg, base_bytes(built)):
             check_tokenizer(built.tokenizer, texts, built.model, cfg.model.backbone)
             return Workspace(cfg, data, built, torch.device("meta"))
