@@ -52,7 +52,9 @@ def instructions(strategy, state: dict[str, torch.Tensor], nodes: int, server_ro
 def routing(counts_E: list[float] | None = None, tokens: int = TOKENS) -> ModelRoutingStatistics:
     n_LE = torch.tensor([counts_E or [10.0, 10.0, 10.0, 10.0]])  # sums to top-2 x 20 tokens
     p_LE = (n_LE + 1) / (n_LE + 1).sum(-1, keepdim=True)
-    return ModelRoutingStatistics(p_LE, n_LE, torch.full((L, E), 0.5), torch.full((L, E), 0.2), torch.ones(L, E, H), tokens)
+    used_LE = n_LE > 0  # o and m are means over the tokens routed to e: 0 where none was
+    return ModelRoutingStatistics(p_LE, n_LE, torch.where(used_LE, 0.5, 0.0), torch.where(used_LE, 0.2, 0.0),
+                                  torch.ones(L, E, H), tokens)
 
 
 def reply(sent: Message, pid: int, state: dict[str, torch.Tensor], examples: int = 10,

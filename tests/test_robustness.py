@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Error, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord
 from flwr.common.constant import ErrorCode
 
 import replies
@@ -71,16 +71,52 @@ BAD = {
     "truncated-bytes": (lambda c: _forge_array(c, "x", lambda a: a.data[: len(a.data) // 2]), "not a readable array"),
     "bytes-of-another-shape": (lambda c: _forge_array(c, "head", lambda a: Array(np.zeros(3, np.float32)).data),
                                "its bytes hold float32 (3,)"),
+    # the crash classes of issue 33: each of these once raised out of aggregate_train and ended the run
+    "stats-mu-of-another-width": (lambda c: _set_stats(c, "mu", torch.ones(1, 4, 7)), "mu|records"),
+    "stats-garbage-bytes": (lambda c: _forge_stats(c, "mu", lambda a: b"\x00" * 17), "not a readable array|records"),
+    "stats-object-dtype": (lambda c: _forge_stats(c, "o", lambda a: _npy("|O", False, (1, 4), b"\x00" * 32)), "its bytes hold|records"),
+    "stats-unicode-dtype": (lambda c: _forge_stats(c, "o", lambda a: _npy("<U1", False, (1, 4), b"\x00" * 16)), "its bytes hold|records"),
+    "stats-big-endian": (lambda c: _forge_stats(c, "m", lambda a: _npy(">f4", False, (1, 4), b"\x00" * 16)), "its bytes hold|records"),
+    "stats-record-of-float64": (lambda c: _set_stats(c, "o", torch.full((1, 4), 0.5, dtype=torch.float64)), "expected float32|records"),
+    "header-negative-shape": (lambda c: _forge_array(c, "head", lambda a: _npy("<f4", False, (-6,), b"")), "not a readable array|its bytes hold"),
+    "header-absurd-shape": (lambda c: _forge_array(c, "head", lambda a: _npy("<f4", False, (10**13,), b"\x00" * 24)), "its bytes hold"),
+    "header-fortran-order": (lambda c: _forge_array(c, "x", lambda a: _npy("<f4", True, (4, 2, 5), b"\x00" * 160)), "Fortran"),
+    "header-sub-array-dtype": (lambda c: _forge_array(c, "head", lambda a: _npy("('<f4', (2,))", False, (3,), b"\x00" * 24)), "its bytes hold"),
+    "record-shape-absurd": (lambda c: _forge_array(c, "head", lambda a: a.data, shape=(10**13,)), "expected"),
+    "stype-not-numpy": (lambda c: _forge_array(c, "head", lambda a: a.data, stype="torch.raw"), "serialised as"),
+    "config-record-as-metrics": (lambda c: c.__setitem__(protocol.METRICS, ConfigRecord(dict(c[protocol.METRICS]))), "not a MetricRecord"),
+    "metrics-record-as-arrays": (lambda c: c.__setitem__(protocol.ARRAYS, MetricRecord({"head": 1.0})), "not a ArrayRecord|records"),
 }
 
 
-def _forge_array(content, name, new_bytes):
-    """Keep the record's dtype and shape for ``name``, replace the bytes behind them."""
-    arrays = _arrays(content)
+def _npy(descr: str, fortran: bool, shape: tuple, payload: bytes) -> bytes:
+    """The bytes of a .npy file whose header says ``descr``, ``fortran`` and ``shape``, whatever follows it."""
+    header = "{'descr': %s, 'fortran_order': %s, 'shape': %r, }" % (
+        descr if descr.startswith("(") else repr(descr), fortran, tuple(shape))
+    header += " " * (63 - (len(header) + 10) % 64) + "\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode("latin1") + payload
+
+
+def _set_stats(content, name, tensor):
+    stats = content[protocol.FEDALIGN_STATS].to_torch_state_dict() if protocol.FEDALIGN_STATS in content else {
+        "o": torch.full((1, 4), 0.5), "m": torch.full((1, 4), 0.2), "mu": torch.ones(1, 4, 3)}
+    stats[name] = tensor
+    content[protocol.FEDALIGN_STATS] = ArrayRecord(stats)
+
+
+def _forge_stats(content, name, new_bytes):
+    if protocol.FEDALIGN_STATS not in content:  # a strategy that never asked for statistics: the record is extra
+        _set_stats(content, name, torch.zeros(1, 4))
+    _forge_array(content, name, new_bytes, key=protocol.FEDALIGN_STATS)
+
+
+def _forge_array(content, name, new_bytes, key=protocol.ARRAYS, shape=None, stype=None):
+    """Keep the record's dtype and shape for ``name`` (or claim ``shape`` / ``stype``), replace the bytes."""
+    arrays = content[key]
     old = arrays[name]
     forged = {k: v for k, v in arrays.items()}
-    forged[name] = Array(dtype=old.dtype, shape=tuple(old.shape), stype=old.stype, data=new_bytes(old))
-    content[protocol.ARRAYS] = ArrayRecord(forged)
+    forged[name] = Array(dtype=old.dtype, shape=tuple(shape or old.shape), stype=stype or old.stype, data=new_bytes(old))
+    content[key] = ArrayRecord(forged)
 
 
 def _run(name: str, bad_case: str | None):

@@ -188,6 +188,16 @@ class FederationConfig(_Section):
     # a reply whose update norm per local step, ||w_i - w_g|| / steps, exceeds this many times the round's
     # median is dropped (robustness; None: never). Honest replies measured within 1.1x (docs/robustness.md).
     max_update_norm_ratio: float | None = Field(10.0, gt=1)
+    # what a reply's example count (its weight in every average) may claim. "checked": it must equal its
+    # partition's size in the run's data, which the server prepares too; "claimed": taken within the bounds
+    # below; "auto": checked unless the data is a file, which a deployed node may replace with its own
+    # (node config data-path)
+    example_counts: Literal["auto", "checked", "claimed"] = "auto"
+    # bounds on a claimed count (None: none): it counts at most max_examples_ratio x the round's median,
+    # and no reply weighs more than max_weight_share of a round of 4 or more replies. Honest spread over
+    # every published run: at most 16.5x the median, a share of 0.43 (docs/robustness.md)
+    max_examples_ratio: float | None = Field(50.0, gt=1)
+    max_weight_share: float | None = Field(0.5, gt=0, le=1)
     # nodes: a round starts once min_available_nodes are connected; before round 1 the server waits up
     # to node_wait_seconds for all num_clients nodes, then starts with those connected (deployments).
     min_available_nodes: StrictInt = Field(1, ge=1)
@@ -230,6 +240,10 @@ class FedAlignConfig(_Section):
     # regulariser: the regulariser anchors the routing distribution, this anchors the weights; 0 is the
     # paper's objective [ours: issue 9, docs/fedalign.md#proximal-term]
     proximal_mu: float = Field(0.0, ge=0)
+    # no client weighs more than this many times its example share in any router row (and so in p_g): a
+    # bound on what routing statistics can buy (docs/robustness.md); None: the paper's unbounded weights.
+    # Honest consistency weights reach 700x a small client's share on specialised [ours]
+    router_share_factor: float | None = Field(None, ge=1)
 
 
 class OutputConfig(_Section):
@@ -238,6 +252,20 @@ class OutputConfig(_Section):
     # TensorBoard event files in DIR/tensorboard: per-round metrics, FedAlign-MoE's decisions as scalars,
     # each round's routing heatmap as an image (`tensorboard --logdir DIR`)
     tensorboard: bool = False
+
+
+class AttackConfig(_Section):
+    """Hostile clients, for measuring what an attack costs (simulation only: a deployed node refuses to
+    attack, whatever the run config says). The hostile clients train honestly, then change their reply."""
+
+    # none | sign-flip (send w_g - update) | scale (send w_g + factor x update; 9: just inside the norm rule
+    # when the honest paces are alike) | inflate (claim factor x its examples, with a consistent step count)
+    # | capture (FedAlign-MoE statistics: all tokens, probability, overlap and margin on one expert, which
+    # passes every consistency rule of the screen)
+    kind: Literal["none", "sign-flip", "scale", "inflate", "capture"] = "none"
+    clients: list[StrictInt] = [0]  # partition ids of the hostile clients (two or more: they collude)
+    factor: float | None = Field(None, gt=0)  # scale: 9; inflate: 100
+    expert: StrictInt = Field(0, ge=0)  # capture: the expert every layer's statistics point at
 
 
 class Config(_Section):
@@ -251,9 +279,16 @@ class Config(_Section):
     federation: FederationConfig = FederationConfig()
     fedalign: FedAlignConfig = FedAlignConfig()
     output: OutputConfig = OutputConfig()
+    attack: AttackConfig = AttackConfig()
 
     @model_validator(mode="after")
     def _nodes_exist(self) -> "Config":
+        if self.attack.kind != "none":
+            bad = [c for c in self.attack.clients if not 0 <= c < self.partition.num_clients]
+            if bad or not self.attack.clients:
+                raise ValueError(f"attack.clients {self.attack.clients} must name partitions in 0..{self.partition.num_clients - 1}")
+            if self.attack.expert >= self.model.num_experts and not self.model.is_checkpoint:
+                raise ValueError(f"attack.expert {self.attack.expert} must be below model.num_experts ({self.model.num_experts})")
         if self.federation.min_available_nodes > self.partition.num_clients:
             raise ValueError(f"federation.min_available_nodes ({self.federation.min_available_nodes}) cannot exceed "
                              f"partition.num_clients ({self.partition.num_clients})")
@@ -306,6 +341,8 @@ class Config(_Section):
             raw["train"].pop("proximal_mu")
         if strategy != "fedmoe":
             raw["federation"].pop("fedmoe_coverage")
+        if self.attack.kind == "none":  # no hostile client: where it would be changes no number
+            raw.pop("attack")
         return raw
 
     @classmethod

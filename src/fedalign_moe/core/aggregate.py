@@ -21,6 +21,7 @@ import torch
 
 from .gate_alignment import adaptive_alpha, aggregate_router, consistency_weights, global_routing_distribution, routing_consistency
 from .lora_experts import a_view, b_view, fold_a, fold_b, product_gram
+from .robust import bounded_shares
 from .semantic_alignment import align_expert_gram, aligned_weights
 
 State = Mapping[str, torch.Tensor]
@@ -47,6 +48,7 @@ class AlignOptions:
     consistency_floor: float = float("inf")
     lora_direction: str = "product"  # product | factors: what expert e's LoRA update is compared by
     expert_weights: str = "examples"  # tokens | examples: config.FedAlignConfig.expert_weights
+    router_share_factor: float | None = None  # omega_i(e) <= factor x client i's example share [ours]
 
 
 @dataclass
@@ -89,7 +91,10 @@ def _router_weights(opts: AlignOptions, stats: dict[str, torch.Tensor], l: int, 
     if opts.gate_aggregation == "fedavg":
         return (examples_C / examples_C.sum()).float()[:, None].expand(C, E).clone()
     s_CE = routing_consistency(stats["o"][:, l], stats["m"][:, l])
-    return consistency_weights(s_CE, stats["n"][:, l] if opts.omega_times_tokens else None)
+    omega_CE = consistency_weights(s_CE, stats["n"][:, l] if opts.omega_times_tokens else None)
+    if opts.router_share_factor is not None:
+        omega_CE = bounded_shares(omega_CE, opts.router_share_factor * examples_C.double() / examples_C.sum())
+    return omega_CE
 
 
 def _stacked(t: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from ..models.base import MoELayout
 from ..training.alignment import ClientAligner
 from ..training.local import evaluate, load_state, train_local, trainable_state
 from ..training.setup import Workspace, cached_workspace
-from . import protocol
+from . import attacks, protocol
 from .node_policy import NodePolicy
 from .protocol import Instruction, TrainFigures
 
@@ -69,7 +69,13 @@ def train_round(ins: Instruction, context: Context) -> RecordDict:
     state = trainable_state(ws.built.model, ws.built.trainable)
     if personal is not None:  # the copies this node may keep next round
         context.state[OWN_EXPERTS] = ArrayRecord({n: state[n] for n in layout.moe_parameter_names() if n in state})
-    return protocol.train_reply(pid, result.num_examples, state, figures, routing, layout, ins, held)
+    num_examples = result.num_examples
+    if ws.cfg.attack.kind != "none" and pid in ws.cfg.attack.clients:  # a simulation's hostile client (attacks.py)
+        state = attacks.hostile_update(ws.cfg.attack, state, ins.arrays)
+        num_examples, figures = attacks.hostile_claim(ws.cfg.attack, num_examples, figures, protocol.LocalWork.of_config(ws.cfg))
+        routing = attacks.hostile_statistics(ws.cfg.attack, routing, layout.top_k)
+        held = None if ins.sub_moe_coverage is None else sub_moe_LE(routing.n_LE.double(), ins.sub_moe_coverage, layout.top_k)
+    return protocol.train_reply(pid, num_examples, state, figures, routing, layout, ins, held)
 
 
 def _own_experts_in(arrays: dict[str, torch.Tensor], personal_LE: torch.Tensor, layout: MoELayout,

@@ -76,7 +76,7 @@ class FedAlignMoE(ScreenedReplies, FedAvg):
                        message_type=msg.metadata.message_type, dst_node_id=node)
 
     def aggregate_replies(self, server_round: int, replies: list[TrainReply]) -> tuple[ArrayRecord, MetricRecord]:
-        examples_C = torch.tensor([float(r.num_examples) for r in replies])
+        examples_C = torch.tensor([r.weight for r in replies], dtype=torch.float64)  # bounded by the screen
         routing = [r.routing for r in replies]
         stats = {"p": torch.stack([s.p_LE for s in routing]), "n": torch.stack([s.n_LE for s in routing]),
                  "o": torch.stack([s.o_LE for s in routing]), "m": torch.stack([s.m_LE for s in routing]),
@@ -84,7 +84,7 @@ class FedAlignMoE(ScreenedReplies, FedAvg):
         layers = [l.names() for l in self.policy.layout.layers]
         o = self.options
         opts = AlignOptions(o.gate_aggregation, o.adaptive_alpha, o.expert_aggregation, o.beta, o.omega_times_tokens,
-                            o.consistency_floor, o.lora_direction, o.expert_weights)
+                            o.consistency_floor, o.lora_direction, o.expert_weights, o.router_share_factor)
         result = fedalign_aggregate(self.global_state, [r.state() for r in replies],
                                     examples_C, stats, layers, opts)
         self.p_g_LE, self.alpha_LE, self.last = result.p_g_LE, result.alpha_LE, result
@@ -93,8 +93,8 @@ class FedAlignMoE(ScreenedReplies, FedAvg):
         if self.personal_by_node is not None:
             keep_LEC = personal_mask_LEC(result.aligned_LEC, result.experts_applied_L)
             self.personal_by_node.update({r.node_id: keep_LEC[:, :, c] for c, r in enumerate(replies)})
-        return ArrayRecord(result.state), self.train_metrics_aggr_fn([r.message.content for r in replies],
-                                                                     self.weighted_by_key)
+        return ArrayRecord(result.state), self.train_metrics_aggr_fn([r.weighted_content() for r in replies],
+                                                                     protocol.NUM_EXAMPLES)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"p_g": self.p_g_LE.clone(), "alpha": self.alpha_LE.clone()}

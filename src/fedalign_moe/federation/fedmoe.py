@@ -50,12 +50,12 @@ class FedMoE(ScreenedReplies, FedAvg):
     def aggregate_replies(self, server_round: int, replies: list[TrainReply]) -> tuple[ArrayRecord, MetricRecord]:
         layers = [LayerNames(l.router, l.experts) for l in self.policy.layout.layers]
         states = [restore_rows(r.arrays.to_torch_state_dict(), self.global_state, layers, r.sub_moe_LE) for r in replies]
-        examples_C = torch.tensor([float(r.num_examples) for r in replies])
+        examples_C = torch.tensor([r.weight for r in replies], dtype=torch.float64)  # bounded by the screen
         counts_CLE = torch.stack([r.routing.n_LE.double() for r in replies])
         state, self.held_CLE = fedmoe_aggregate(self.global_state, states, examples_C, counts_CLE, layers, self.coverage,
                                                 self.policy.layout.top_k, torch.stack([r.sub_moe_LE for r in replies]))
         self.last_partition_ids = [r.partition_id for r in replies]
-        return ArrayRecord(state), self.train_metrics_aggr_fn([r.message.content for r in replies], self.weighted_by_key)
+        return ArrayRecord(state), self.train_metrics_aggr_fn([r.weighted_content() for r in replies], protocol.NUM_EXAMPLES)
 
     def diagnostics(self) -> dict:
         """Each client's sub-MoE (expert indices per layer) in the last round."""

@@ -76,6 +76,9 @@ class NodePolicy:
         """The config this node runs: the run config's experiment, the node's places and device."""
         if self.trust_run_config:
             return cfg
+        if cfg.attack.kind != "none":
+            raise NodePolicyError(f"the run config asks this node to attack (attack.kind = {cfg.attack.kind!r}): "
+                                  "hostile clients exist in simulations only")
         data, model = cfg.data, cfg.model
         data_update = {}
         if data.source in FILE_SOURCES:

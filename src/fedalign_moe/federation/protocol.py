@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import SType
 
 from ..core.aggregate import LayerNames
 from ..core.fedmoe import keep_rows
@@ -144,27 +145,78 @@ class TrainReply:
     routing: ModelRoutingStatistics  # o, m, mu are zero-filled when the round did not ask for them
     arrays: ArrayRecord  # as sent (sub-MoE rows only when ``sub_moe_LE`` is set)
     sub_moe_LE: torch.Tensor | None
-    message: Message  # the reply itself, for Flower's own aggregation
+    message: Message  # the reply itself
+    # the example count it weighs with in the round's averages, set by the server's screen: num_examples,
+    # unless a bound lowered it (``weight_capped``: ``core.robust.bounded_example_counts``)
+    weight: float = 0.0
+    weight_capped: bool = False
+
+    def weighted_content(self) -> RecordDict:
+        """The reply as Flower's aggregation functions read it, with ``weight`` as its example count."""
+        metrics = MetricRecord(dict(self.message.content[METRICS]))
+        metrics[NUM_EXAMPLES] = float(self.weight)
+        return RecordDict({ARRAYS: self.arrays, METRICS: metrics})
 
     def state(self) -> "ArrayView":
         """The update as a name -> tensor mapping whose every read is a zero-copy view of the reply's bytes."""
         return ArrayView(self.arrays)
 
 
-def array_view(array: Array) -> torch.Tensor:
-    """A tensor over the bytes of a received array, without copying them: NumPy's own .npy header reader
-    finds shape and dtype, and the tensor is a view of the data behind it. Read-only by contract (the
-    bytes are the message's); a Fortran-ordered array is deserialised the ordinary way."""
-    buf = io.BytesIO(array.data)
-    version = np.lib.format.read_magic(buf)
-    header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran_order, dtype = header(buf)
-    if fortran_order or dtype.hasobject:
-        return torch.from_numpy(array.numpy())
-    flat = np.frombuffer(array.data, dtype=dtype, count=math.prod(shape), offset=buf.tell())
+WIRE_DTYPES = ("float16", "float32", "float64")  # the only dtypes an array on the wire may have
+_ARRAY_HEADER_ERRORS = (ValueError, TypeError, EOFError, OSError, SyntaxError, MemoryError, OverflowError)
+
+
+def read_array(array: object, where: str, shape: tuple[int, ...] | None = None, dtype: str | None = None,
+               error: type[ProtocolError] | None = None) -> torch.Tensor:
+    """The one checked path from received bytes to a tensor: a read-only, zero-copy view of the bytes.
+
+    Before anything is allocated: an ``Array`` serialised by numpy, a dtype of ``WIRE_DTYPES`` (``dtype``
+    when given), a shape of whole non-negative numbers (``shape`` when given); then the .npy header must
+    say the same little-endian dtype and the same shape in C order, and exactly that many bytes must
+    follow it. Anything else raises ``error`` (``ReplyError`` by default) naming ``where`` and the fault.
+    """
+    error = error or ReplyError
+    if not isinstance(array, Array):
+        raise error(f"{where}: a {type(array).__name__}, not an array")
+    if array.stype != SType.NUMPY:
+        raise error(f"{where}: serialised as {str(array.stype)[:40]!r}, not as {SType.NUMPY!r}")
+    record_shape = tuple(array.shape) if isinstance(array.shape, (list, tuple)) else None
+    if record_shape is None or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in record_shape):
+        raise error(f"{where}: shape {str(array.shape)[:60]} is not a list of whole numbers >= 0")
+    if array.dtype not in WIRE_DTYPES or (dtype is not None and array.dtype != dtype) or \
+            (shape is not None and record_shape != tuple(shape)):
+        wanted = f"{dtype or ' or '.join(WIRE_DTYPES)} {tuple(shape) if shape is not None else ''}".strip()
+        raise error(f"{where}: {str(array.dtype)[:40]} {record_shape}, expected {wanted}")
+    data = array.data
+    if not isinstance(data, bytes):
+        raise error(f"{where}: its data is a {type(data).__name__}, not bytes")
+    buf = io.BytesIO(data)
+    try:  # numpy's own header parser (a literal, read without eval), then every field checked
+        version = np.lib.format.read_magic(buf)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}[version]
+        header_shape, fortran_order, header_dtype = read_header(buf)
+    except (*_ARRAY_HEADER_ERRORS, KeyError) as err:
+        raise error(f"{where}: its bytes are not a readable array ({str(err).splitlines()[0][:120] if str(err) else type(err).__name__})") from None
+    expected = np.dtype(array.dtype).newbyteorder("<")
+    if header_dtype != expected or tuple(header_shape) != record_shape:
+        said = header_dtype.str if header_dtype.byteorder == ">" or header_dtype.subdtype or header_dtype.names else header_dtype
+        raise error(f"{where}: its bytes hold {said} {tuple(header_shape)}, the record says {array.dtype} {record_shape}")
+    if fortran_order:
+        raise error(f"{where}: its bytes are in Fortran order; only C order is read")
+    count, size = math.prod(record_shape), len(data) - buf.tell()
+    if size != count * expected.itemsize:
+        raise error(f"{where}: its bytes are not a readable array ({size} bytes after the header, "
+                    f"{array.dtype} {record_shape} needs {count * expected.itemsize})")
+    flat = np.frombuffer(data, dtype=expected, count=count, offset=buf.tell())
     with warnings.catch_warnings():  # torch warns that the buffer is not writable: nothing here writes to it
         warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(flat).view(shape)
+        return torch.from_numpy(flat).view(record_shape)
+
+
+def array_view(array: Array) -> torch.Tensor:
+    """A tensor over the bytes of a received array, without copying them (``read_array``, checked against
+    the record's own description). Read-only by contract: the bytes are the message's."""
+    return read_array(array, "array")
 
 
 class ArrayView(Mapping):
@@ -248,6 +300,7 @@ def read_instruction(content: RecordDict) -> Instruction:
     for key in (ARRAYS, CONFIG):
         if key not in content:
             raise InstructionError(f"instruction lacks record {key!r}")
+    _check_record_types(content, InstructionError)
     config, where = content[CONFIG], "instruction config"
     if not isinstance(config.get(RUN_CONFIG), str):
         raise InstructionError(f"{where} lacks {RUN_CONFIG!r}")
@@ -261,7 +314,8 @@ def read_instruction(content: RecordDict) -> Instruction:
         target = content[FEDALIGN_TARGET]
         if set(target.keys()) != {"p_g", "alpha"}:
             raise InstructionError(f"{FEDALIGN_TARGET} holds {sorted(target.keys())}, not ['alpha', 'p_g']")
-        p_g, alpha = (torch.from_numpy(target[k].numpy().copy()).float() for k in ("p_g", "alpha"))
+        p_g, alpha = (read_array(target[k], f"{FEDALIGN_TARGET}: {k}", dtype="float32", error=InstructionError).clone()
+                      for k in ("p_g", "alpha"))
         if p_g.ndim != 2 or p_g.shape != alpha.shape or not (torch.isfinite(p_g).all() and torch.isfinite(alpha).all()):
             raise InstructionError(f"{FEDALIGN_TARGET}: p_g {tuple(p_g.shape)} and alpha {tuple(alpha.shape)} "
                                    "must be finite [L, E] arrays")
@@ -274,7 +328,8 @@ def read_instruction(content: RecordDict) -> Instruction:
         raise InstructionError(f"{where}: {PERSONAL_EXPERTS} without a {FEDALIGN_TARGET}")
     return Instruction(
         server_round=_number(config, SERVER_ROUND, where, integer=True, low=1, error=InstructionError),
-        run_config=config[RUN_CONFIG], arrays=content[ARRAYS].to_torch_state_dict(),
+        run_config=config[RUN_CONFIG],
+        arrays={n: read_array(a, f"instruction array {n}", error=InstructionError).clone() for n, a in content[ARRAYS].items()},
         proximal_mu=_number(config, PROXIMAL_MU, where, low=0.0, error=InstructionError) if PROXIMAL_MU in config else 0.0,
         sub_moe_coverage=coverage, alignment=alignment)
 
@@ -302,8 +357,9 @@ def initial_state_reply(state: dict[str, torch.Tensor]) -> RecordDict:
 def read_initial_state(msg: Message, shapes: dict[str, tuple[int, ...]]) -> ArrayRecord:
     """A node's initial trainable parameters, checked: exactly the expected names, float32, the expected
     shapes, finite. Raises ``ReplyError`` naming the first problem."""
-    if set(msg.content.keys()) != {ARRAYS} or not isinstance(msg.content[ARRAYS], ArrayRecord):
-        raise ReplyError(f"records {sorted(msg.content.keys())}, expected ['{ARRAYS}']")
+    if set(msg.content.keys()) != {ARRAYS}:
+        raise ReplyError(f"records {sorted(msg.content.keys())[:5]}, expected ['{ARRAYS}']")
+    _check_record_types(msg.content)
     _check_arrays(msg.content[ARRAYS], {n: (tuple(shape), "float32") for n, shape in shapes.items()})
     return msg.content[ARRAYS]
 
@@ -360,6 +416,12 @@ class LocalWork:
     local_epochs: int
     local_steps: int | None = None
 
+    @classmethod
+    def of_config(cls, cfg) -> "LocalWork":
+        """The local training a run's ``Config`` asks of a client."""
+        t = cfg.train
+        return cls(t.batch_size, cfg.data.max_length, t.local_epochs, t.local_steps)
+
     def steps(self, num_examples: int) -> int:
         if self.local_steps is not None:
             return self.local_steps
@@ -377,13 +439,18 @@ class Expectation:
     sub_moe: bool = False
     alignment: bool = False
     noisy_statistics: bool = False  # noised counts need not add up to k x tokens
+    hidden: int | None = None  # H of mu [L, E, H]: the width of the first router's input (None: not sent)
+    partition_sizes: tuple[int, ...] | None = None  # when the server knows them, a claim must match
 
     @classmethod
-    def of_round(cls, sent: RecordDict, layout: MoELayout, num_clients: int, work: LocalWork) -> "Expectation":
+    def of_round(cls, sent: RecordDict, layout: MoELayout, num_clients: int, work: LocalWork,
+                 partition_sizes: tuple[int, ...] | None = None) -> "Expectation":
         config = sent[CONFIG]
         shapes = {name: (tuple(array.shape), str(array.dtype)) for name, array in sent[ARRAYS].items()}
+        router = shapes.get(layout.layers[0].router) if layout.layers else None
         return cls(shapes, layout, num_clients, work, sub_moe=config.get(UPLOAD) == "sub-moe",
-                   alignment=FEDALIGN_TARGET in sent, noisy_statistics=float(config.get(STATS_NOISE, 0.0)) > 0)
+                   alignment=FEDALIGN_TARGET in sent, noisy_statistics=float(config.get(STATS_NOISE, 0.0)) > 0,
+                   hidden=router[0][-1] if router and len(router[0]) == 2 else None, partition_sizes=partition_sizes)
 
 
 _REQUIRED_METRICS = (NUM_EXAMPLES, PARTITION_ID, TRAIN_LOSS, TRAIN_STEPS, TRAIN_TOKENS, TRAIN_SECONDS,
@@ -418,15 +485,7 @@ def _check_arrays(arrays: ArrayRecord, shapes: dict[str, tuple[tuple[int, ...], 
         shape, dtype = shapes[name]
         if name in rows:
             shape = (rows[name], *shape[1:])
-        if tuple(array.shape) != shape or str(array.dtype) != dtype:
-            raise ReplyError(f"array {name}: {array.dtype} {tuple(array.shape)}, expected {dtype} {shape}")
-        try:  # the bytes themselves, not only the record's description of them
-            tensor = array_view(array)
-        except (ValueError, TypeError, EOFError, OSError) as err:
-            raise ReplyError(f"array {name}: its bytes are not a readable array ({str(err).splitlines()[0][:120]})") from None
-        if tuple(tensor.shape) != shape or str(tensor.dtype).removeprefix("torch.") != dtype:
-            raise ReplyError(f"array {name}: its bytes hold {str(tensor.dtype).removeprefix('torch.')} "
-                             f"{tuple(tensor.shape)}, the record says {dtype} {shape}")
+        tensor = read_array(array, f"array {name}", shape, dtype)
         if not torch.isfinite(tensor).all():
             raise ReplyError(f"array {name} holds NaN or Inf")
 
@@ -444,6 +503,18 @@ def _check_routing(metrics: MetricRecord, expect: Expectation, tokens: int, wher
     return p_LE, n_LE
 
 
+_RECORD_TYPES = {ARRAYS: ArrayRecord, METRICS: MetricRecord, CONFIG: ConfigRecord, FEDALIGN_TARGET: ArrayRecord,
+                 FEDALIGN_STATS: ArrayRecord}
+
+
+def _check_record_types(content: RecordDict, error: type[ProtocolError] = ReplyError) -> None:
+    """Each record of the protocol is of its own type (a ConfigRecord under ``metrics`` is refused)."""
+    for key in content.keys():
+        kind = _RECORD_TYPES.get(key)
+        if kind is not None and not isinstance(content[key], kind):
+            raise error(f"record {key!r} is a {type(content[key]).__name__}, not a {kind.__name__}")
+
+
 def read_train_reply(msg: Message, expect: Expectation) -> TrainReply:
     """A training reply, validated: names, shapes, dtypes and finiteness of the arrays; every figure and
     statistic in range. Raises ``ReplyError`` naming the first problem."""
@@ -451,7 +522,8 @@ def read_train_reply(msg: Message, expect: Expectation) -> TrainReply:
     wanted = {ARRAYS, METRICS} | ({FEDALIGN_STATS} if expect.alignment else set())
     present = set(content.keys())
     if present != wanted:
-        raise ReplyError(f"records {sorted(present)}, expected {sorted(wanted)}")
+        raise ReplyError(f"records {sorted(present)[:5]}, expected {sorted(wanted)}")
+    _check_record_types(content)
     metrics, where = content[METRICS], "metrics"
     allowed = set(_REQUIRED_METRICS) | ({SUB_MOE} if expect.sub_moe else set()) | ({REG_LOSS} if expect.alignment else set())
     extra = sorted(set(metrics.keys()) - allowed)
@@ -459,6 +531,9 @@ def read_train_reply(msg: Message, expect: Expectation) -> TrainReply:
         raise ReplyError(f"{where}: unexpected keys {extra[:3]}")
     pid = _number(metrics, PARTITION_ID, where, integer=True, low=0, high=expect.num_clients - 1)
     num_examples = _number(metrics, NUM_EXAMPLES, where, integer=True, low=1)
+    if expect.partition_sizes is not None and num_examples != expect.partition_sizes[pid]:
+        raise ReplyError(f"{where}: {NUM_EXAMPLES} = {num_examples:g}, but partition {pid} holds "
+                         f"{expect.partition_sizes[pid]} training examples")
     work = expect.work
     steps = _number(metrics, TRAIN_STEPS, where, integer=True, low=1)
     if steps != work.steps(num_examples):
@@ -484,25 +559,50 @@ def read_train_reply(msg: Message, expect: Expectation) -> TrainReply:
     o_LE = m_LE = torch.zeros(L, E)
     mu_LEH = torch.zeros(L, E, 0)
     if expect.alignment:
-        o_LE, m_LE, mu_LEH = _alignment_statistics(content[FEDALIGN_STATS], L, E)
+        o_LE, m_LE, mu_LEH = _alignment_statistics(content[FEDALIGN_STATS], L, E, expect.hidden)
+        if not expect.noisy_statistics:
+            _check_consistency(p_LE, n_LE, o_LE, m_LE, tokens)
     routing = ModelRoutingStatistics(p_LE.float(), n_LE.float(), o_LE, m_LE, mu_LEH, tokens)
     return TrainReply(node, pid, num_examples, figures, routing, content[ARRAYS], sub_moe_LE, msg)
 
 
-def _alignment_statistics(record: ArrayRecord, L: int, E: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _alignment_statistics(record: ArrayRecord, L: int, E: int, H: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """o, m [L, E] in [0, 1] and mu [L, E, H] finite (H: the router's input width; any when not known)."""
     where = FEDALIGN_STATS
     if set(record.keys()) != {"o", "m", "mu"}:
-        raise ReplyError(f"{where} holds {sorted(record.keys())}, expected ['m', 'mu', 'o']")
-    o, m, mu = (torch.from_numpy(record[k].numpy().copy()).float() for k in ("o", "m", "mu"))
-    if o.shape != (L, E) or m.shape != (L, E) or mu.ndim != 3 or mu.shape[:2] != (L, E):
-        raise ReplyError(f"{where}: o {tuple(o.shape)}, m {tuple(m.shape)}, mu {tuple(mu.shape)} do not fit "
-                         f"[{L}, {E}] and [{L}, {E}, H]")
+        raise ReplyError(f"{where} holds {sorted(record.keys())[:4]}, expected ['m', 'mu', 'o']")
+    mu_shape = (L, E, H) if H is not None else None
+    if H is None and not (isinstance(record["mu"].shape, (list, tuple)) and len(record["mu"].shape) == 3
+                          and tuple(record["mu"].shape[:2]) == (L, E)):
+        raise ReplyError(f"{where}: mu {record['mu'].shape} does not fit [{L}, {E}, H]")
+    o, m, mu = (read_array(record[k], f"{where}: {k}", shape, "float32").float()
+                for k, shape in (("o", (L, E)), ("m", (L, E)), ("mu", mu_shape)))
     for name, t in (("o", o), ("m", m)):
         if not torch.isfinite(t).all() or (t < 0).any() or (t > 1).any():
             raise ReplyError(f"{where}: {name} must lie in [0, 1]")
     if not torch.isfinite(mu).all():
         raise ReplyError(f"{where}: mu holds NaN or Inf")
     return o, m, mu
+
+
+STATS_TOLERANCE = 1e-3  # relative slack of the consistency checks for float32 sums
+
+
+def _check_consistency(p_LE: torch.Tensor, n_LE: torch.Tensor, o_LE: torch.Tensor, m_LE: torch.Tensor, tokens: int) -> None:
+    """What the definitions of p, n, o, m imply (``core.statistics``), which every honest client meets: an
+    expert no token was routed to has o = m = 0 (both are means over those tokens), and the margins of
+    the tokens routed to e cannot add up to more than the router probability of e over all tokens,
+    n(e) m(e) <= p(e) T. A client that claims full consistency (o = m = 1) on an expert must therefore
+    route its tokens there and give it the probability mass that goes with them."""
+    where = FEDALIGN_STATS
+    unused = n_LE == 0
+    if ((o_LE > 0) & unused).any() or ((m_LE > 0) & unused).any():
+        raise ReplyError(f"{where}: o or m above 0 for an expert no token was routed to (routing-n = 0)")
+    margin_LE, mass_LE = n_LE * m_LE.double(), p_LE * tokens
+    if (margin_LE > mass_LE * (1 + STATS_TOLERANCE) + STATS_TOLERANCE).any():
+        l, e = map(int, torch.nonzero(margin_LE > mass_LE * (1 + STATS_TOLERANCE) + STATS_TOLERANCE)[0])
+        raise ReplyError(f"{where}: layer {l} expert {e}: n x m = {float(margin_LE[l, e]):.4g} exceeds p x tokens = "
+                         f"{float(mass_LE[l, e]):.4g} (margins cannot outweigh the routing probability)")
 
 
 @dataclass(frozen=True)
@@ -518,7 +618,8 @@ def read_eval_reply(msg: Message, num_clients: int, finite_loss: bool = True) ->
     """An evaluation reply, validated (``ReplyError`` otherwise). ``finite_loss=False``: a NaN or infinite
     loss is an answer (a diverged global model), not a malformed reply."""
     if set(msg.content.keys()) != {METRICS}:
-        raise ReplyError(f"records {sorted(msg.content.keys())}, expected ['{METRICS}']")
+        raise ReplyError(f"records {sorted(msg.content.keys())[:5]}, expected ['{METRICS}']")
+    _check_record_types(msg.content)
     m, where = msg.content[METRICS], "metrics"
     loss = m.get(EVAL_LOSS)
     diverged = not finite_loss and isinstance(loss, float) and not math.isfinite(loss)

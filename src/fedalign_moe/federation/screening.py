@@ -11,6 +11,7 @@ survives leaves the global model as it was.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import statistics
 import time
@@ -21,9 +22,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from ..core.aggregate import LayerNames
 from ..core.fedmoe import keep_rows
+from ..core.robust import bounded_example_counts
 from ..models.base import MoELayout
 from . import protocol
 from .protocol import Expectation, LocalWork, ReplyError, TrainReply
@@ -52,6 +55,9 @@ class ReplyPolicy:
     work: LocalWork  # the local training the run's config asks of a client
     max_update_norm_ratio: float | None = 10.0  # drop updates whose norm per step exceeds this x the round's median
     round_timeout: float | None = None
+    max_examples_ratio: float | None = None  # an example count counts at most this x the round's median
+    max_weight_share: float | None = None  # no reply weighs more than this share of a round (4+ replies)
+    partition_sizes: tuple[int, ...] | None = None  # each partition's training examples, when the server knows them
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,20 @@ def error_cause(msg: Message) -> str:
     found = [m for m in map(_EXCEPTION_LINE.match, reason.splitlines()) if m and m.group(1) != "ClientAppException"]
     detail = f"{found[-1].group(1)}: {found[-1].group(2)}" if found else (reason.splitlines() or [""])[0][:200]
     return _CAUSES.get(code, f"error code {code}") + (f": {detail}" if detail else "")
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).splitlines()[0][:160] if str(err) else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _claimed_partition(msg: Message, num_clients: int) -> int | None:
+    """The partition a reply claims, when it says one that exists (for naming it in a log line)."""
+    try:
+        pid = msg.content[protocol.METRICS].get(protocol.PARTITION_ID)
+    except Exception:  # noqa: BLE001 - a reply too broken to say which partition it is
+        return None
+    return pid if isinstance(pid, int) and not isinstance(pid, bool) and 0 <= pid < num_clients else None
 
 
 def update_norm(reply: TrainReply, global_state: dict[str, torch.Tensor], layout: MoELayout) -> float:
@@ -103,8 +123,9 @@ def screen(sent: list[Message], received: list[Message], expect: Expectation, po
         try:
             replies.append(protocol.read_train_reply(msg, expect))
         except ReplyError as err:
-            pid = msg.content[protocol.METRICS].get(protocol.PARTITION_ID) if protocol.METRICS in msg.content else None
-            failures.append(Failure(node, pid if isinstance(pid, int) else None, str(err)))
+            failures.append(Failure(node, _claimed_partition(msg, policy.num_clients), str(err)))
+        except Exception as err:  # noqa: BLE001 - whatever one reply holds, it costs that reply only
+            failures.append(Failure(node, _claimed_partition(msg, policy.num_clients), f"unreadable reply ({_one_line(err)})"))
     wait = f" within the round timeout ({policy.round_timeout:g} s)" if policy.round_timeout else ""
     failures += [Failure(m.metadata.dst_node_id, None, f"timeout: no reply{wait}") for m in sent
                  if m.metadata.dst_node_id not in answered]
@@ -113,20 +134,49 @@ def screen(sent: list[Message], received: list[Message], expect: Expectation, po
         if claims[r.partition_id] > 1:
             failures.append(Failure(r.node_id, r.partition_id, f"partition claimed by {claims[r.partition_id]} replies"))
     replies = sorted((r for r in replies if claims[r.partition_id] == 1), key=lambda r: r.partition_id)
-    norms = {r.partition_id: update_norm(r, global_state, policy.layout) for r in replies}
-    kept, outliers = _drop_norm_outliers(replies, norms, policy.max_update_norm_ratio)
+    norms, measured = {}, []
+    for r in replies:
+        try:
+            norms[r.partition_id] = update_norm(r, global_state, policy.layout)
+            measured.append(r)
+        except Exception as err:  # noqa: BLE001 - a reply the norm cannot be taken of costs that reply only
+            failures.append(Failure(r.node_id, r.partition_id, f"unreadable update ({_one_line(err)})"))
+    kept, outliers = _drop_norm_outliers(measured, norms, policy.max_update_norm_ratio,
+                                         _allowed_steps(measured, policy))
+    _weigh(kept, policy)
     order = sorted(failures + outliers, key=lambda f: (f.partition_id is None, f.partition_id or 0, f.node_id))
     return kept, order, norms  # failures in partition order too, whatever order the replies came in
 
 
-def _drop_norm_outliers(replies: list[TrainReply], norms: dict[int, float],
-                        ratio: float | None) -> tuple[list[TrainReply], list[Failure]]:
-    """Drop updates whose norm per local step is over ``ratio`` x the round's median. Per step, because an
-    honest update grows with the steps taken: a client with 20x the data moves 20x as far, at the
-    same pace (docs/robustness.md: max/median per step 1.08 where raw norms reached 7.6)."""
+def _allowed_steps(replies: list[TrainReply], policy: ReplyPolicy) -> dict[int, int]:
+    """The local steps each reply's norm allowance is reckoned on: its own, but never more than an example
+    count of ``max_examples_ratio`` x the round's median would make (a larger claim buys no larger step)."""
+    if policy.max_examples_ratio is None or not replies:
+        return {r.partition_id: r.figures.train_steps for r in replies}
+    ceiling = policy.max_examples_ratio * statistics.median(r.num_examples for r in replies)
+    return {r.partition_id: max(1, min(r.figures.train_steps, policy.work.steps(max(1, math.floor(ceiling)))))
+            for r in replies}
+
+
+def _weigh(replies: list[TrainReply], policy: ReplyPolicy) -> None:
+    """Set each reply's weight in the round's example-weighted averages (float64, bounded: ``core.robust``)."""
+    if not replies:
+        return
+    counts_C, capped_C = bounded_example_counts(torch.tensor([float(r.num_examples) for r in replies], dtype=torch.float64),
+                                                policy.max_examples_ratio, policy.max_weight_share)
+    for r, w, capped in zip(replies, counts_C.tolist(), capped_C.tolist()):
+        r.weight, r.weight_capped = w, capped
+
+
+def _drop_norm_outliers(replies: list[TrainReply], norms: dict[int, float], ratio: float | None,
+                        steps: dict[int, int]) -> tuple[list[TrainReply], list[Failure]]:
+    """Drop updates whose norm per local step (``steps``: the steps each reply is allowed) is over ``ratio``
+    x the round's median. Per step, because an honest update grows with the steps taken: a client with 20x
+    the data moves 20x as far, at the same pace (docs/robustness.md: max/median per step 1.40 where raw
+    norms reached 7.9)."""
     if ratio is None or len(replies) < 3:  # a median of one or two replies says nothing
         return replies, []
-    pace = {r.partition_id: norms[r.partition_id] / r.figures.train_steps for r in replies}
+    pace = {r.partition_id: norms[r.partition_id] / steps[r.partition_id] for r in replies}
     median = statistics.median(pace.values())
     keep, out = [], []
     for r in replies:
@@ -170,20 +220,26 @@ class ScreenedReplies:
             return None, None
         t0 = time.perf_counter()
         expect = Expectation.of_round(self.sent[0].content, self.policy.layout, self.policy.num_clients,
-                                      self.policy.work)
+                                      self.policy.work, self.policy.partition_sizes)
         self.last_replies, self.last_failures, self.last_update_norms = screen(self.sent, received, expect, self.policy,
                                                                                self.global_state)
         self.last_screen_seconds = time.perf_counter() - t0
         for f in self.last_failures:
             logger.warning("round %d: dropped the reply of node %s (partition %s): %s", server_round, f.node_id,
                            "?" if f.partition_id is None else f.partition_id, f.reason, extra=ROUND_RECORD)
+        for r in self.last_replies:
+            if r.weight_capped:
+                logger.warning("round %d: the weight of partition %d (node %s) is bounded: it claims %d examples, "
+                               "it counts as %.4g", server_round, r.partition_id, r.node_id, r.num_examples, r.weight)
         if not self.last_replies:
             return None, None
         return self.aggregate_replies(server_round, self.last_replies)
 
     def aggregate_replies(self, server_round: int, replies: list[TrainReply]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The arithmetic over validated replies; the default is the Flower parent's (FedAvg's) aggregation."""
-        return super().aggregate_train(server_round, [r.message for r in replies])
+        """The arithmetic over validated replies; the default is Flower's FedAvg aggregation, each reply weighted
+        by its (bounded) ``weight``."""
+        contents = [r.weighted_content() for r in replies]
+        return aggregate_arrayrecords(contents, protocol.NUM_EXAMPLES), self.train_metrics_aggr_fn(contents, protocol.NUM_EXAMPLES)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors that carry the strategy from one round to the next (none for FedAvg)."""

@@ -52,6 +52,7 @@ def client_rows(replies: list[TrainReply], update_norms: dict[int, float] | None
         "partition_id": r.partition_id, "num_examples": r.num_examples, "train_loss": r.figures.train_loss,
         "local_accuracy": r.figures.local_accuracy, "local_test_examples": r.figures.local_test_examples,
         "train_tokens": r.figures.train_tokens, "train_seconds": r.figures.train_seconds,
+        **({"weight_bounded_to": r.weight} if r.weight_capped else {}),
         **({"update_norm": update_norms[r.partition_id]} if update_norms and r.partition_id in update_norms else {}),
     } for r in replies]
 
@@ -120,7 +121,7 @@ class _Server:
         self.grid, self.ws, self.log, self.cfg = grid, ws, log, ws.cfg
         self.on_reply = on_reply  # (round, replies so far, messages sent), for a live display
         self.interrupted = interrupted  # set by Ctrl-C (server_app.interrupt_sets)
-        self.strategy = make_strategy(self.cfg, ws.built.layout)
+        self.strategy = make_strategy(self.cfg, ws.built.layout, tuple(len(part) for part in ws.data.client_train))
         self.global_model = global_model(grid, ws)  # in this process, or on a node that holds the base
         self.first_round, self.idle = 1, 0
         if resume is not None:
@@ -172,9 +173,13 @@ class _Server:
         sizes = [(record_bytes(m.content), record_bytes(m.content, protocol.ARRAYS)) for m in received if not m.has_error()]
         before = strategy.state_dict()
         t_aggregate = time.perf_counter()
-        new_arrays, _ = strategy.aggregate_train(server_round, received)
+        try:
+            new_arrays, _ = strategy.aggregate_train(server_round, received)
+            not_adopted = None
+        except Exception as err:  # noqa: BLE001 - the screen reads every reply first; this is the last net
+            new_arrays, not_adopted = None, f"the aggregation raised {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
         t_aggregate = time.perf_counter() - t_aggregate
-        not_adopted = self.adopt(new_arrays)
+        not_adopted = not_adopted or self.adopt(new_arrays)
         if not_adopted is not None:
             strategy.load_state_dict(before)
             logger.warning("round %d keeps the previous global model: %s", server_round, not_adopted, extra=ROUND_RECORD)

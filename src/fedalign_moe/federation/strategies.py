@@ -12,6 +12,7 @@ from . import protocol
 from .protocol import LocalWork
 from .fedalign import FedAlignMoE
 from .fedmoe import FedMoE
+from .node_policy import FILE_SOURCES
 from .screening import ReplyPolicy, ScreenedReplies
 
 FEDERATED = ("fedavg", "fedprox", "fedmoe", *FEDALIGN_RUNGS)
@@ -25,15 +26,21 @@ class FedProx(ScreenedReplies, flwr_strategy.FedProx):
     """FedProx (Li et al. 2020, arXiv 1812.06127): FedAvg's aggregation; clients add (mu/2)||w - w_g||^2."""
 
 
-def reply_policy(cfg: Config, layout: MoELayout) -> ReplyPolicy:
-    t = cfg.train
-    work = LocalWork(t.batch_size, cfg.data.max_length, t.local_epochs, t.local_steps)
-    return ReplyPolicy(layout, cfg.partition.num_clients, work, cfg.federation.max_update_norm_ratio,
-                       cfg.federation.round_timeout)
+def checks_example_counts(cfg: Config) -> bool:
+    """Whether a reply's example count must equal its partition's size (``federation.example_counts``)."""
+    mode = cfg.federation.example_counts
+    return mode == "checked" or (mode == "auto" and cfg.data.source not in FILE_SOURCES)
 
 
-def make_strategy(cfg: Config, layout: MoELayout) -> ScreenedReplies:
-    """The strategy object for ``cfg.federation.strategy`` (a federated one).
+def reply_policy(cfg: Config, layout: MoELayout, partition_sizes: tuple[int, ...] | None = None) -> ReplyPolicy:
+    fed = cfg.federation
+    return ReplyPolicy(layout, cfg.partition.num_clients, LocalWork.of_config(cfg), fed.max_update_norm_ratio, fed.round_timeout,
+                       fed.max_examples_ratio, fed.max_weight_share, partition_sizes if checks_example_counts(cfg) else None)
+
+
+def make_strategy(cfg: Config, layout: MoELayout, partition_sizes: tuple[int, ...] | None = None) -> ScreenedReplies:
+    """The strategy object for ``cfg.federation.strategy`` (a federated one). ``partition_sizes``: each
+    partition's training examples, which replies' claims are checked against when the config says so.
 
     Flower's own node sampling would wait for ``min_available_nodes`` forever; the server loop waits
     instead, with a time limit (``federation.node_wait_seconds``), so the strategy asks for one node.
@@ -48,7 +55,7 @@ def make_strategy(cfg: Config, layout: MoELayout) -> ScreenedReplies:
         arrayrecord_key=protocol.ARRAYS,
         configrecord_key=protocol.CONFIG,
     )
-    policy = reply_policy(cfg, layout)
+    policy = reply_policy(cfg, layout, partition_sizes)
     name = cfg.federation.strategy
     if name == "fedavg":
         return FedAvg(policy, **common)

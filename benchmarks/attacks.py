@@ -1,0 +1,109 @@
+"""What one hostile client (or a colluding pair) costs each strategy, paired by seed with the same run
+without an attacker (issue 33, docs/robustness.md "Measured under attack").
+
+Each cell is one `fedalign-moe run` on the `bench` preset (alpha 0.1, 10 clients, 25 rounds) with an
+`attack` section (`federation/attacks.py`): sign-flip, scale (9x: just inside the 10x norm rule), inflate
+(100x the examples, steps consistent; the screen checks counts by default, so the reply is dropped every
+round), capture (FedAlign-MoE statistics on expert 0 that pass every consistency rule), and a colluding pair
+of sign-flippers or capturers. Partition 0 is the hostile one (0 and 1 for a pair). A finished cell
+(summary.json present) is not run again, so an interrupted grid resumes.
+
+Usage: .venv/bin/python benchmarks/attacks.py [--seeds 0,1,2] [--out benchmarks/results/attacks] [--report-only]
+Writes OUT/attacks.md and OUT/attacks.json: final and last-5 global accuracy per cell, and attack - none per
+seed with a 95% paired-t interval (``report.paired``).
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from fedalign_moe.report.paired import format_difference, paired_difference
+from fedalign_moe.report.tables import mean_std
+from fedalign_moe.runlog import read_jsonl, read_summary, write_atomic
+
+ATTACKS = {
+    "none": [],
+    "sign-flip": ["attack.kind=sign-flip"],
+    "scale-9x": ["attack.kind=scale", "attack.factor=9"],
+    "inflate-100x": ["attack.kind=inflate", "attack.factor=100"],
+    "capture": ["attack.kind=capture"],
+    "pair-sign-flip": ["attack.kind=sign-flip", "attack.clients=[0,1]"],
+    "pair-capture": ["attack.kind=capture", "attack.clients=[0,1]"],
+}
+SETUPS = {
+    "fedavg": ["federation.strategy=fedavg"],
+    "fedalign": ["federation.strategy=fedalign"],
+    "fedalign-bounded": ["federation.strategy=fedalign", "fedalign.router_share_factor=3"],
+}
+# statistics travel with FedAlign-MoE only; the bound on router shares acts on statistics only
+SETUP_ATTACKS = {"fedavg": ("none", "sign-flip", "scale-9x", "inflate-100x", "pair-sign-flip"),
+                 "fedalign": tuple(ATTACKS), "fedalign-bounded": ("none", "capture", "pair-capture")}
+
+
+def cells(seeds: list[int]) -> list[tuple[str, str, int]]:
+    return [(setup, attack, seed) for seed in seeds for setup in SETUPS for attack in SETUP_ATTACKS[setup]]
+
+
+def run_cell(out: Path, setup: str, attack: str, seed: int) -> Path:
+    folder = out / f"{setup}-{attack}-seed{seed}"
+    if read_summary(folder / "summary.json") is None:
+        sets = [f"seed={seed}", *SETUPS[setup], *ATTACKS[attack]]
+        cmd = [sys.executable, "-m", "fedalign_moe", "run", "--preset", "bench", "--out", str(folder),
+               *[a for s in sets for a in ("--set", s)]]
+        print(f"running {folder.name}", flush=True)
+        subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL)
+    return folder
+
+
+def figures(folder: Path) -> dict | None:
+    summary = read_summary(folder / "summary.json")
+    if summary is None:
+        return None
+    rounds = [r for r in read_jsonl(folder / "metrics.jsonl") if "accuracy" in r and r.get("round")]
+    accs = [r["accuracy"] for r in rounds if r["accuracy"] is not None]
+    dropped = sum(r.get("failures", 0) for r in rounds)
+    return {"final": summary.get("final_accuracy"), "last5": sum(accs[-5:]) / len(accs[-5:]) if accs else None,
+            "rounds": len(rounds), "dropped_replies": dropped, "stopped_early": summary.get("stopped_early")}
+
+
+def report(out: Path, seeds: list[int]) -> str:
+    results = {f"{s}/{a}/{seed}": figures(out / f"{s}-{a}-seed{seed}") for s, a, seed in cells(seeds)}
+    lines = ["| setup | attack | seeds | final acc | last-5 acc | last 5: attack - none (points) | dropped replies / run |",
+             "|---|---|---|---|---|---|---|"]
+    for setup in SETUPS:
+        none = {seed: results[f"{setup}/none/{seed}"] for seed in seeds if results.get(f"{setup}/none/{seed}")}
+        for attack in ATTACKS:
+            got = {seed: results.get(f"{setup}/{attack}/{seed}") for seed in seeds}
+            got = {k: v for k, v in got.items() if v}
+            if not got:
+                continue
+            diff = None if attack == "none" else paired_difference({k: v["last5"] for k, v in got.items()},
+                                                                   {k: v["last5"] for k, v in none.items()})
+            lines.append(f"| {setup} | {attack} | {len(got)} | {mean_std([v['final'] for v in got.values()])} | "
+                         f"{mean_std([v['last5'] for v in got.values()])} | {format_difference(diff) if diff else '-'} | "
+                         f"{sum(v['dropped_replies'] for v in got.values()) / len(got):.0f} |")
+    table = "\n".join(lines)
+    write_atomic(out / "attacks.md", table + "\n")
+    write_atomic(out / "attacks.json", json.dumps(results, indent=1) + "\n")
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/attacks"))
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--setups", default=",".join(SETUPS), help="which setups to run (all are reported)")
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if not args.report_only:
+        for setup, attack, seed in cells(seeds):
+            if setup in args.setups.split(","):
+                run_cell(args.out, setup, attack, seed)
+    print(report(args.out, seeds))
+
+
+if __name__ == "__main__":
+    main()
