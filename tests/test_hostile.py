@@ -12,13 +12,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import replies
-from fedalign_moe.config import FEDALIGN_RUNGS, load_config
+from fedalign_moe.config import FEDALIGN_RUNGS, ROBUST_BASELINES, load_config
 from fedalign_moe.core.robust import bounded_example_counts, water_fill
 from fedalign_moe.core.statistics import ModelRoutingStatistics
 from fedalign_moe.federation import protocol
 from fedalign_moe.federation.strategies import make_strategy
 
-STRATEGIES = ["fedavg", "fedprox", "fedmoe", *FEDALIGN_RUNGS]
+STRATEGIES = ["fedavg", "fedprox", "fedmoe", *ROBUST_BASELINES, *FEDALIGN_RUNGS]
 GOOD = 4  # partitions 0-3 answer well; partition 4 is the hostile one
 EXAMPLES = 10  # what every honest client of these tests holds
 
@@ -31,7 +31,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def _strategy(name: str, sizes: tuple[int, ...] | None = None, **federation):
-    cfg = load_config("tiny", overrides={"federation": {"strategy": name, **federation}, "partition": {"num_clients": GOOD + 1}})
+    cfg = load_config("tiny", overrides={"federation": {"strategy": name, "num_malicious": 0, **federation},
+                                                 "partition": {"num_clients": GOOD + 1}})
     return make_strategy(cfg, replies.LAYOUT, sizes)
 
 
@@ -185,6 +186,42 @@ def test_an_attack_is_refused_outside_a_simulation_and_checked_at_the_edge():
         NodePolicy.of_node({"partition-id": 0, "num-partitions": 3}, environ={}).apply(cfg)
     with pytest.raises((UserError, ValueError), match="attack.clients"):
         load_config("tiny", overrides={"attack": {"kind": "capture", "clients": [7]}})
+
+
+def test_trimmed_expert_merge_known_answers():
+    """Coordinate-wise trimmed mean and median; per expert, over A(e) only, scaled by A(e)'s weight."""
+    from fedalign_moe.core.aggregate import apply_expert_trimmed
+    from fedalign_moe.core.robust import trimmed_mean
+
+    x = torch.tensor([[1.0, 10.0], [2.0, 20.0], [3.0, -30.0], [100.0, 40.0]])
+    assert trimmed_mean(x, 0.25).tolist() == [2.5, 15.0]
+    assert trimmed_mean(x, 0.5).tolist() == [2.5, 15.0] and trimmed_mean(x[:3], 0.5).tolist() == [2.0, 10.0]
+    assert trimmed_mean(x[:2], 0.5).tolist() == [1.5, 15.0]  # two values: nothing to cut
+    g = torch.zeros(2, 1)
+    clients = [torch.tensor([[1.0], [5.0]]), torch.tensor([[2.0], [6.0]]), torch.tensor([[3.0], [7.0]]), torch.tensor([[900.0], [8.0]])]
+    w_EC = torch.tensor([[0.25, 0.25, 0.25, 0.25],  # expert 0: all four aligned, one of them hostile
+                         [0.0, 0.25, 0.25, 0.0]])  # expert 1: two aligned: the weighted update
+    out = apply_expert_trimmed(g, clients, w_EC, 0.25)
+    assert out[0].item() == pytest.approx(2.5) and out[1].item() == pytest.approx(0.25 * 6 + 0.25 * 7)
+
+
+def test_fedalign_expert_trim_resists_a_scaled_expert(server_identity):
+    """A reply whose update is 8x its honest one (inside the norm rule's 10x) drags the weighted merge of
+    the experts; the trimmed merge (expert_trim = 0.25) moves a small fraction of that."""
+    glob = replies.global_state()
+    honest_state = replies.perturbed(glob, GOOD)
+    scaled = {k: glob[k] + 8 * (v - glob[k]) for k, v in honest_state.items()}
+    moved = {}
+    for trim in (None, 0.25):
+        experts = []
+        for state in (honest_state, scaled):
+            strategy = _strategy("fedalign", example_counts="claimed")
+            strategy.options = strategy.options.model_copy(update={"expert_trim": trim, "consistency_floor": 0.0})
+            arrays, _ = _round(strategy, bad_state=state)
+            assert not strategy.last_failures and strategy.last.aligned_LEC.all()  # everyone in every A(e)
+            experts.append(arrays.to_torch_state_dict()["x"])
+        moved[trim] = (experts[1] - experts[0]).abs().max().item()
+    assert moved[0.25] < moved[None] / 4, moved
 
 
 def test_honest_statistics_meet_the_consistency_rules():

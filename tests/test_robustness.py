@@ -10,17 +10,18 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from flwr.common.constant import ErrorCode
 
 import replies
-from fedalign_moe.config import FEDALIGN_RUNGS, load_config
+from fedalign_moe.config import FEDALIGN_RUNGS, ROBUST_BASELINES, load_config
 from fedalign_moe.federation import protocol
 from fedalign_moe.federation.screening import update_norm
 from fedalign_moe.federation.strategies import make_strategy
 
-STRATEGIES = ["fedavg", "fedprox", "fedmoe", *FEDALIGN_RUNGS]
+STRATEGIES = ["fedavg", "fedprox", "fedmoe", *ROBUST_BASELINES, *FEDALIGN_RUNGS]
 GOOD = 4  # partitions 0-3 answer well; partition 4 is the bad one
 
 
 def _strategy(name: str):
-    cfg = load_config("tiny", overrides={"federation": {"strategy": name}, "partition": {"num_clients": GOOD + 1}})
+    cfg = load_config("tiny", overrides={"federation": {"strategy": name, "num_malicious": 0},  # bulyan: 3 replies
+                                                 "partition": {"num_clients": GOOD + 1}})
     return make_strategy(cfg, replies.LAYOUT)
 
 

@@ -22,7 +22,9 @@ FEDALIGN_RUNGS = {
     "fedalign-adaptive": dict(gate_aggregation="consistency", gate_regulariser=True, adaptive_alpha=True, expert_aggregation="fedavg"),
     "fedalign": {},  # the full method: the FedAlignConfig defaults, or whatever the user set
 }
-STRATEGIES = ("fedavg", "fedprox", "fedmoe", "local", "centralised", *FEDALIGN_RUNGS)
+# Flower's Byzantine-robust aggregators, as baselines behind the same reply screen
+ROBUST_BASELINES = ("fedtrimmedavg", "fedmedian", "krum", "multikrum", "bulyan")
+STRATEGIES = ("fedavg", "fedprox", "fedmoe", "local", "centralised", *ROBUST_BASELINES, *FEDALIGN_RUNGS)
 # Fields whose default changed after runs that lack them were stored, and the value those runs used:
 # FedAlign-MoE weighted aligned experts by tokens until issue 9 made `examples` the default; checkpoints
 # loaded in float32 before `model.dtype` existed, and batches were padded to data.max_length.
@@ -203,6 +205,10 @@ class FederationConfig(_Section):
     min_available_nodes: StrictInt = Field(1, ge=1)
     node_wait_seconds: float = Field(120.0, ge=0)
     fedmoe_coverage: float = Field(0.9, gt=0, le=1)  # FedMoE: share of selections a sub-MoE covers [ours]
+    # Flower's robust baselines: the share cut from each end per coordinate (fedtrimmedavg), and the hostile
+    # nodes the rule is built to withstand (krum, multikrum, bulyan; bulyan needs 4f + 3 replies a round)
+    trim_beta: float = Field(0.2, ge=0, lt=0.5)
+    num_malicious: StrictInt = Field(1, ge=0)
 
     @field_validator("strategy")
     @classmethod
@@ -244,6 +250,10 @@ class FedAlignConfig(_Section):
     # bound on what routing statistics can buy (docs/robustness.md); None: the paper's unbounded weights.
     # Honest consistency weights reach 700x a small client's share on specialised [ours]
     router_share_factor: float | None = Field(None, ge=1)
+    # expert e's update over its aligned set A(e) as a coordinate-wise trimmed mean cutting this share of
+    # A(e) from each end (0.5: the median) instead of the weighted mean, where A(e) holds 3 or more clients;
+    # None: the weighted mean. Robust to a minority of hostile experts of the same role [ours]
+    expert_trim: float | None = Field(None, gt=0, le=0.5)
 
 
 class OutputConfig(_Section):
@@ -333,7 +343,7 @@ class Config(_Section):
         if strategy in FEDALIGN_RUNGS:
             raw["fedalign"] = self.effective_fedalign().model_dump(mode="json")  # the rung's switches applied
             if raw["fedalign"]["expert_aggregation"] != "semantic":  # read by semantic expert aggregation only
-                for option in ("beta", "consistency_floor", "expert_weights", "lora_direction"):
+                for option in ("beta", "consistency_floor", "expert_weights", "lora_direction", "expert_trim"):
                     raw["fedalign"].pop(option)
         else:
             raw.pop("fedalign")
@@ -341,6 +351,10 @@ class Config(_Section):
             raw["train"].pop("proximal_mu")
         if strategy != "fedmoe":
             raw["federation"].pop("fedmoe_coverage")
+        if strategy != "fedtrimmedavg":
+            raw["federation"].pop("trim_beta")
+        if strategy not in ("krum", "multikrum", "bulyan"):
+            raw["federation"].pop("num_malicious")
         if self.attack.kind == "none":  # no hostile client: where it would be changes no number
             raw.pop("attack")
         return raw

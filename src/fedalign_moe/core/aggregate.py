@@ -21,7 +21,7 @@ import torch
 
 from .gate_alignment import adaptive_alpha, aggregate_router, consistency_weights, global_routing_distribution, routing_consistency
 from .lora_experts import a_view, b_view, fold_a, fold_b, product_gram
-from .robust import bounded_shares
+from .robust import bounded_shares, trimmed_mean
 from .semantic_alignment import align_expert_gram, aligned_weights
 
 State = Mapping[str, torch.Tensor]
@@ -49,6 +49,9 @@ class AlignOptions:
     lora_direction: str = "product"  # product | factors: what expert e's LoRA update is compared by
     expert_weights: str = "examples"  # tokens | examples: config.FedAlignConfig.expert_weights
     router_share_factor: float | None = None  # omega_i(e) <= factor x client i's example share [ours]
+    # expert e's update over A(e): the weighted mean (None) or a coordinate-wise trimmed mean cutting this
+    # share from each end (0.5: the median), scaled by A(e)'s weight, with 3 or more clients in A(e) [ours]
+    expert_trim: float | None = None
 
 
 @dataclass
@@ -141,6 +144,23 @@ def apply_expert_weights(global_EX: torch.Tensor, client_tensors_C: Iterable[tor
     return out_EX.to(global_EX.dtype)
 
 
+def apply_expert_trimmed(global_EX: torch.Tensor, client_tensors_C: Sequence[torch.Tensor], weights_EC: torch.Tensor,
+                         trim: float) -> torch.Tensor:
+    """Theta_g[e] + (sum_c w_ec) trimmed-mean over A(e) of Delta_c[e] for every expert e whose A(e) (w_ec > 0)
+    holds 3 or more clients; the weighted update of ``apply_expert_weights`` for the others. One expert's
+    updates are stacked at a time ([|A(e)|, ...])."""
+    out_EX = apply_expert_weights(global_EX, client_tensors_C, weights_EC).float()
+    w_EC = weights_EC.double()
+    for e in range(global_EX.shape[0]):
+        members = torch.nonzero(w_EC[e] > 0).flatten().tolist()
+        if len(members) < 3:
+            continue
+        g = global_EX[e].float()
+        delta_AX = torch.stack([client_tensors_C[c][e].float() - g for c in members])
+        out_EX[e] = g + float(w_EC[e].sum()) * trimmed_mean(delta_AX, trim)
+    return out_EX.to(global_EX.dtype)
+
+
 def _expert_views(layer: LayerNames, global_state: State, E: int) -> dict[str, tuple[Callable, Callable]]:
     """name -> (to [E, ...], back) for every expert tensor of the layer that travels: stacked tensors as
     they are, LoRA factors through ``lora_experts``' views (frozen stacked experts under LoRA do not travel)."""
@@ -186,8 +206,12 @@ def _align_experts(layer: LayerNames, l: int, global_state: State, client_states
         weights_EC = (examples_C.double() / examples_C.sum())[None, :].expand(E, C)
         result.aligned_LEC[l] = True
     for n, (to_E, back) in views.items():
-        result.state[n] = back(apply_expert_weights(to_E(global_state[n]), (to_E(cs[n]) for cs in client_states),
-                                                    weights_EC))
+        if opts.expert_trim is None or opts.expert_aggregation != "semantic":
+            merged = apply_expert_weights(to_E(global_state[n]), (to_E(cs[n]) for cs in client_states), weights_EC)
+        else:
+            merged = apply_expert_trimmed(to_E(global_state[n]), [to_E(cs[n]) for cs in client_states], weights_EC,
+                                          opts.expert_trim)
+        result.state[n] = back(merged)
 
 
 def fedalign_aggregate(global_state: State, client_states: Sequence[State],

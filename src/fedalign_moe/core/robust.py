@@ -62,3 +62,13 @@ def bounded_shares(omega_CE: torch.Tensor, cap_C: torch.Tensor) -> torch.Tensor:
         if (omega_CE[:, e].double() > cap_C * (1 + 1e-12)).any():
             out_CE[:, e] = water_fill(omega_CE[:, e], cap_C).to(omega_CE.dtype)
     return out_CE
+
+
+def trimmed_mean(x_CP: torch.Tensor, trim: float) -> torch.Tensor:
+    """Coordinate-wise mean of [C, P] after cutting floor(trim x C) values from each end of every
+    coordinate; ``trim`` = 0.5 is the coordinate-wise median (the mean of the middle two for even C). [P]"""
+    C = x_CP.shape[0]
+    cut = min(int(trim * C), (C - 1) // 2)
+    if cut == 0:
+        return x_CP.mean(0)
+    return x_CP.sort(0).values[cut:C - cut].mean(0)

@@ -84,7 +84,8 @@ class FedAlignMoE(ScreenedReplies, FedAvg):
         layers = [l.names() for l in self.policy.layout.layers]
         o = self.options
         opts = AlignOptions(o.gate_aggregation, o.adaptive_alpha, o.expert_aggregation, o.beta, o.omega_times_tokens,
-                            o.consistency_floor, o.lora_direction, o.expert_weights, o.router_share_factor)
+                            o.consistency_floor, o.lora_direction, o.expert_weights, o.router_share_factor,
+                            o.expert_trim)
         result = fedalign_aggregate(self.global_state, [r.state() for r in replies],
                                     examples_C, stats, layers, opts)
         self.p_g_LE, self.alpha_LE, self.last = result.p_g_LE, result.alpha_LE, result

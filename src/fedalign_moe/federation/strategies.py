@@ -1,12 +1,17 @@
-"""Which Flower strategy a run uses. FedAvg and FedProx are Flower's own aggregation behind this
-package's reply screen (``screening.ScreenedReplies``); FedAlign-MoE and its ablation rungs are
-``fedalign.FedAlignMoE``; the FedMoE baseline is ``fedmoe.FedMoE``."""
+"""Which Flower strategy a run uses. FedAvg and FedProx are Flower's FedAvg arithmetic behind this
+package's reply screen (``screening.ScreenedReplies``), over the screen's bounded example weights; the
+robust baselines (trimmed mean, median, Krum, Multi-Krum, Bulyan) are Flower's own strategies behind the
+same screen; FedAlign-MoE and its ablation rungs are ``fedalign.FedAlignMoE``; the FedMoE baseline is
+``fedmoe.FedMoE``."""
 
 from __future__ import annotations
 
+import math
+
+from flwr.app import ArrayRecord, Message
 from flwr.serverapp import strategy as flwr_strategy
 
-from ..config import FEDALIGN_RUNGS, Config
+from ..config import FEDALIGN_RUNGS, ROBUST_BASELINES, Config
 from ..models.base import MoELayout
 from . import protocol
 from .protocol import LocalWork
@@ -15,7 +20,7 @@ from .fedmoe import FedMoE
 from .node_policy import FILE_SOURCES
 from .screening import ReplyPolicy, ScreenedReplies
 
-FEDERATED = ("fedavg", "fedprox", "fedmoe", *FEDALIGN_RUNGS)
+FEDERATED = ("fedavg", "fedprox", "fedmoe", *ROBUST_BASELINES, *FEDALIGN_RUNGS)
 
 
 class FedAvg(ScreenedReplies, flwr_strategy.FedAvg):
@@ -24,6 +29,37 @@ class FedAvg(ScreenedReplies, flwr_strategy.FedAvg):
 
 class FedProx(ScreenedReplies, flwr_strategy.FedProx):
     """FedProx (Li et al. 2020, arXiv 1812.06127): FedAvg's aggregation; clients add (mu/2)||w - w_g||^2."""
+
+
+class FlowerRobustAggregation:
+    """Mixin (first in the bases): the screened replies go to the Flower parent's own ``aggregate_train``,
+    each as a copy that carries its bounded weight (Flower's robust rules pop arrays out of what they read)."""
+
+    def aggregate_replies(self, server_round, replies):
+        copies = [Message(content=r.weighted_content(), reply_to=r.message) for r in replies]
+        for msg in copies:
+            msg.content[protocol.ARRAYS] = ArrayRecord(dict(msg.content[protocol.ARRAYS].items()))
+        return super(ScreenedReplies, self).aggregate_train(server_round, copies)
+
+
+class FedTrimmedAvg(FlowerRobustAggregation, ScreenedReplies, flwr_strategy.FedTrimmedAvg):
+    """Coordinate-wise trimmed mean (Yin et al. 2018, arXiv 1803.01498): Flower's, behind the reply screen."""
+
+
+class FedMedian(FlowerRobustAggregation, ScreenedReplies, flwr_strategy.FedMedian):
+    """Coordinate-wise median (Yin et al. 2018, arXiv 1803.01498): Flower's, behind the reply screen."""
+
+
+class Krum(FlowerRobustAggregation, ScreenedReplies, flwr_strategy.Krum):
+    """Krum (Blanchard et al. 2017, NeurIPS): the update closest to its n - f - 2 neighbours; Flower's."""
+
+
+class MultiKrum(FlowerRobustAggregation, ScreenedReplies, flwr_strategy.MultiKrum):
+    """Multi-Krum (Blanchard et al. 2017): the average of the m updates Krum ranks best; Flower's."""
+
+
+class Bulyan(FlowerRobustAggregation, ScreenedReplies, flwr_strategy.Bulyan):
+    """Bulyan (El Mhamdi et al. 2018, arXiv 1802.07927): Krum selection, then a trimmed mean; Flower's."""
 
 
 def checks_example_counts(cfg: Config) -> bool:
@@ -63,6 +99,18 @@ def make_strategy(cfg: Config, layout: MoELayout, partition_sizes: tuple[int, ..
         return FedProx(policy, **common, proximal_mu=cfg.train.proximal_mu)
     if name == "fedmoe":
         return FedMoE(policy, cfg.federation.fedmoe_coverage, **common)
+    f = cfg.federation.num_malicious
+    if name == "fedtrimmedavg":
+        return FedTrimmedAvg(policy, **common, beta=cfg.federation.trim_beta)
+    if name == "fedmedian":
+        return FedMedian(policy, **common)
+    if name == "krum":
+        return Krum(policy, **common, num_malicious_nodes=f)
+    if name == "multikrum":  # averages the n - f updates Krum ranks best, n: the nodes a round samples
+        sampled = max(1, math.ceil(cfg.federation.fraction_train * cfg.partition.num_clients))
+        return MultiKrum(policy, **common, num_malicious_nodes=f, num_nodes_to_select=max(1, sampled - f))
+    if name == "bulyan":
+        return Bulyan(policy, **common, num_malicious_nodes=f)
     if name in FEDALIGN_RUNGS:
         return FedAlignMoE(policy, cfg.effective_fedalign(), **common)
     raise ValueError(f"{name!r} is not a federated strategy; federated ones: {', '.join(FEDERATED)}")

@@ -23,8 +23,9 @@ COLUMNS = (
 )
 
 
-STRATEGY_ORDER = ("centralised", "local", "fedavg", "fedprox", "fedmoe", "fedalign-uniform", "fedalign-consistency",
-                  "fedalign-adaptive", "fedalign")  # floor and ceiling first, then the ablation ladder upwards
+STRATEGY_ORDER = ("centralised", "local", "fedavg", "fedprox", "fedmoe", "fedtrimmedavg", "fedmedian", "krum", "multikrum",
+                  "bulyan", "fedalign-uniform", "fedalign-consistency", "fedalign-adaptive", "fedalign")
+# floor and ceiling first, the baselines, then the ablation ladder upwards
 
 
 def cell_order(key: tuple[float, str]) -> tuple:
