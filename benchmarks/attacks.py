@@ -5,7 +5,11 @@ Each cell is one `fedalign-moe run` on the `bench` preset (alpha 0.1, 10 clients
 `attack` section (`federation/attacks.py`): sign-flip, scale (9x: just inside the 10x norm rule), inflate
 (100x the examples, steps consistent; the screen checks counts by default, so the reply is dropped every
 round), capture (FedAlign-MoE statistics on expert 0 that pass every consistency rule), and a colluding pair
-of sign-flippers or capturers. Partition 0 is the hostile one (0 and 1 for a pair). A finished cell
+of sign-flippers or capturers. The hostile client is the seed's largest partition (the two largest for
+a pair: read from the `none` run's partition.json), the worst case for an example-weighted average (a
+client of 14 examples in 2,000, partition 0 at seed 0, moves nothing whatever it sends). Setups: FedAvg,
+FedAlign-MoE, FedAlign-MoE with `fedalign.router_share_factor = 3` (bounded) or `fedalign.expert_trim = 0.3`
+(trim; both chosen a priori, not tuned), and Flower's FedMedian. A finished cell
 (summary.json present) is not run again, so an interrupted grid resumes.
 
 Usage: .venv/bin/python benchmarks/attacks.py [--seeds 0,1,2] [--out benchmarks/results/attacks] [--report-only]
@@ -23,33 +27,48 @@ from fedalign_moe.report.paired import format_difference, paired_difference
 from fedalign_moe.report.tables import mean_std
 from fedalign_moe.runlog import read_jsonl, read_summary, write_atomic
 
-ATTACKS = {
-    "none": [],
-    "sign-flip": ["attack.kind=sign-flip"],
-    "scale-9x": ["attack.kind=scale", "attack.factor=9"],
-    "inflate-100x": ["attack.kind=inflate", "attack.factor=100"],
-    "capture": ["attack.kind=capture"],
-    "pair-sign-flip": ["attack.kind=sign-flip", "attack.clients=[0,1]"],
-    "pair-capture": ["attack.kind=capture", "attack.clients=[0,1]"],
+ATTACKS = {  # (the --set options, how many hostile clients)
+    "none": ([], 0),
+    "sign-flip": (["attack.kind=sign-flip"], 1),
+    "scale-9x": (["attack.kind=scale", "attack.factor=9"], 1),
+    "inflate-100x": (["attack.kind=inflate", "attack.factor=100"], 1),
+    "capture": (["attack.kind=capture"], 1),
+    "pair-sign-flip": (["attack.kind=sign-flip"], 2),
+    "pair-capture": (["attack.kind=capture"], 2),
 }
 SETUPS = {
     "fedavg": ["federation.strategy=fedavg"],
     "fedalign": ["federation.strategy=fedalign"],
     "fedalign-bounded": ["federation.strategy=fedalign", "fedalign.router_share_factor=3"],
+    "fedalign-trim": ["federation.strategy=fedalign", "fedalign.expert_trim=0.3"],
+    "fedmedian": ["federation.strategy=fedmedian"],
 }
-# statistics travel with FedAlign-MoE only; the bound on router shares acts on statistics only
-SETUP_ATTACKS = {"fedavg": ("none", "sign-flip", "scale-9x", "inflate-100x", "pair-sign-flip"),
-                 "fedalign": tuple(ATTACKS), "fedalign-bounded": ("none", "capture", "pair-capture")}
+# in the order they run; statistics travel with FedAlign-MoE only, the bound on router shares acts on them only
+UPDATE_ATTACKS = ("none", "sign-flip", "scale-9x", "pair-sign-flip")
+SETUP_ATTACKS = {"fedavg": (*UPDATE_ATTACKS, "inflate-100x"), "fedalign": (*UPDATE_ATTACKS, "capture"),
+                 "fedmedian": UPDATE_ATTACKS, "fedalign-trim": UPDATE_ATTACKS, "fedalign-bounded": ("none", "capture")}
 
 
 def cells(seeds: list[int]) -> list[tuple[str, str, int]]:
-    return [(setup, attack, seed) for seed in seeds for setup in SETUPS for attack in SETUP_ATTACKS[setup]]
+    return [(setup, attack, seed) for seed in seeds for setup in SETUP_ATTACKS for attack in SETUP_ATTACKS[setup]]
+
+
+def largest_partitions(out: Path, seed: int, k: int) -> list[int]:
+    """The k largest partitions of the seed, from a finished `none` run of any setup."""
+    for folder in sorted(out.glob(f"*-none-seed{seed}")):
+        if (folder / "partition.json").exists():
+            sizes = [sum(row) for row in json.loads((folder / "partition.json").read_text())["counts"]]
+            return sorted(range(len(sizes)), key=lambda p: -sizes[p])[:k]
+    raise SystemExit(f"error: no finished none run of seed {seed} in {out} to read the partition sizes from")
 
 
 def run_cell(out: Path, setup: str, attack: str, seed: int) -> Path:
     folder = out / f"{setup}-{attack}-seed{seed}"
     if read_summary(folder / "summary.json") is None:
-        sets = [f"seed={seed}", *SETUPS[setup], *ATTACKS[attack]]
+        sets, hostile = ATTACKS[attack]
+        if hostile:
+            sets = [*sets, f"attack.clients={json.dumps(largest_partitions(out, seed, hostile))}"]
+        sets = [f"seed={seed}", *SETUPS[setup], *sets]
         cmd = [sys.executable, "-m", "fedalign_moe", "run", "--preset", "bench", "--out", str(folder),
                *[a for s in sets for a in ("--set", s)]]
         print(f"running {folder.name}", flush=True)
@@ -72,9 +91,9 @@ def report(out: Path, seeds: list[int]) -> str:
     results = {f"{s}/{a}/{seed}": figures(out / f"{s}-{a}-seed{seed}") for s, a, seed in cells(seeds)}
     lines = ["| setup | attack | seeds | final acc | last-5 acc | last 5: attack - none (points) | dropped replies / run |",
              "|---|---|---|---|---|---|---|"]
-    for setup in SETUPS:
+    for setup in SETUP_ATTACKS:
         none = {seed: results[f"{setup}/none/{seed}"] for seed in seeds if results.get(f"{setup}/none/{seed}")}
-        for attack in ATTACKS:
+        for attack in SETUP_ATTACKS[setup]:
             got = {seed: results.get(f"{setup}/{attack}/{seed}") for seed in seeds}
             got = {k: v for k, v in got.items() if v}
             if not got:
