@@ -10,6 +10,15 @@ def server_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, name, 1)
 
 
+@pytest.fixture
+def fast_flower_arrays(monkeypatch):
+    """Flower's ``ArrayRecord.to_numpy_ndarrays(keep_input=False)`` (Bulyan, Krum) runs ``gc.collect()`` per
+    record, 0.2 s each in a test process's large heap and nothing to do with what is tested: skip it."""
+    import gc
+
+    monkeypatch.setattr(gc, "collect", lambda *args, **kwargs: 0)
+
+
 GRID = ["--preset", "tiny", "--alphas", "0.5", "--seeds", "0", "--rounds", "3", "--set", "federation.fedmoe_coverage=0.5",
         "--set", "output.tensorboard=true"]
 

@@ -19,6 +19,7 @@ from fedalign_moe.federation import protocol
 from fedalign_moe.federation.strategies import make_strategy
 
 STRATEGIES = ["fedavg", "fedprox", "fedmoe", *ROBUST_BASELINES, *FEDALIGN_RUNGS]
+pytestmark = pytest.mark.usefixtures("fast_flower_arrays")
 GOOD = 4  # partitions 0-3 answer well; partition 4 is the hostile one
 EXAMPLES = 10  # what every honest client of these tests holds
 

@@ -16,6 +16,7 @@ from fedalign_moe.federation.screening import update_norm
 from fedalign_moe.federation.strategies import make_strategy
 
 STRATEGIES = ["fedavg", "fedprox", "fedmoe", *ROBUST_BASELINES, *FEDALIGN_RUNGS]
+pytestmark = pytest.mark.usefixtures("fast_flower_arrays")
 GOOD = 4  # partitions 0-3 answer well; partition 4 is the bad one
 
 
