@@ -3,12 +3,13 @@ capture the router, and replies generated at random (Hypothesis) that try to end
 
 import math
 import os
+import re
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import replies
@@ -352,8 +353,11 @@ def test_no_reply_ends_the_round_or_sneaks_in(name, mutations, server_identity):
     arrays, node = _round(strategy, bad=hostile)
     used = [r.partition_id for r in strategy.last_replies]
     if GOOD in used:
+        event("used")
         assert all(torch.isfinite(t).all() for t in arrays.to_torch_state_dict().values())
         return
+    reason = next((f.reason for f in strategy.last_failures if f.node_id == node), "")
+    event("dropped: " + re.sub(r"\d[\d.e+-]*", "N", re.split(r"[\[(]", reason)[0]).strip()[:70])  # the reason's class
     assert node in [f.node_id for f in strategy.last_failures] and all(f.reason for f in strategy.last_failures)
     alone = _strategy(name)
     glob = replies.global_state()

@@ -87,7 +87,7 @@ BAD = {
     "record-shape-absurd": (lambda c: _forge_array(c, "head", lambda a: a.data, shape=(10**13,)), "expected"),
     "stype-not-numpy": (lambda c: _forge_array(c, "head", lambda a: a.data, stype="torch.raw"), "serialised as"),
     "config-record-as-metrics": (lambda c: c.__setitem__(protocol.METRICS, ConfigRecord(dict(c[protocol.METRICS]))), "not a MetricRecord"),
-    "metrics-record-as-arrays": (lambda c: c.__setitem__(protocol.ARRAYS, MetricRecord({"head": 1.0})), "not a ArrayRecord|records"),
+    "metrics-record-as-arrays": (lambda c: c.__setitem__(protocol.ARRAYS, MetricRecord({"head": 1.0})), "not an ArrayRecord|records"),
 }
 
 

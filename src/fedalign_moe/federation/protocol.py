@@ -512,7 +512,11 @@ def _check_record_types(content: RecordDict, error: type[ProtocolError] = ReplyE
     for key in content.keys():
         kind = _RECORD_TYPES.get(key)
         if kind is not None and not isinstance(content[key], kind):
-            raise error(f"record {key!r} is a {type(content[key]).__name__}, not a {kind.__name__}")
+            raise error(f"record {key!r} is {_a(type(content[key]).__name__)}, not {_a(kind.__name__)}")
+
+
+def _a(noun: str) -> str:
+    return ("an " if noun[:1] in "AEIOU" else "a ") + noun
 
 
 def read_train_reply(msg: Message, expect: Expectation) -> TrainReply:
