@@ -82,6 +82,16 @@ def test_a_claimed_count_is_checked_against_the_partition(name, server_identity)
     assert _same(arrays, _round(_strategy(name))[0])
 
 
+def test_counts_are_checked_unless_a_node_may_bring_its_own_file():
+    from fedalign_moe.federation.strategies import checks_example_counts
+
+    assert checks_example_counts(load_config("tiny"))  # a built-in source: the server prepares the same partitions
+    for source, mode, checked in (("csv", "auto", False), ("jsonl", "checked", True), ("mmlu-topic", "claimed", False)):
+        cfg = load_config("tiny", overrides={"data": {"source": source, "path": "x.csv" if source != "mmlu-topic" else None},
+                                             "federation": {"example_counts": mode}})
+        assert checks_example_counts(cfg) == checked, (source, mode)
+
+
 @pytest.mark.parametrize("name", STRATEGIES)
 @pytest.mark.parametrize("claim", [16_000, 1e39])
 def test_an_unchecked_claim_buys_at_most_the_share_cap(name, claim, server_identity):
