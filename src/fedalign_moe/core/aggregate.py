@@ -149,12 +149,11 @@ def apply_expert_trimmed(global_EX: torch.Tensor, client_tensors_C: Sequence[tor
     """Theta_g[e] + (sum_c w_ec) trimmed-mean over A(e) of Delta_c[e] for every expert e whose A(e) (w_ec > 0)
     holds 3 or more clients; the weighted update of ``apply_expert_weights`` for the others. One expert's
     updates are stacked at a time ([|A(e)|, ...])."""
-    out_EX = apply_expert_weights(global_EX, client_tensors_C, weights_EC).float()
     w_EC = weights_EC.double()
-    for e in range(global_EX.shape[0]):
+    trimmed_E = (w_EC > 0).sum(1) >= 3
+    out_EX = apply_expert_weights(global_EX, client_tensors_C, torch.where(trimmed_E[:, None], 0.0, w_EC)).float()
+    for e in torch.nonzero(trimmed_E).flatten().tolist():  # the weighted merge left these at Theta_g[e]
         members = torch.nonzero(w_EC[e] > 0).flatten().tolist()
-        if len(members) < 3:
-            continue
         g = global_EX[e].float()
         delta_AX = torch.stack([client_tensors_C[c][e].float() - g for c in members])
         out_EX[e] = g + float(w_EC[e].sum()) * trimmed_mean(delta_AX, trim)

@@ -213,6 +213,12 @@ def read_array(array: object, where: str, shape: tuple[int, ...] | None = None, 
         return torch.from_numpy(flat).view(record_shape)
 
 
+def one_line(err: BaseException, limit: int = 160) -> str:
+    """An exception as ``Type: the first line of its message`` (the type alone when it has none)."""
+    text = str(err).splitlines()[0][:limit] if str(err) else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
 def array_view(array: Array) -> torch.Tensor:
     """A tensor over the bytes of a received array, without copying them (``read_array``, checked against
     the record's own description). Read-only by contract: the bytes are the message's."""
@@ -575,12 +581,10 @@ def _alignment_statistics(record: ArrayRecord, L: int, E: int, H: int | None) ->
     where = FEDALIGN_STATS
     if set(record.keys()) != {"o", "m", "mu"}:
         raise ReplyError(f"{where} holds {sorted(record.keys())[:4]}, expected ['m', 'mu', 'o']")
-    mu_shape = (L, E, H) if H is not None else None
-    if H is None and not (isinstance(record["mu"].shape, (list, tuple)) and len(record["mu"].shape) == 3
-                          and tuple(record["mu"].shape[:2]) == (L, E)):
-        raise ReplyError(f"{where}: mu {record['mu'].shape} does not fit [{L}, {E}, H]")
     o, m, mu = (read_array(record[k], f"{where}: {k}", shape, "float32").float()
-                for k, shape in (("o", (L, E)), ("m", (L, E)), ("mu", mu_shape)))
+                for k, shape in (("o", (L, E)), ("m", (L, E)), ("mu", (L, E, H) if H is not None else None)))
+    if mu.ndim != 3 or mu.shape[:2] != (L, E):
+        raise ReplyError(f"{where}: mu {tuple(mu.shape)} does not fit [{L}, {E}, H]")
     for name, t in (("o", o), ("m", m)):
         if not torch.isfinite(t).all() or (t < 0).any() or (t > 1).any():
             raise ReplyError(f"{where}: {name} must lie in [0, 1]")

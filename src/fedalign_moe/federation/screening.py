@@ -84,11 +84,6 @@ def error_cause(msg: Message) -> str:
     return _CAUSES.get(code, f"error code {code}") + (f": {detail}" if detail else "")
 
 
-def _one_line(err: BaseException) -> str:
-    text = str(err).splitlines()[0][:160] if str(err) else ""
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
-
-
 def _claimed_partition(msg: Message, num_clients: int) -> int | None:
     """The partition a reply claims, when it says one that exists (for naming it in a log line)."""
     try:
@@ -125,7 +120,7 @@ def screen(sent: list[Message], received: list[Message], expect: Expectation, po
         except ReplyError as err:
             failures.append(Failure(node, _claimed_partition(msg, policy.num_clients), str(err)))
         except Exception as err:  # noqa: BLE001 - whatever one reply holds, it costs that reply only
-            failures.append(Failure(node, _claimed_partition(msg, policy.num_clients), f"unreadable reply ({_one_line(err)})"))
+            failures.append(Failure(node, _claimed_partition(msg, policy.num_clients), f"unreadable reply ({protocol.one_line(err)})"))
     wait = f" within the round timeout ({policy.round_timeout:g} s)" if policy.round_timeout else ""
     failures += [Failure(m.metadata.dst_node_id, None, f"timeout: no reply{wait}") for m in sent
                  if m.metadata.dst_node_id not in answered]
@@ -140,7 +135,7 @@ def screen(sent: list[Message], received: list[Message], expect: Expectation, po
             norms[r.partition_id] = update_norm(r, global_state, policy.layout)
             measured.append(r)
         except Exception as err:  # noqa: BLE001 - a reply the norm cannot be taken of costs that reply only
-            failures.append(Failure(r.node_id, r.partition_id, f"unreadable update ({_one_line(err)})"))
+            failures.append(Failure(r.node_id, r.partition_id, f"unreadable update ({protocol.one_line(err)})"))
     kept, outliers = _drop_norm_outliers(measured, norms, policy.max_update_norm_ratio,
                                          _allowed_steps(measured, policy))
     _weigh(kept, policy)

@@ -177,7 +177,7 @@ class _Server:
             new_arrays, _ = strategy.aggregate_train(server_round, received)
             not_adopted = None
         except Exception as err:  # noqa: BLE001 - the screen reads every reply first; this is the last net
-            new_arrays, not_adopted = None, f"the aggregation raised {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+            new_arrays, not_adopted = None, f"the aggregation raised {protocol.one_line(err)}"
         t_aggregate = time.perf_counter() - t_aggregate
         not_adopted = not_adopted or self.adopt(new_arrays)
         if not_adopted is not None:
