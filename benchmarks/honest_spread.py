@@ -1,0 +1,93 @@
+"""How far honest clients' claims spread: the figures the example-count bounds and the router-share bound
+were set from (issue 33, docs/robustness.md "What a claim can buy").
+
+1. Example counts over every round of every run in benchmarks/results (rounds of 4 or more replies for
+   the share): the largest count / its round's median, and the largest share of a round.
+2. The partitions of `specialised` at alpha 0.1 and 0.01, seeds 0-5 (the partitions alone, no training).
+3. FedAlign-MoE's router weights against data: in every stored run, the largest omega_i(e) over client
+   i's example share, and over its routed-token share p_i(e) T_i / sum_j p_j(e) T_j.
+
+Usage: .venv/bin/python benchmarks/honest_spread.py [--results benchmarks/results]
+Writes benchmarks/results/honest_spread.json and prints the same.
+"""
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from fedalign_moe.config import load_config
+from fedalign_moe.data.sources import DataError
+from fedalign_moe.runlog import read_jsonl, write_atomic
+from fedalign_moe.training.setup import prepare_data
+
+
+def count_spread(results: Path) -> dict:
+    ratio, share = (0.0, ""), (0.0, "")
+    for run in sorted(p.parent for p in results.rglob("summary.json")):
+        if not (run / "metrics.jsonl").exists() and not (run / "metrics.jsonl.gz").exists():
+            continue
+        config = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
+        if config.get("attack", {}).get("kind", "none") != "none":  # honest runs only
+            continue
+        for r in read_jsonl(run / "metrics.jsonl"):
+            n = [c["num_examples"] for c in r.get("clients", [])]
+            if n and max(n) / statistics.median(n) > ratio[0]:
+                ratio = (max(n) / statistics.median(n), f"{run.relative_to(results)} round {r['round']}")
+            if len(n) >= 4 and max(n) / sum(n) > share[0]:
+                share = (max(n) / sum(n), f"{run.relative_to(results)} round {r['round']}")
+    return {"max_over_median": ratio[0], "where_ratio": ratio[1], "max_share": share[0], "where_share": share[1]}
+
+
+def partition_spread(alpha: float, seeds: range) -> list[dict]:
+    rows = []
+    for seed in seeds:
+        cfg = load_config("specialised", overrides={"seed": seed, "partition": {"alpha": alpha}})
+        try:
+            n = [len(part) for part in prepare_data(cfg).client_train]
+        except DataError as err:
+            rows.append({"seed": seed, "error": str(err)[:160]})
+            continue
+        rows.append({"seed": seed, "sizes": n, "max_over_median": max(n) / statistics.median(n), "max_share": max(n) / sum(n)})
+    return rows
+
+
+def router_weights(results: Path) -> list[dict]:
+    rows = []
+    for run in sorted(p.parent for p in results.rglob("summary.json")):
+        if not run.name.startswith("fedalign-alpha") or not any(run.glob("diagnostics.jsonl*")):
+            continue
+        rounds = {r["round"]: r for r in read_jsonl(run / "metrics.jsonl") if "clients" in r}
+        routing = {r["round"]: r["clients"] for r in read_jsonl(run / "routing.jsonl")}
+        by_data, by_tokens = 0.0, 0.0
+        for d in read_jsonl(run / "diagnostics.jsonl"):
+            if "omega" not in d or d["round"] not in rounds or d["round"] not in routing:
+                continue
+            rows_c = {c["partition_id"]: c for c in rounds[d["round"]]["clients"]}
+            ids = d["clients"]
+            total = sum(rows_c[i]["num_examples"] for i in ids)
+            for l, omega_CE in enumerate(d["omega"]):
+                for e in range(len(omega_CE[0])):
+                    soft = [routing[d["round"]][str(i)][l][e] * (rows_c[i].get("train_tokens") or rows_c[i]["num_examples"]) for i in ids]
+                    for c, i in enumerate(ids):
+                        by_data = max(by_data, omega_CE[c][e] / (rows_c[i]["num_examples"] / total))
+                        by_tokens = max(by_tokens, omega_CE[c][e] / max(soft[c] / sum(soft), 1e-9))
+        rows.append({"run": str(run.relative_to(results)), "max_omega_over_data_share": by_data,
+                     "max_omega_over_token_share": by_tokens})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    out = {"example_counts_in_stored_runs": count_spread(args.results),
+           "specialised_partitions": {str(a): partition_spread(a, range(6)) for a in (0.1, 0.01)},
+           "fedalign_router_weights": router_weights(args.results)}
+    text = json.dumps(out, indent=1)
+    write_atomic(args.results / "honest_spread.json", text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
