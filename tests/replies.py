@@ -8,15 +8,27 @@ from collections.abc import Callable
 import torch
 from flwr.app import ArrayRecord, Message
 
+from fedalign_moe.config import FEDALIGN_RUNGS, ROBUST_BASELINES, load_config
 from fedalign_moe.core.fedmoe import sub_moe_LE
 from fedalign_moe.core.statistics import ModelRoutingStatistics
 from fedalign_moe.federation import protocol
+from fedalign_moe.federation.strategies import make_strategy
 from fedalign_moe.models.base import MoELayerLayout, MoELayout
 
 L, E, K, H = 1, 4, 2, 3
 LAYOUT = MoELayout(E, K, (MoELayerLayout(0, "r", ("x",)),))
 TOKENS = 20  # real tokens each client trained on
 BATCH = 16  # the tiny preset's batch size: one local epoch of n examples is ceil(n / 16) steps
+
+
+STRATEGIES = ["fedavg", "fedprox", "fedmoe", *ROBUST_BASELINES, *FEDALIGN_RUNGS]  # every federated one
+
+
+def strategy(name: str, num_clients: int, partition_sizes: tuple[int, ...] | None = None, **federation):
+    """A real strategy of the tiny preset over ``LAYOUT``; num_malicious 0, so that Bulyan aggregates 3 replies."""
+    cfg = load_config("tiny", overrides={"federation": {"strategy": name, "num_malicious": 0, **federation},
+                                         "partition": {"num_clients": num_clients}})
+    return make_strategy(cfg, LAYOUT, partition_sizes)
 
 
 def global_state(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -13,13 +13,12 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import replies
-from fedalign_moe.config import FEDALIGN_RUNGS, ROBUST_BASELINES, load_config
+from fedalign_moe.config import load_config
 from fedalign_moe.core.robust import bounded_example_counts, water_fill
 from fedalign_moe.core.statistics import ModelRoutingStatistics
 from fedalign_moe.federation import protocol
-from fedalign_moe.federation.strategies import make_strategy
 
-STRATEGIES = ["fedavg", "fedprox", "fedmoe", *ROBUST_BASELINES, *FEDALIGN_RUNGS]
+STRATEGIES = replies.STRATEGIES
 pytestmark = pytest.mark.usefixtures("fast_flower_arrays")
 GOOD = 4  # partitions 0-3 answer well; partition 4 is the hostile one
 EXAMPLES = 10  # what every honest client of these tests holds
@@ -33,9 +32,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def _strategy(name: str, sizes: tuple[int, ...] | None = None, **federation):
-    cfg = load_config("tiny", overrides={"federation": {"strategy": name, "num_malicious": 0, **federation},
-                                                 "partition": {"num_clients": GOOD + 1}})
-    return make_strategy(cfg, replies.LAYOUT, sizes)
+    return replies.strategy(name, GOOD + 1, sizes, **federation)
 
 
 def _round(strategy, bad=None, bad_state=None, examples=EXAMPLES, stats=None):

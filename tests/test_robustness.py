@@ -10,20 +10,17 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from flwr.common.constant import ErrorCode
 
 import replies
-from fedalign_moe.config import FEDALIGN_RUNGS, ROBUST_BASELINES, load_config
+from fedalign_moe.config import load_config
 from fedalign_moe.federation import protocol
 from fedalign_moe.federation.screening import update_norm
-from fedalign_moe.federation.strategies import make_strategy
 
-STRATEGIES = ["fedavg", "fedprox", "fedmoe", *ROBUST_BASELINES, *FEDALIGN_RUNGS]
+STRATEGIES = replies.STRATEGIES
 pytestmark = pytest.mark.usefixtures("fast_flower_arrays")
 GOOD = 4  # partitions 0-3 answer well; partition 4 is the bad one
 
 
 def _strategy(name: str):
-    cfg = load_config("tiny", overrides={"federation": {"strategy": name, "num_malicious": 0},  # bulyan: 3 replies
-                                                 "partition": {"num_clients": GOOD + 1}})
-    return make_strategy(cfg, replies.LAYOUT)
+    return replies.strategy(name, GOOD + 1)
 
 
 def _arrays(content):
