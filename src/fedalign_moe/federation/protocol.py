@@ -10,9 +10,14 @@ Server -> client, one training round (``read_instruction``):
                                  personalised experts: [L*E] 0/1, 1 where this client keeps its own
                                  expert; its presence asks the client to keep a copy of its experts)
   fedalign-target  ArrayRecord   FedAlign-MoE only: p_g and alpha [L, E]
+  (config wire-dtype "bfloat16", federation.wire_dtype: ``arrays`` travel in bfloat16, and the reply
+  sends ``update`` in place of ``arrays``)
 Client -> server, its training reply (``train_reply`` builds it, ``read_train_reply`` validates it):
   arrays           ArrayRecord   the trained parameters (the sub-MoE's router rows and experts only,
                                  when the round asked for "sub-moe")
+  update           ArrayRecord   with wire-dtype "bfloat16", instead of arrays: the trained parameters
+                                 minus the instruction's arrays, in bfloat16 (the server adds them to its
+                                 float32 global model, so rounding never accumulates across rounds)
   metrics          MetricRecord  num-examples, partition-id, training and local-evaluation figures,
                                  routing-p and routing-n [L*E] (every strategy), sub-moe [L*E] (0/1)
   fedalign-stats   ArrayRecord   when the round carried a fedalign-target: o, m [L, E], mu [L, E, H]
@@ -52,6 +57,7 @@ CONFIG = "config"
 METRICS = "metrics"
 FEDALIGN_TARGET = "fedalign-target"
 FEDALIGN_STATS = "fedalign-stats"
+UPDATE = "update"  # wire-dtype bfloat16: trained minus received parameters, instead of ARRAYS
 # config keys (server -> client)
 RUN_CONFIG = "run-config"
 SERVER_ROUND = "server-round"  # written by Flower's strategies
@@ -63,6 +69,8 @@ STATS_NOISE = "stats-noise-sigma"
 PERSONAL_EXPERTS = "personal-experts"  # per client: [L*E] 0/1
 EVAL_SPLIT = "eval-split"  # evaluation: "own" (default) or "global"
 EVAL_SPLITS = ("own", "global")
+WIRE_DTYPE = "wire-dtype"  # "float32" (default) or "bfloat16": the dtype of a training round's arrays each way
+WIRE_FORMATS = ("float32", "bfloat16")
 # metric keys (client -> server)
 NUM_EXAMPLES = "num-examples"  # Flower's weighting key
 PARTITION_ID = "partition-id"
@@ -118,6 +126,7 @@ class Instruction:
     proximal_mu: float = 0.0
     sub_moe_coverage: float | None = None  # None: upload the full trainable set
     alignment: AlignmentTarget | None = None
+    wire_dtype: str = "float32"  # "bfloat16": arrays arrived rounded to bfloat16, the reply sends an update
 
 
 @dataclass(frozen=True)
@@ -143,7 +152,9 @@ class TrainReply:
     num_examples: int
     figures: TrainFigures
     routing: ModelRoutingStatistics  # o, m, mu are zero-filled when the round did not ask for them
-    arrays: ArrayRecord  # as sent (sub-MoE rows only when ``sub_moe_LE`` is set)
+    # the trained parameters as sent (sub-MoE rows only when ``sub_moe_LE`` is set); float32, added up from
+    # the global parameters, when the reply sent a bfloat16 update
+    arrays: ArrayRecord
     sub_moe_LE: torch.Tensor | None
     message: Message  # the reply itself
     # the example count it weighs with in the round's averages, set by the server's screen: num_examples,
@@ -162,7 +173,9 @@ class TrainReply:
         return ArrayView(self.arrays)
 
 
-WIRE_DTYPES = ("float16", "float32", "float64")  # the only dtypes an array on the wire may have
+WIRE_DTYPES = ("float16", "float32", "float64", "bfloat16")  # the only dtypes an array on the wire may have
+# how the bytes of a dtype numpy has no name for are stored: bfloat16 as its 16 bits (numpy's uint16)
+_STORED_AS = {"bfloat16": "uint16"}
 _ARRAY_HEADER_ERRORS = (ValueError, TypeError, EOFError, OSError, SyntaxError, MemoryError, OverflowError)
 
 
@@ -197,10 +210,11 @@ def read_array(array: object, where: str, shape: tuple[int, ...] | None = None, 
         header_shape, fortran_order, header_dtype = read_header(buf)
     except (*_ARRAY_HEADER_ERRORS, KeyError) as err:
         raise error(f"{where}: its bytes are not a readable array ({str(err).splitlines()[0][:120] if str(err) else type(err).__name__})") from None
-    expected = np.dtype(array.dtype).newbyteorder("<")
+    expected = np.dtype(_STORED_AS.get(array.dtype, array.dtype)).newbyteorder("<")
     if header_dtype != expected or tuple(header_shape) != record_shape:
         said = header_dtype.str if header_dtype.byteorder == ">" or header_dtype.subdtype or header_dtype.names else header_dtype
-        raise error(f"{where}: its bytes hold {said} {tuple(header_shape)}, the record says {array.dtype} {record_shape}")
+        raise error(f"{where}: its bytes hold {said} {tuple(header_shape)}, the record says {array.dtype} {record_shape}"
+                    + (f" (stored as {expected})" if array.dtype in _STORED_AS else ""))
     if fortran_order:
         raise error(f"{where}: its bytes are in Fortran order; only C order is read")
     count, size = math.prod(record_shape), len(data) - buf.tell()
@@ -210,7 +224,22 @@ def read_array(array: object, where: str, shape: tuple[int, ...] | None = None, 
     flat = np.frombuffer(data, dtype=expected, count=count, offset=buf.tell())
     with warnings.catch_warnings():  # torch warns that the buffer is not writable: nothing here writes to it
         warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(flat).view(record_shape)
+        tensor = torch.from_numpy(flat).view(record_shape)
+    return tensor.view(torch.bfloat16) if array.dtype == "bfloat16" else tensor
+
+
+def bfloat16_array(tensor: torch.Tensor) -> Array:
+    """``tensor`` rounded to bfloat16, as an array ``read_array`` reads back (dtype "bfloat16", its 16 bits
+    stored as numpy's uint16): half the bytes of float32, with float32's range."""
+    bits = tensor.detach().to("cpu", torch.bfloat16).contiguous().view(torch.uint16).numpy()
+    buf = io.BytesIO()
+    np.save(buf, bits, allow_pickle=False)
+    return Array(dtype="bfloat16", shape=tuple(bits.shape), stype=SType.NUMPY, data=buf.getvalue())
+
+
+def bfloat16_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """Every tensor of ``state`` as a ``bfloat16_array``."""
+    return ArrayRecord({name: bfloat16_array(t) for name, t in state.items()})
 
 
 def one_line(err: BaseException, limit: int = 160) -> str:
@@ -252,6 +281,13 @@ def round_config(run_config: str) -> ConfigRecord:
 def request_sub_moe(config: ConfigRecord, coverage: float) -> None:
     """FedMoE: ask clients to upload only the sub-MoE covering ``coverage`` of their selections."""
     config[UPLOAD], config[SUB_MOE_COVERAGE] = "sub-moe", float(coverage)
+
+
+def send_in_bfloat16(content: RecordDict, arrays: ArrayRecord) -> None:
+    """Make a training instruction travel in bfloat16: ``arrays`` (a ``bfloat16_record`` of the global
+    parameters) replace its float32 ones, and the reply is asked to send its update in bfloat16."""
+    content[ARRAYS] = arrays
+    content[CONFIG][WIRE_DTYPE] = "bfloat16"
 
 
 def attach_alignment(content: RecordDict, target: AlignmentTarget) -> None:
@@ -332,12 +368,18 @@ def read_instruction(content: RecordDict) -> Instruction:
                                     _personal(config, p_g.shape, where))
     elif PERSONAL_EXPERTS in config:
         raise InstructionError(f"{where}: {PERSONAL_EXPERTS} without a {FEDALIGN_TARGET}")
+    wire = config.get(WIRE_DTYPE, "float32")
+    if wire not in WIRE_FORMATS:
+        raise InstructionError(f"{where}: {WIRE_DTYPE} {str(wire)[:40]!r} is neither 'float32' nor 'bfloat16'")
     return Instruction(
         server_round=_number(config, SERVER_ROUND, where, integer=True, low=1, error=InstructionError),
         run_config=config[RUN_CONFIG],
-        arrays={n: read_array(a, f"instruction array {n}", error=InstructionError).clone() for n, a in content[ARRAYS].items()},
+        arrays={n: read_array(a, f"instruction array {n}", dtype="bfloat16" if wire == "bfloat16" else None,
+                              error=InstructionError).to(torch.float32, copy=True) if wire == "bfloat16" else
+                read_array(a, f"instruction array {n}", error=InstructionError).clone()
+                for n, a in content[ARRAYS].items()},
         proximal_mu=_number(config, PROXIMAL_MU, where, low=0.0, error=InstructionError) if PROXIMAL_MU in config else 0.0,
-        sub_moe_coverage=coverage, alignment=alignment)
+        sub_moe_coverage=coverage, alignment=alignment, wire_dtype=wire)
 
 
 def read_eval_split(content: RecordDict) -> str:
@@ -383,7 +425,8 @@ def train_reply(partition_id: int, num_examples: int, state: dict[str, torch.Ten
                 routing: ModelRoutingStatistics, layout: MoELayout, instruction: Instruction,
                 sub_moe_LE: torch.Tensor | None = None) -> RecordDict:
     """A client's reply to ``instruction``: the state (cut to ``sub_moe_LE``'s rows when the round asked
-    for a sub-MoE), the figures, and the statistics the round asked for."""
+    for a sub-MoE; as a bfloat16 ``update`` from the instruction's arrays when it came in bfloat16), the
+    figures, and the statistics the round asked for."""
     metrics = MetricRecord({
         NUM_EXAMPLES: int(num_examples), PARTITION_ID: int(partition_id),
         TRAIN_LOSS: float(figures.train_loss), TRAIN_STEPS: int(figures.train_steps),
@@ -392,12 +435,16 @@ def train_reply(partition_id: int, num_examples: int, state: dict[str, torch.Ten
         LOCAL_TEST_EXAMPLES: int(figures.local_test_examples),
         ROUTING_P: routing.p_LE.reshape(-1).tolist(), ROUTING_N: routing.n_LE.reshape(-1).tolist(),
     })
+    if instruction.wire_dtype == "bfloat16":
+        state = {name: t - instruction.arrays[name] for name, t in state.items()}
     if instruction.sub_moe_coverage is not None:
         if sub_moe_LE is None:
             raise ValueError("the round asked for a sub-MoE upload but no sub-MoE was given")
         state = keep_rows(state, [LayerNames(l.router, l.experts) for l in layout.layers], sub_moe_LE.bool())
         metrics[SUB_MOE] = sub_moe_LE.reshape(-1).int().tolist()
-    content = RecordDict({ARRAYS: ArrayRecord(state), METRICS: metrics})
+    content = RecordDict({UPDATE: bfloat16_record(state)} if instruction.wire_dtype == "bfloat16"
+                         else {ARRAYS: ArrayRecord(state)})
+    content[METRICS] = metrics
     if instruction.alignment is not None:
         metrics[REG_LOSS] = float(figures.reg_loss or 0.0)
         content[FEDALIGN_STATS] = ArrayRecord({"o": routing.o_LE.float(), "m": routing.m_LE.float(),
@@ -447,16 +494,25 @@ class Expectation:
     noisy_statistics: bool = False  # noised counts need not add up to k x tokens
     hidden: int | None = None  # H of mu [L, E, H]: the width of the first router's input (None: not sent)
     partition_sizes: tuple[int, ...] | None = None  # when the server knows them, a claim must match
+    # the round went out in bfloat16: replies carry a bfloat16 ``update``, added to these float32 parameters
+    base: Mapping[str, torch.Tensor] | None = None
 
     @classmethod
     def of_round(cls, sent: RecordDict, layout: MoELayout, num_clients: int, work: LocalWork,
-                 partition_sizes: tuple[int, ...] | None = None) -> "Expectation":
+                 partition_sizes: tuple[int, ...] | None = None,
+                 global_state: Mapping[str, torch.Tensor] | None = None) -> "Expectation":
+        """What a reply to ``sent`` must look like; ``global_state`` (float32) is what the replies' updates
+        are added to when the round went out in bfloat16."""
         config = sent[CONFIG]
         shapes = {name: (tuple(array.shape), str(array.dtype)) for name, array in sent[ARRAYS].items()}
         router = shapes.get(layout.layers[0].router) if layout.layers else None
+        in_bfloat16 = config.get(WIRE_DTYPE) == "bfloat16"
+        if in_bfloat16 and global_state is None:
+            raise ValueError("a round sent in bfloat16 needs the float32 global state its updates are added to")
         return cls(shapes, layout, num_clients, work, sub_moe=config.get(UPLOAD) == "sub-moe",
                    alignment=FEDALIGN_TARGET in sent, noisy_statistics=float(config.get(STATS_NOISE, 0.0)) > 0,
-                   hidden=router[0][-1] if router and len(router[0]) == 2 else None, partition_sizes=partition_sizes)
+                   hidden=router[0][-1] if router and len(router[0]) == 2 else None, partition_sizes=partition_sizes,
+                   base=global_state if in_bfloat16 else None)
 
 
 _REQUIRED_METRICS = (NUM_EXAMPLES, PARTITION_ID, TRAIN_LOSS, TRAIN_STEPS, TRAIN_TOKENS, TRAIN_SECONDS,
@@ -496,6 +552,20 @@ def _check_arrays(arrays: ArrayRecord, shapes: dict[str, tuple[tuple[int, ...], 
             raise ReplyError(f"array {name} holds NaN or Inf")
 
 
+def _added_to(update: ArrayRecord, base: Mapping[str, torch.Tensor], layout: MoELayout,
+              sub_moe_LE: torch.Tensor | None) -> ArrayRecord:
+    """The trained parameters a checked bfloat16 ``update`` stands for: the float32 global parameters it was
+    trained from (their sub-MoE rows for a sub-MoE upload) plus the update."""
+    if sub_moe_LE is not None:
+        base = keep_rows(dict(base), [LayerNames(l.router, l.experts) for l in layout.layers], sub_moe_LE)
+    trained = {}
+    for name, array in update.items():
+        trained[name] = base[name].float() + read_array(array, f"{UPDATE} {name}").float()
+        if not torch.isfinite(trained[name]).all():
+            raise ReplyError(f"{UPDATE} {name}: the global parameters plus the update overflow")
+    return ArrayRecord(trained)
+
+
 def _check_routing(metrics: MetricRecord, expect: Expectation, tokens: int, where: str) -> tuple[torch.Tensor, torch.Tensor]:
     L, E, k = len(expect.layout.layers), expect.layout.num_experts, expect.layout.top_k
     p_LE = _vector(metrics, ROUTING_P, L * E, where).reshape(L, E)
@@ -510,7 +580,7 @@ def _check_routing(metrics: MetricRecord, expect: Expectation, tokens: int, wher
 
 
 _RECORD_TYPES = {ARRAYS: ArrayRecord, METRICS: MetricRecord, CONFIG: ConfigRecord, FEDALIGN_TARGET: ArrayRecord,
-                 FEDALIGN_STATS: ArrayRecord}
+                 FEDALIGN_STATS: ArrayRecord, UPDATE: ArrayRecord}
 
 
 def _check_record_types(content: RecordDict, error: type[ProtocolError] = ReplyError) -> None:
@@ -529,7 +599,8 @@ def read_train_reply(msg: Message, expect: Expectation) -> TrainReply:
     """A training reply, validated: names, shapes, dtypes and finiteness of the arrays; every figure and
     statistic in range. Raises ``ReplyError`` naming the first problem."""
     content, node = msg.content, msg.metadata.src_node_id
-    wanted = {ARRAYS, METRICS} | ({FEDALIGN_STATS} if expect.alignment else set())
+    sent_as = UPDATE if expect.base is not None else ARRAYS
+    wanted = {sent_as, METRICS} | ({FEDALIGN_STATS} if expect.alignment else set())
     present = set(content.keys())
     if present != wanted:
         raise ReplyError(f"records {sorted(present)[:5]}, expected {sorted(wanted)}")
@@ -565,7 +636,8 @@ def read_train_reply(msg: Message, expect: Expectation) -> TrainReply:
         if not ((sub_moe_LE == 0) | (sub_moe_LE == 1)).all() or (sub_moe_LE.sum(-1) < 1).any():
             raise ReplyError(f"{where}: {SUB_MOE} must be 0/1 with at least one expert a layer")
         sub_moe_LE = sub_moe_LE.bool()
-    _check_arrays(content[ARRAYS], expect.shapes, _sub_moe_rows(expect.layout, sub_moe_LE))
+    _check_arrays(content[sent_as], expect.shapes, _sub_moe_rows(expect.layout, sub_moe_LE))
+    arrays = content[ARRAYS] if expect.base is None else _added_to(content[UPDATE], expect.base, expect.layout, sub_moe_LE)
     o_LE = m_LE = torch.zeros(L, E)
     mu_LEH = torch.zeros(L, E, 0)
     if expect.alignment:
@@ -573,7 +645,7 @@ def read_train_reply(msg: Message, expect: Expectation) -> TrainReply:
         if not expect.noisy_statistics:
             _check_consistency(p_LE, n_LE, o_LE, m_LE, tokens)
     routing = ModelRoutingStatistics(p_LE.float(), n_LE.float(), o_LE, m_LE, mu_LEH, tokens)
-    return TrainReply(node, pid, num_examples, figures, routing, content[ARRAYS], sub_moe_LE, msg)
+    return TrainReply(node, pid, num_examples, figures, routing, arrays, sub_moe_LE, msg)
 
 
 def _alignment_statistics(record: ArrayRecord, L: int, E: int, H: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

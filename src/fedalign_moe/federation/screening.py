@@ -58,6 +58,7 @@ class ReplyPolicy:
     max_examples_ratio: float | None = None  # an example count counts at most this x the round's median
     max_weight_share: float | None = None  # no reply weighs more than this share of a round (4+ replies)
     partition_sizes: tuple[int, ...] | None = None  # each partition's training examples, when the server knows them
+    wire_dtype: str = "float32"  # "bfloat16": training rounds travel in bfloat16 each way (federation.wire_dtype)
 
 
 @dataclass(frozen=True)
@@ -206,6 +207,10 @@ class ScreenedReplies:
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         self.global_state = arrays.to_torch_state_dict()
         self.sent = list(super().configure_train(server_round, arrays, config, grid))
+        if self.policy.wire_dtype == "bfloat16":
+            narrow = protocol.bfloat16_record(self.global_state)
+            for msg in self.sent:
+                protocol.send_in_bfloat16(msg.content, narrow)
         return self.sent
 
     def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -215,7 +220,7 @@ class ScreenedReplies:
             return None, None
         t0 = time.perf_counter()
         expect = Expectation.of_round(self.sent[0].content, self.policy.layout, self.policy.num_clients,
-                                      self.policy.work, self.policy.partition_sizes)
+                                      self.policy.work, self.policy.partition_sizes, self.global_state)
         self.last_replies, self.last_failures, self.last_update_norms = screen(self.sent, received, expect, self.policy,
                                                                                self.global_state)
         self.last_screen_seconds = time.perf_counter() - t0

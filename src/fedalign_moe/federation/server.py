@@ -170,7 +170,8 @@ class _Server:
             watch(0)
         received = (send_and_collect(self.grid, messages, self.cfg.federation.round_timeout, watch, self.interrupted)
                     if messages else [])
-        sizes = [(record_bytes(m.content), record_bytes(m.content, protocol.ARRAYS)) for m in received if not m.has_error()]
+        sizes = [(record_bytes(m.content), record_bytes(m.content, protocol.ARRAYS) + record_bytes(m.content, protocol.UPDATE))
+                 for m in received if not m.has_error()]
         before = strategy.state_dict()
         t_aggregate = time.perf_counter()
         try:

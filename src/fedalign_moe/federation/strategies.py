@@ -71,7 +71,8 @@ def checks_example_counts(cfg: Config) -> bool:
 def reply_policy(cfg: Config, layout: MoELayout, partition_sizes: tuple[int, ...] | None = None) -> ReplyPolicy:
     fed = cfg.federation
     return ReplyPolicy(layout, cfg.partition.num_clients, LocalWork.of_config(cfg), fed.max_update_norm_ratio, fed.round_timeout,
-                       fed.max_examples_ratio, fed.max_weight_share, partition_sizes if checks_example_counts(cfg) else None)
+                       fed.max_examples_ratio, fed.max_weight_share, partition_sizes if checks_example_counts(cfg) else None,
+                       fed.wire_dtype)
 
 
 def make_strategy(cfg: Config, layout: MoELayout, partition_sizes: tuple[int, ...] | None = None) -> ScreenedReplies:

@@ -11,8 +11,9 @@ The plan counts, per worker:
 - activations of one training step at ``train.batch_size`` x ``data.max_length`` tokens (below);
 - runtime: Python with torch, transformers and flwr imported, and the run's data (``RUNTIME_BYTES``).
 The sum is the worker's ``peak_bytes``. The server adds its runtime, the replies of a round's sampled
-clients (``MESSAGE_COPIES`` times each reply's bytes) and, when it evaluates the global model itself, a
-base and the trainable parameters; Ray adds ``ENGINE_BYTES``.
+clients (``MESSAGE_COPIES`` times each reply's bytes, plus each reply added up in float32 when replies
+travel in bfloat16: ``federation.wire_dtype``) and, when it evaluates the global model itself, a base and
+the trainable parameters; Ray adds ``ENGINE_BYTES``.
 
 Activations, per token and decoder layer, with b bytes an activation element (2 under a 16-bit autocast,
 4 in float32), H the hidden size, P_d the layer's dense parameters (attention, dense and shared MLPs),
@@ -190,10 +191,12 @@ def make_plan(cfg: Config, built: BuiltModel, available: tuple[int, int] | None 
     copies = (6 + (1 if cfg.federation.strategy == "fedprox" or cfg.fedalign.proximal_mu > 0 else 0)
               + (1 if on_node else 0))  # a node keeps the initial model it may be asked for
     worker = WorkerMemory(f.base_bytes, f.trainable_parameters * 4 * copies, activation_bytes(f, cfg), RUNTIME_BYTES)
-    up = f.trainable_parameters * 4 + (f.routing_stats_bytes if cfg.federation.strategy.startswith("fedalign") else 0)
+    wire = 2 if cfg.federation.wire_dtype == "bfloat16" else 4  # bytes a parameter travels in
+    up = f.trainable_parameters * wire + (f.routing_stats_bytes if cfg.federation.strategy.startswith("fedalign") else 0)
     sampled = max(1, math.ceil(cfg.federation.fraction_train * cfg.partition.num_clients))
     server_model = 0 if on_node else f.base_bytes + f.trainable_parameters * 4 * 2  # the server's own model
-    server = RUNTIME_BYTES + MESSAGE_COPIES * sampled * up + server_model
+    rebuilt = sampled * f.trainable_parameters * 4 if wire == 2 else 0  # each bfloat16 update added up in float32
+    server = RUNTIME_BYTES + MESSAGE_COPIES * sampled * up + rebuilt + server_model
     free, devices = available or _available(device)
     federated = cfg.federation.strategy not in ("local", "centralised")
     engine = ENGINE_BYTES if federated else 0
@@ -216,7 +219,7 @@ def make_plan(cfg: Config, built: BuiltModel, available: tuple[int, int] | None 
     else:
         need = server + engine + max(workers, 1) * worker.peak_bytes
     return Plan(f, worker, server, engine, workers, fixed, "node" if on_node else "server", device, free,
-                f.trainable_parameters * 4, up, need, workers >= 1 and need <= free)
+                f.trainable_parameters * wire, up, need, workers >= 1 and need <= free)
 
 
 def plan_model(cfg: Config, data: FederatedData | None = None) -> BuiltModel:
