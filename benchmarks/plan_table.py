@@ -28,6 +28,8 @@ MACHINES = {"this CPU (24 GB)": ("cpu", 23.5e9, 2), "one H100 (80 GB)": ("cuda",
 SETTINGS = {  # name -> overrides on top of the common ones
     "bf16 LoRA r8, checkpointing, batch 8 x 256": {"train": {"gradient_checkpointing": True}},
     "bf16 LoRA r8, batch 8 x 256": {},
+    "4-bit linears (QLoRA) r8, checkpointing, batch 8 x 256": {"train": {"gradient_checkpointing": True},
+                                                               "model": {"quantize": "4bit"}},
 }
 
 
@@ -41,7 +43,7 @@ def main() -> None:
         for machine, (device, free, cores) in MACHINES.items():
             for setting, extra in SETTINGS.items():
                 over = {"model": {"backbone": f"{args.folders}/cfg-{arch}", "trainable": "lora", "dtype": "bfloat16",
-                                  "device": device},
+                                  "device": device, **extra.get("model", {})},
                         "train": {"batch_size": 8, "torch_threads": None, **extra.get("train", {})},
                         "data": {"max_length": 256}, "partition": {"num_clients": 10},
                         "federation": {"strategy": "fedalign", "client_cpus": (os.cpu_count() or 1) / cores}}
@@ -56,12 +58,12 @@ def main() -> None:
     dest = ROOT / "benchmarks" / "results" / "llm_memory"
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "plan_table.json").write_text(json.dumps(rows, indent=1) + "\n")
-    print("| model | parameters (active) | machine | setting | per worker | workers | fits |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | parameters (active per token) | machine | setting | base | per worker (`peak_bytes`) | workers | fits |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['architecture']} | {r['parameters'] / 1e9:.1f}B ({r['active_parameters'] / 1e9:.1f}B) | {r['machine']} | "
-              f"{r['setting']} | {r['peak_bytes'] / 1e9:.1f} GB | {r['workers']} | {'yes' if r['fits'] else 'no'} |")
-
+              f"{r['setting']} | {r['base_bytes'] / 1e9:.1f} GB | {r['peak_bytes'] / 1e9:.1f} GB | {r['workers']} | "
+              f"{'yes' if r['fits'] else 'no'} |")
 
 if __name__ == "__main__":
     main()

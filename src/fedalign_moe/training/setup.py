@@ -21,7 +21,7 @@ import transformers
 from ..config import Config, UserError
 from ..data import (LabeledText, domains, label_counts, load_source, partition, public_split, skew_summary, split_client,
                     train_test_split)
-from ..models.build import BuiltModel, build_model, check_tokenizer, supports_meta
+from ..models.build import FOUR_BIT_BYTES, BuiltModel, build_model, check_tokenizer, parameter_numel, supports_meta
 from ..models.recipes import PublicCorpus
 from ..runlog import RunLog
 from .local import ClientTensors, cache_prefix, tokenize, trainable_state
@@ -131,9 +131,11 @@ def to_tensors(built: BuiltModel, ds, cfg: Config, device: torch.device, fingerp
 
 
 def base_bytes(built: BuiltModel) -> int:
-    """Bytes of the frozen parameters (the base that every worker holds once)."""
-    keep = set(built.trainable)
-    return sum(p.numel() * p.element_size() for n, p in built.model.named_parameters() if n not in keep)
+    """Bytes of the frozen parameters (the base that every worker holds once): ``FOUR_BIT_BYTES`` a weight
+    for those held in 4 bits (``model.quantize``), their dtype's size for the rest."""
+    keep, four_bit = set(built.trainable), set(built.four_bit)
+    return int(sum(FOUR_BIT_BYTES * parameter_numel(p) if n in four_bit else p.numel() * p.element_size()
+                   for n, p in built.model.named_parameters() if n not in keep))
 
 
 def evaluates_on_node(cfg: Config, frozen_bytes: int) -> bool:
