@@ -2,6 +2,7 @@
 outside what its own node config allows; simulation's client processes take the run config as it is."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -61,9 +62,12 @@ def test_checkpoints_and_hub_ids_need_the_nodes_permission(tmp_path):
 
 def test_where_a_node_writes_and_its_device_are_its_own():
     cfg = _cfg(model={"prefix_cache_dir": "/etc/cron.d", "build_cache_dir": "/root/.ssh", "device": "cuda"})
-    memory_only = _node().apply(cfg)
+    default = _node().apply(cfg)  # the node's own cache, never the run config's places
+    home = Path("~/.cache/fedalign-moe").expanduser()
+    assert (default.model.prefix_cache_dir, default.model.build_cache_dir) == (str(home / "prefix"), str(home / "models"))
+    assert default.model.device == "auto"
+    memory_only = _node(**{"cache-dir": "none"}).apply(cfg)
     assert memory_only.model.prefix_cache_dir is None and memory_only.model.build_cache_dir is None
-    assert memory_only.model.device == "auto"
     own = _node(**{"cache-dir": "/var/cache/fl", "device": "cpu"}).apply(cfg)
     assert (own.model.prefix_cache_dir, own.model.build_cache_dir, own.model.device) == (
         "/var/cache/fl/prefix", "/var/cache/fl/models", "cpu")

@@ -178,3 +178,36 @@ def test_real_smollm2_upcycles_to_an_equivalent_mixtral(capfd):
     print(f"max |logit diff| {diff:.2e}, logit scale {ref.abs().max().item():.1f}")
     assert diff < 1e-3 * ref.abs().max().item()
     assert ref[0, -1].argmax() == got[0, -1].argmax()
+
+
+def test_a_dense_model_is_kept_once_and_read_back_the_same(tmp_path, monkeypatch, caplog):
+    """A deployed node starts a process for every message: the dense model it upcycles is loaded from its
+    source once, then read back from the node's cache, the same tensors and tokenizer; an unreadable copy
+    is loaded again with a line that says so."""
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    from fedalign_moe.models import build
+
+    source = tmp_path / "dense"
+    _tiny_llama(tie=True).save_pretrained(source)
+    vocab = {f"t{i}": i for i in range(100)}
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
+                            eos_token="t2", unk_token="t0").save_pretrained(source)
+    loads = []
+    real = ul.load_dense_causal_lm
+    monkeypatch.setattr(ul, "load_dense_causal_lm", lambda path: loads.append(path) or real(path))
+    cache = tmp_path / "cache"
+    first, first_tok = build.cached_dense_lm(source, str(cache))
+    second, second_tok = build.cached_dense_lm(source, str(cache))
+    kept = next(cache.iterdir())
+    assert loads == [source, kept] and [p.name for p in cache.iterdir()] == [kept.name]  # no temporary left
+    a, b = first.state_dict(), second.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert first_tok("t5 t7 t9")["input_ids"] == second_tok("t5 t7 t9")["input_ids"] and second_tok.pad_token == "t2"
+    (kept / "config.json").write_text("{not json")
+    third, _ = build.cached_dense_lm(source, str(cache))
+    assert loads[-2:] == [kept, source] and "is unreadable" in caplog.text
+    assert all(torch.equal(third.state_dict()[k], a[k]) for k in a)
+    build.cached_dense_lm(source, None)
+    assert loads[-1] == source  # no cache: the source, every time

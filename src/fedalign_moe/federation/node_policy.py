@@ -11,7 +11,7 @@ with ``NodePolicyError`` (the client replies with an error; the server logs it a
 | ``data-roots`` | folders (``:``-separated) under which a run config's ``data.path`` / ``data.wordnet_dir`` may lie | none: only built-in sources and ``data-path`` |
 | ``model-roots`` | folders under which a checkpoint ``model.backbone`` may lie | none: only built-in backbones |
 | ``allow-hub`` | ``true``: hub ids for data (``hf:``) and models may be fetched | false |
-| ``cache-dir`` | where the prefix cache and built models are kept (``prefix``/``models`` inside) | none: memory only |
+| ``cache-dir`` | where the prefix cache and built models are kept (``prefix``/``models`` inside); ``none``: nothing is written | ``~/.cache/fedalign-moe`` (a simulation's too) |
 | ``device`` | ``cpu``, ``cuda`` or ``auto`` | ``auto`` |
 
 Flower's simulation runs every client inside ``fedalign-moe``'s own process tree, from the same user's
@@ -30,6 +30,9 @@ from pathlib import Path
 from ..config import Config, UserError
 
 TRUST_ENV = "FEDALIGN_NODE_TRUST"
+# a node's caches by default: Flower's deployment runtime starts a process for every message, and each would
+# otherwise recompute what the last one computed (an encoder's frozen prefix, a built or dequantised model)
+DEFAULT_CACHE_DIR = "~/.cache/fedalign-moe"
 FILE_SOURCES = ("csv", "jsonl", "json", "parquet", "file")
 
 
@@ -56,7 +59,7 @@ class NodePolicy:
     data_roots: tuple[Path, ...] = ()
     model_roots: tuple[Path, ...] = ()
     allow_hub: bool = False
-    cache_dir: str | None = None
+    cache_dir: str | None = DEFAULT_CACHE_DIR  # None: nothing is written
     device: str = "auto"
 
     @classmethod
@@ -69,8 +72,9 @@ class NodePolicy:
         allow = str(node_config.get("allow-hub", "false")).lower()
         if allow not in ("true", "false"):
             raise NodePolicyError(f"node config: allow-hub must be true or false, got {allow!r}")
+        cache = str(node_config.get("cache-dir") or DEFAULT_CACHE_DIR)
         return cls(False, node_config.get("data-path") or None, _roots(node_config.get("data-roots")),
-                   _roots(node_config.get("model-roots")), allow == "true", node_config.get("cache-dir") or None, device)
+                   _roots(node_config.get("model-roots")), allow == "true", None if cache == "none" else cache, device)
 
     def apply(self, cfg: Config) -> Config:
         """The config this node runs: the run config's experiment, the node's places and device."""

@@ -10,9 +10,12 @@ whose sparse blocks ``hf_moe`` finds (a causal LM), or of Switch Transformers (`
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -209,6 +212,35 @@ def _no_loading_bar():
             hf_logging.enable_progress_bar()
 
 
+def cached_dense_lm(path: Path, cache_dir: str | None):
+    """``load_dense_causal_lm(path)``, kept after its first load as a model folder (safetensors, float32, and
+    its tokenizer) in ``cache_dir`` under the file's fingerprint: reading it back takes a fraction of a
+    second, where dequantising SmolLM2's GGUF file takes about 14 s, which a deployed node (a fresh process
+    for every message) would pay each round. The same tensors and tokenizer either way."""
+    from .upcycle_llama import load_dense_causal_lm
+
+    if cache_dir is None:
+        return load_dense_causal_lm(path)
+    folder = Path(cache_dir).expanduser() / f"dense-{path.stem}-{file_fingerprint(path)[:16]}"
+    if (folder / "config.json").is_file():
+        try:
+            return load_dense_causal_lm(folder)
+        except ModelLoadError as err:
+            logger.warning("the cached dense model %s is unreadable (%s): loading %s again", folder, err, path.name)
+    model, tokenizer = load_dense_causal_lm(path)
+    tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(folder, ignore_errors=True)  # an unreadable copy
+        os.replace(tmp, folder)  # whole: another process never reads half a folder
+    except OSError as err:  # full or read-only disk, or another process kept its copy first: load again next time
+        logger.info("the dense model is not kept in %s: %s", folder.parent, err)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return model, tokenizer
+
+
 def _tiny_switch(cfg: ModelConfig, task: str, seed: int, vocab_size: int) -> nn.Module:
     from transformers import SwitchTransformersEncoderModel, SwitchTransformersForConditionalGeneration as Seq2Seq
 
@@ -252,9 +284,9 @@ def _backbone(cfg: ModelConfig, label_names: list[str], task: str, seed: int, pu
         model, tok, seconds = _minilm(cfg, len(label_names), seed, public, max_length)
         return model, tok, EncoderMoEAdapter.from_model(model), seconds
     if cfg.backbone == "smollm2":
-        from .upcycle_llama import load_dense_causal_lm, smollm2_gguf_path, upcycle_llama_to_mixtral
+        from .upcycle_llama import smollm2_gguf_path, upcycle_llama_to_mixtral
 
-        dense, tok = load_dense_causal_lm(smollm2_gguf_path())
+        dense, tok = cached_dense_lm(smollm2_gguf_path(), cfg.build_cache_dir)
         lm = upcycle_llama_to_mixtral(dense, cfg.num_experts, cfg.top_k, router_std=cfg.router_std,
                                       expert_noise=cfg.expert_noise, seed=seed)
     elif cfg.backbone == "tiny-switch-transformers":

@@ -188,10 +188,10 @@ def btx_state(load_dense: Callable[[], nn.Module], tokenizer, corpus: PublicCorp
 
 
 def file_fingerprint(folder: Path) -> str:
-    """SHA-256 over a model folder's files (names and bytes)."""
+    """SHA-256 over a model folder's files (names and bytes), or over one file's bytes."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(folder)).encode())
+    for path in [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder) if path != folder else path.name).encode())
         with path.open("rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 22), b""):
                 digest.update(chunk)
