@@ -66,11 +66,13 @@ def test_every_strategy_aggregates_the_float32_global_plus_each_bfloat16_update(
     for k in glob:
         assert torch.equal(got[k], expected[k]), k
     # the same steps taken from the float32 global, in float32: the aggregate moves by what they move it,
-    # to bfloat16's precision of a step (not of a weight)
+    # to bfloat16's precision of a step (not of a weight); an adaptive server step divides by |step| + tau,
+    # which magnifies a small step's rounding
     _, _, _, exact = _round(name, glob, [{k: glob[k] + d[k] for k in d} for d in steps], sizes, "float32")
+    slack = 0.05 if name in ("fedadagrad", "fedadam", "fedyogi") else 0.01
     for k, v in exact.to_torch_state_dict().items():
         moved = (v - glob[k]).abs().max()
-        assert moved > 0 and (got[k] - v).abs().max() <= 0.01 * moved, k
+        assert moved > 0 and (got[k] - v).abs().max() <= slack * moved, k
 
 
 def test_half_the_bytes_each_way(server_identity):

@@ -24,7 +24,10 @@ FEDALIGN_RUNGS = {
 }
 # Flower's Byzantine-robust aggregators, as baselines behind the same reply screen
 ROBUST_BASELINES = ("fedtrimmedavg", "fedmedian", "krum", "multikrum", "bulyan")
-STRATEGIES = ("fedavg", "fedprox", "fedmoe", "local", "centralised", *ROBUST_BASELINES, *FEDALIGN_RUNGS)
+# Flower's server optimisers (Reddi et al. 2021, Hsu et al. 2019): the average as a pseudo-gradient
+SERVER_OPTIMIZERS = ("fedavgm", "fedadagrad", "fedadam", "fedyogi")
+STRATEGIES = ("fedavg", "fedprox", "fedmoe", "local", "centralised", *SERVER_OPTIMIZERS, *ROBUST_BASELINES,
+              *FEDALIGN_RUNGS)
 # Fields whose default changed after runs that lack them were stored, and the value those runs used:
 # FedAlign-MoE weighted aligned experts by tokens until issue 9 made `examples` the default; checkpoints
 # loaded in float32 before `model.dtype` existed, and batches were padded to data.max_length.
@@ -218,6 +221,16 @@ class FederationConfig(_Section):
     # nodes the rule is built to withstand (krum, multikrum, bulyan; bulyan needs 4f + 3 replies a round)
     trim_beta: float = Field(0.2, ge=0, lt=0.5)
     num_malicious: StrictInt = Field(1, ge=0)
+    # server optimisers: the step the server takes along the round's average update (FedAvgM's server
+    # learning rate; eta of the adaptive ones, whose step per coordinate is about eta x update / (|update| +
+    # tau): with eta = tau it is FedAvg's for updates much smaller than tau), FedAvgM's momentum, and the
+    # adaptive ones' moments and adaptivity (FedAdagrad reads tau only). None: 1.0 for FedAvgM, 1e-3 for the
+    # adaptive ones (Flower's 0.1 moves a fine-tuned model ~100x further a round than its clients did)
+    server_lr: float | None = Field(None, gt=0)
+    server_momentum: float = Field(0.9, ge=0, lt=1)
+    server_beta_1: float = Field(0.9, ge=0, lt=1)
+    server_beta_2: float = Field(0.99, ge=0, lt=1)
+    server_tau: float = Field(1e-3, gt=0)
     # the dtype a training round's parameters travel in, each way: "bfloat16" halves the bytes (the server keeps
     # its global model in float32 and clients send their update, trained minus received, so rounding never
     # accumulates over rounds); measured on `specialised` in docs/llm.md
@@ -229,6 +242,11 @@ class FederationConfig(_Section):
         if v not in STRATEGIES:
             raise ValueError(f"unknown strategy {v!r}; choose one of {', '.join(STRATEGIES)}")
         return v
+
+
+    def effective_server_lr(self) -> float:
+        """``server_lr``, or the strategy's default step when it is None."""
+        return self.server_lr if self.server_lr is not None else (1.0 if self.strategy == "fedavgm" else 1e-3)
 
 
 class FedAlignConfig(_Section):
@@ -368,6 +386,15 @@ class Config(_Section):
             raw["federation"].pop("trim_beta")
         if strategy not in ("krum", "multikrum", "bulyan"):
             raw["federation"].pop("num_malicious")
+        if strategy not in SERVER_OPTIMIZERS:
+            raw["federation"].pop("server_lr")
+        if strategy != "fedavgm":
+            raw["federation"].pop("server_momentum")
+        if strategy not in ("fedadam", "fedyogi"):
+            raw["federation"].pop("server_beta_1")
+            raw["federation"].pop("server_beta_2")
+        if strategy not in ("fedadagrad", "fedadam", "fedyogi"):
+            raw["federation"].pop("server_tau")
         if strategy in ("local", "centralised"):  # nothing travels
             raw["federation"].pop("wire_dtype")
         if self.attack.kind == "none":  # no hostile client: where it would be changes no number

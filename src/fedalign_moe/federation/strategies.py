@@ -1,17 +1,19 @@
 """Which Flower strategy a run uses. FedAvg and FedProx are Flower's FedAvg arithmetic behind this
 package's reply screen (``screening.ScreenedReplies``), over the screen's bounded example weights; the
-robust baselines (trimmed mean, median, Krum, Multi-Krum, Bulyan) are Flower's own strategies behind the
-same screen; FedAlign-MoE and its ablation rungs are ``fedalign.FedAlignMoE``; the FedMoE baseline is
+server optimisers (FedAvgM, FedAdagrad, FedAdam, FedYogi) and the robust baselines (trimmed mean, median,
+Krum, Multi-Krum, Bulyan) are Flower's own strategies behind the same screen; FedAlign-MoE and its ablation rungs are ``fedalign.FedAlignMoE``; the FedMoE baseline is
 ``fedmoe.FedMoE``."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
+import torch
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp import strategy as flwr_strategy
 
-from ..config import FEDALIGN_RUNGS, ROBUST_BASELINES, Config
+from ..config import FEDALIGN_RUNGS, ROBUST_BASELINES, SERVER_OPTIMIZERS, Config
 from ..models.base import MoELayout
 from . import protocol
 from .protocol import LocalWork
@@ -20,7 +22,7 @@ from .fedmoe import FedMoE
 from .node_policy import FILE_SOURCES
 from .screening import ReplyPolicy, ScreenedReplies
 
-FEDERATED = ("fedavg", "fedprox", "fedmoe", *ROBUST_BASELINES, *FEDALIGN_RUNGS)
+FEDERATED = ("fedavg", "fedprox", "fedmoe", *SERVER_OPTIMIZERS, *ROBUST_BASELINES, *FEDALIGN_RUNGS)
 
 
 class FedAvg(ScreenedReplies, flwr_strategy.FedAvg):
@@ -31,7 +33,7 @@ class FedProx(ScreenedReplies, flwr_strategy.FedProx):
     """FedProx (Li et al. 2020, arXiv 1812.06127): FedAvg's aggregation; clients add (mu/2)||w - w_g||^2."""
 
 
-class FlowerRobustAggregation:
+class FlowerAggregation:
     """Mixin (first in the bases): the screened replies go to the Flower parent's own ``aggregate_train``,
     each as a copy that carries its bounded weight (Flower's robust rules pop arrays out of what they read)."""
 
@@ -42,23 +44,94 @@ class FlowerRobustAggregation:
         return super(ScreenedReplies, self).aggregate_train(server_round, copies)
 
 
-class FedTrimmedAvg(FlowerRobustAggregation, ScreenedReplies, flwr_strategy.FedTrimmedAvg):
+class ServerOptimizer(FlowerAggregation):
+    """Mixin for Flower's server optimisers: Flower's own step on the screened replies' average, from the
+    global model the round sent (set every round, so that an aggregate the server did not adopt, or a
+    resumed run, never leaves the optimiser stepping from another model), with its moments as the
+    strategy's state (``state_dict``: what a checkpoint keeps, and what the round loop restores when it
+    does not adopt an aggregate)."""
+
+    MOMENTS: tuple[str, ...] = ()  # attributes holding the optimiser's moments: name -> ndarray, or a list
+
+    def configure_train(self, server_round, arrays, config, grid):
+        if isinstance(self, flwr_strategy.FedAvgM):
+            self.current_arrays = ArrayRecord(dict(arrays.items()))
+            if isinstance(self.momentum_vector, dict):  # loaded by name: Flower keeps it in the arrays' order
+                self.momentum_vector = [self.momentum_vector[k] for k in arrays.keys()]
+        else:
+            self.current_arrays = {k: a.numpy() for k, a in arrays.items()}
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_replies(self, server_round, replies):
+        """Flower's step, in the global model's own dtypes: Flower's FedAdam multiplies by a float64 NumPy
+        scalar, which NumPy 2 widens the whole model to (the next round's float32 replies would then all be
+        refused as the wrong dtype)."""
+        arrays, metrics = super().aggregate_replies(server_round, replies)
+        if arrays is None:
+            return arrays, metrics
+        dtypes = {k: t.dtype for k, t in self.global_state.items()}
+        return ArrayRecord({k: t.to(dtypes.get(k, t.dtype)) for k, t in arrays.to_torch_state_dict().items()}), metrics
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        names = list(self.global_state)  # the order Flower keeps FedAvgM's momentum in
+        state = {}
+        for moment in self.MOMENTS:
+            value = getattr(self, moment)
+            if value:
+                items = value.items() if isinstance(value, dict) else zip(names, value, strict=True)
+                state.update({f"{moment}/{k}": torch.from_numpy(np.array(v, copy=True)) for k, v in items})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for moment in self.MOMENTS:  # by name; configure_train puts FedAvgM's in the arrays' order
+            kept = {k.split("/", 1)[1]: t.numpy().copy() for k, t in state.items() if k.startswith(f"{moment}/")}
+            setattr(self, moment, kept or None)
+        unknown = sorted(k for k in state if k.split("/", 1)[0] not in self.MOMENTS)
+        if unknown:
+            raise ValueError(f"{type(self).__name__} keeps {list(self.MOMENTS)}, got {unknown[:3]}")
+
+
+class FedAvgM(ServerOptimizer, ScreenedReplies, flwr_strategy.FedAvgM):
+    """FedAvgM (Hsu et al. 2019, arXiv 1909.06335): server SGD with momentum on the average update; Flower's."""
+
+    MOMENTS = ("momentum_vector",)
+
+
+class FedAdagrad(ServerOptimizer, ScreenedReplies, flwr_strategy.FedAdagrad):
+    """FedAdagrad (Reddi et al. 2021, arXiv 2003.00295): server Adagrad on the average update; Flower's."""
+
+    MOMENTS = ("m_t", "v_t")
+
+
+class FedAdam(ServerOptimizer, ScreenedReplies, flwr_strategy.FedAdam):
+    """FedAdam (Reddi et al. 2021, arXiv 2003.00295): server Adam on the average update; Flower's."""
+
+    MOMENTS = ("m_t", "v_t")
+
+
+class FedYogi(ServerOptimizer, ScreenedReplies, flwr_strategy.FedYogi):
+    """FedYogi (Reddi et al. 2021, arXiv 2003.00295): server Yogi on the average update; Flower's."""
+
+    MOMENTS = ("m_t", "v_t")
+
+
+class FedTrimmedAvg(FlowerAggregation, ScreenedReplies, flwr_strategy.FedTrimmedAvg):
     """Coordinate-wise trimmed mean (Yin et al. 2018, arXiv 1803.01498): Flower's, behind the reply screen."""
 
 
-class FedMedian(FlowerRobustAggregation, ScreenedReplies, flwr_strategy.FedMedian):
+class FedMedian(FlowerAggregation, ScreenedReplies, flwr_strategy.FedMedian):
     """Coordinate-wise median (Yin et al. 2018, arXiv 1803.01498): Flower's, behind the reply screen."""
 
 
-class Krum(FlowerRobustAggregation, ScreenedReplies, flwr_strategy.Krum):
+class Krum(FlowerAggregation, ScreenedReplies, flwr_strategy.Krum):
     """Krum (Blanchard et al. 2017, NeurIPS): the update closest to its n - f - 2 neighbours; Flower's."""
 
 
-class MultiKrum(FlowerRobustAggregation, ScreenedReplies, flwr_strategy.MultiKrum):
+class MultiKrum(FlowerAggregation, ScreenedReplies, flwr_strategy.MultiKrum):
     """Multi-Krum (Blanchard et al. 2017): the average of the m updates Krum ranks best; Flower's."""
 
 
-class Bulyan(FlowerRobustAggregation, ScreenedReplies, flwr_strategy.Bulyan):
+class Bulyan(FlowerAggregation, ScreenedReplies, flwr_strategy.Bulyan):
     """Bulyan (El Mhamdi et al. 2018, arXiv 1802.07927): Krum selection, then a trimmed mean; Flower's."""
 
 
@@ -100,6 +173,13 @@ def make_strategy(cfg: Config, layout: MoELayout, partition_sizes: tuple[int, ..
         return FedProx(policy, **common, proximal_mu=cfg.train.proximal_mu)
     if name == "fedmoe":
         return FedMoE(policy, cfg.federation.fedmoe_coverage, **common)
+    fed = cfg.federation
+    if name == "fedavgm":
+        return FedAvgM(policy, **common, server_learning_rate=fed.effective_server_lr(), server_momentum=fed.server_momentum)
+    adaptive = {"fedadagrad": FedAdagrad, "fedadam": FedAdam, "fedyogi": FedYogi}
+    if name in adaptive:
+        betas = {} if name == "fedadagrad" else {"beta_1": fed.server_beta_1, "beta_2": fed.server_beta_2}
+        return adaptive[name](policy, **common, eta=fed.effective_server_lr(), eta_l=cfg.train.lr, tau=fed.server_tau, **betas)
     f = cfg.federation.num_malicious
     if name == "fedtrimmedavg":
         return FedTrimmedAvg(policy, **common, beta=cfg.federation.trim_beta)

@@ -23,8 +23,9 @@ COLUMNS = (
 )
 
 
-STRATEGY_ORDER = ("centralised", "local", "fedavg", "fedprox", "fedmoe", "fedtrimmedavg", "fedmedian", "krum", "multikrum",
-                  "bulyan", "fedalign-uniform", "fedalign-consistency", "fedalign-adaptive", "fedalign")
+STRATEGY_ORDER = ("centralised", "local", "fedavg", "fedprox", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "fedmoe",
+                  "fedtrimmedavg", "fedmedian", "krum", "multikrum", "bulyan", "fedalign-uniform", "fedalign-consistency",
+                  "fedalign-adaptive", "fedalign")
 # floor and ceiling first, the baselines, then the ablation ladder upwards
 
 
