@@ -162,11 +162,14 @@ def test_errors_are_clear(tmp_path: Path) -> None:
 def test_hub_offline_raises_data_error_fast() -> None:
     code = ("from fedalign_moe.data import load_source, DataError\n"
             "try:\n    load_source('hf:fancyzhx/ag_news')\n"
+            "except DataError as e:\n    print('DATAERROR', e)\n"
+            "try:\n    load_source('hf:cais/mmlu', hf_config='all', hf_split='test')\n"
             "except DataError as e:\n    print('DATAERROR', e)\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     expected = "DATAERROR could not load Hugging Face dataset 'fancyzhx/ag_news'"
     assert expected in out.stdout, out.stderr[-2000:]
+    assert "DATAERROR could not load Hugging Face dataset 'cais/mmlu' configuration 'all' split 'test'" in out.stdout
 
 
 def test_max_examples_is_seeded_and_stratified(mmlu: LabeledText) -> None:
@@ -346,3 +349,68 @@ def test_a_single_class_file_is_legal_but_warned(tmp_path, caplog):
         data = load_source("file", path=str(path))
     assert len(data.dataset) == 10
     assert any("single class" in r.getMessage() for r in caplog.records)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def test_a_file_in_mmlus_hub_schema_is_multiple_choice(tmp_path: Path, mmlu: LabeledText) -> None:
+    """cais/mmlu's own columns (question, choices, answer, subject): the same prompt as the bundled MMLU."""
+    rows = [{"question": "What is 2 + 2?", "choices": ["3", "4", "5", "22"], "answer": 1, "subject": "elementary mathematics"},
+            {"question": "Which is a noble gas?", "choices": ["Ne", "Na", "N", "Ni"], "answer": 0, "subject": "chemistry"}]
+    data = load_source("file", path=_write_jsonl(tmp_path / "mmlu.jsonl", rows))
+    assert data.task == "multiple-choice" and data.partition_key == "group" and data.label_names == ["A", "B", "C", "D"]
+    assert data.dataset["text"][0] == "Question: What is 2 + 2?\nA. 3\nB. 4\nC. 5\nD. 22\nAnswer:"
+    assert data.dataset["label"][:] == [1, 0] and data.dataset["group"][:] == ["elementary mathematics", "chemistry"]
+    bundled = mmlu.dataset["text"][0]  # the bundled file's format, line for line
+    assert bundled.startswith("Question: ") and [l[:3] for l in bundled.splitlines()[1:]] == ["A. ", "B. ", "C. ", "D. ", "Ans"]
+
+
+def test_a_file_in_hellaswags_hub_schema_is_multiple_choice(tmp_path: Path) -> None:
+    """Rowan/hellaswag's own columns (ctx, endings, label as a digit string, activity_label)."""
+    rows = [{"ctx": "A man is sitting on a roof. he", "endings": ["is using wrap.", "is ripping level tiles off.",
+                                                                  "is holding a rubik's cube.", "starts pulling up roofing."],
+             "label": "3", "activity_label": "Roof shingle removal"},
+            {"ctx": "A woman pours batter into a pan. she", "endings": ["flips it.", "sings.", "runs.", "sleeps."],
+             "label": "0", "activity_label": "Making pancakes"}]
+    data = load_source("file", path=_write_jsonl(tmp_path / "hellaswag.jsonl", rows))
+    assert data.task == "multiple-choice" and data.label_names == ["A", "B", "C", "D"]
+    assert data.dataset["text"][1] == "A woman pours batter into a pan. she\nA. flips it.\nB. sings.\nC. runs.\nD. sleeps.\nAnswer:"
+    assert data.dataset["label"][:] == [3, 0] and data.dataset["group"][1] == "Making pancakes"
+
+
+@pytest.mark.parametrize("row, says", [
+    ({"ctx": "c", "endings": ["a", "b", "c", "d"], "label": ""}, "row 1: answer '' is not one of the 4 choices (an unlabelled split?"),
+    ({"ctx": "c", "endings": ["a", "b"], "label": "0"}, "row 1: 2 choices, but the first row has 4"),
+    ({"ctx": "c", "endings": "abcd", "label": "0"}, "row 1: 'ctx' must be text and 'endings' a list of texts"),
+    ({"ctx": "c", "endings": ["a", "b", "c", "d"], "label": "7"}, "row 1: answer '7' is not one of the 4 choices"),
+])
+def test_a_bad_multiple_choice_row_is_one_line_naming_it(tmp_path: Path, row: dict, says: str) -> None:
+    good = {"ctx": "c", "endings": ["a", "b", "c", "d"], "label": "1"}
+    path = _write_jsonl(tmp_path / "mc.jsonl", [good, row])
+    with pytest.raises(DataError, match=r"mc\.jsonl " + says.replace("(", r"\(").replace("?", r"\?")):
+        load_source("file", path=path)
+
+
+def test_a_run_on_a_file_in_mmlus_hub_schema(tmp_path: Path, monkeypatch) -> None:
+    """Two federated rounds of FedAlign-MoE on a multiple-choice file written in cais/mmlu's columns, with no
+    other data setting: the answer letters are scored after "Answer:", clients partitioned over subjects."""
+    from in_process import run_in_process
+
+    from fedalign_moe.config import load_config
+    from fedalign_moe.federation.client_app import cached_workspace
+
+    rng = np.random.default_rng(0)
+    rows = [{"question": f"Question {i} about {s}?", "choices": [f"option {j} of {i}" for j in range(4)],
+             "answer": int(rng.integers(4)), "subject": s} for i in range(160) for s in [("algebra", "law", "biology", "art")[i % 4]]]
+    path = _write_jsonl(tmp_path / "mmlu.jsonl", rows)
+    cached_workspace.cache_clear()
+    cfg = load_config("tiny", overrides={"out_dir": str(tmp_path / "run"), "data": {"source": "file", "path": path},
+                                         "federation": {"strategy": "fedalign"}})
+    summary = run_in_process(cfg, monkeypatch)
+    cached_workspace.cache_clear()
+    assert summary["rounds"] == 2 and summary["rounds_not_adopted"] == [] and summary["failures_total"] == 0
+    part = json.loads((tmp_path / "run" / "partition.json").read_text())
+    assert part["partition_key"] == "group" and sorted(part["names"]) == ["algebra", "art", "biology", "law"]

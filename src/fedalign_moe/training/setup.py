@@ -58,6 +58,7 @@ def prepare_data(cfg: Config) -> FederatedData:
     """
     d, p = cfg.data, cfg.partition
     source = load_source(d.source, path=d.path, text_column=d.text_column, label_column=d.label_column,
+                         hf_config=d.hf_config, hf_split=d.hf_split,
                          group_column=d.group_column,
                          wordnet_dir=d.wordnet_dir, seed=cfg.seed)
     public, pool = public_split(source, d.public_fraction, d.public_seed) if d.public_fraction > 0 else (None, source)
