@@ -66,6 +66,10 @@ class DataConfig(_Section):
     # hub sources: the dataset's configuration (cais/mmlu's "all", or one subject) and the split read
     hf_config: str | None = None
     hf_split: str = "train"
+    # multiple choice: "letters" (the answer letter after a prompt that lists the choices: MMLU's protocol),
+    # "likelihood" (each choice's mean token log-probability after the context: HellaSwag's; causal LMs),
+    # "auto": each benchmark's own (letters for MMLU's columns and the mmlu source, likelihood for HellaSwag's)
+    choice_scoring: Literal["auto", "letters", "likelihood"] = "auto"
     path: str | None = None  # for source = "file": a .csv/.jsonl/.json/.parquet file
     text_column: str = "text"
     label_column: str = "label"

@@ -109,12 +109,38 @@ class LabeledText:
         """Return the number of examples."""
         return len(self.dataset)
 
+    @property
+    def rows_per_example(self) -> int:
+        """Sequences the model reads for one example: one for each choice when choices are scored by their
+        likelihood (``choice-likelihood``), else one."""
+        return len(self.label_names) if self.task == "choice-likelihood" else 1
 
-def _make_dataset(texts: list[str], labels: list[int], groups: list[str]) -> datasets.Dataset:
-    """Build the canonical three-column in-memory dataset."""
+
+def _make_dataset(texts: list[str], labels: list[int], groups: list[str],
+                  choices: list[list[str]] | None = None) -> datasets.Dataset:
+    """Build the canonical three-column in-memory dataset (four with ``choices``: the texts of each example's
+    choices, which follow its ``text`` when they are scored by their likelihood)."""
     string, integer = datasets.Value("string"), datasets.Value("int64")
-    features = datasets.Features({"text": string, "label": integer, "group": string})
-    return datasets.Dataset.from_dict({"text": texts, "label": labels, "group": groups}, features=features)
+    columns = {"text": texts, "label": labels, "group": groups}
+    features = {"text": string, "label": integer, "group": string}
+    if choices is not None:
+        columns["choices"], features["choices"] = choices, datasets.Sequence(string)
+    return datasets.Dataset.from_dict(columns, features=datasets.Features(features))
+
+
+def _choice_task(stems: list[str], options: list[list[str]], labels: list[int], groups: list[str], head: str,
+                 answer_cue: str, scoring: str, partition_key: str, name: str) -> LabeledText:
+    """Multiple choice in either scoring: ``letters``, one prompt listing the choices under letters and
+    ending in "Answer:" (MMLU's protocol), or ``likelihood``, the context alone (``answer_cue`` after it),
+    each choice its continuation (HellaSwag's protocol)."""
+    letters = list(LETTERS[: len(options[0])])
+    if scoring == "letters":
+        texts = [f"{head}{stem.strip()}" + "".join(f"\n{LETTERS[j]}. {o.strip()}" for j, o in enumerate(opts)) + "\nAnswer:"
+                 for stem, opts in zip(stems, options)]
+        return LabeledText(_make_dataset(texts, labels, groups), letters, "multiple-choice", partition_key, name)
+    texts = [f"{head}{stem.strip()}{answer_cue}" for stem in stems]
+    return LabeledText(_make_dataset(texts, labels, groups, [[o.strip() for o in opts] for opts in options]), letters,
+                       "choice-likelihood", partition_key, name)
 
 
 def _mmlu_rows() -> list[dict[str, str]]:
@@ -131,8 +157,9 @@ def _mmlu_rows() -> list[dict[str, str]]:
     return [row for row in rows if row["correct_answer"] != "answer"]
 
 
-def _load_mmlu(topic: bool) -> LabeledText:
-    """Load MMLU as multiple-choice (``topic=False``) or as 4-way subject-group classification."""
+def _load_mmlu(topic: bool, scoring: str = "letters") -> LabeledText:
+    """Load MMLU as multiple-choice (``topic=False``; ``scoring``: by answer letter or by each answer's
+    likelihood) or as 4-way subject-group classification."""
     rows = _mmlu_rows()
     groups = [row["topic"] for row in rows]
     unmapped = sorted(set(groups) - set(MMLU_CATEGORIES))
@@ -143,14 +170,10 @@ def _load_mmlu(topic: bool) -> LabeledText:
         labels = [MMLU_CATEGORY_NAMES.index(MMLU_CATEGORIES[g]) for g in groups]
         return LabeledText(_make_dataset(texts, labels, groups), list(MMLU_CATEGORY_NAMES),
                            "classification", "label", "mmlu-topic")
-    texts = [
-        f"Question: {r['question'].strip()}\nA. {r['answer_a']}\nB. {r['answer_b']}\n"
-        f"C. {r['answer_c']}\nD. {r['answer_d']}\nAnswer:"
-        for r in rows
-    ]
+    options = [[str(r[f"answer_{x}"]) for x in "abcd"] for r in rows]
     labels = ["ABCD".index(row["correct_answer"]) for row in rows]
-    return LabeledText(_make_dataset(texts, labels, groups), ["A", "B", "C", "D"],
-                       "multiple-choice", "group", "mmlu")
+    return _choice_task([r["question"] for r in rows], options, labels, groups, "Question: ", "\nAnswer:",
+                        scoring, "group", "mmlu")
 
 
 def _gloss_definition(gloss: str) -> str:
@@ -211,12 +234,14 @@ def _encode_labels(values: list[Any], feature: Any) -> tuple[list[int], list[str
     raise DataError("labels must be all strings or all integers (regression targets are not supported)")
 
 
-# multiple-choice tables as the hub holds them: (stem, choices, answer, group) columns, and how the stem is
-# introduced in the prompt; the group (the subject, the activity) is what clients are partitioned over
+# multiple-choice tables as the hub holds them: (stem, choices, answer, group) columns, how the stem is
+# introduced, what follows it before a choice scored by likelihood, and the scoring "auto" picks (each
+# benchmark's own protocol); the group (the subject, the activity) is what clients are partitioned over
 MULTIPLE_CHOICE_SCHEMAS = (
-    ("question", "choices", "answer", "subject", "Question: "),  # cais/mmlu
-    ("ctx", "endings", "label", "activity_label", ""),  # Rowan/hellaswag
+    ("question", "choices", "answer", "subject", "Question: ", "\nAnswer:", "letters"),  # cais/mmlu
+    ("ctx", "endings", "label", "activity_label", "", "", "likelihood"),  # Rowan/hellaswag
 )
+CHOICE_SCORINGS = ("auto", "letters", "likelihood")
 LETTERS = "ABCDEFGHIJ"
 
 
@@ -232,16 +257,16 @@ def _answer_index(value: Any, n: int, where: str) -> int:
                     "pick a labelled one, e.g. validation)")
 
 
-def _multiple_choice(ds: datasets.Dataset, name: str) -> LabeledText | None:
-    """A table in a multiple-choice schema (``MULTIPLE_CHOICE_SCHEMAS``) as a multiple-choice ``LabeledText``:
-    each row a prompt listing its choices under letters and ending in "Answer:", its label the answer's
-    letter; None when the table has no such schema."""
-    for stem_col, choices_col, answer_col, group_col, head in MULTIPLE_CHOICE_SCHEMAS:
+def _multiple_choice(ds: datasets.Dataset, name: str, scoring: str = "auto") -> LabeledText | None:
+    """A table in a multiple-choice schema (``MULTIPLE_CHOICE_SCHEMAS``) as a multiple-choice ``LabeledText``
+    (``_choice_task``: scored by answer letter or by likelihood, "auto" as the benchmark does); None when the
+    table has no such schema."""
+    for stem_col, choices_col, answer_col, group_col, head, cue, own in MULTIPLE_CHOICE_SCHEMAS:
         if not {stem_col, choices_col, answer_col} <= set(ds.column_names):
             continue
         stems, choices, answers = (column_values(ds, c) for c in (stem_col, choices_col, answer_col))
         n = len(choices[0]) if choices and isinstance(choices[0], list) else 0
-        texts, labels = [], []
+        labels = []
         for i, (stem, options, answer) in enumerate(zip(stems, choices, answers)):
             where = f"{name} row {i}"
             if not isinstance(stem, str) or not isinstance(options, list) or not all(isinstance(o, str) for o in options):
@@ -249,24 +274,22 @@ def _multiple_choice(ds: datasets.Dataset, name: str) -> LabeledText | None:
             if not 2 <= len(options) <= len(LETTERS) or len(options) != n:
                 raise DataError(f"{where}: {len(options)} choices, but the first row has {n} (2 to {len(LETTERS)}, "
                                 "the same in every row)")
-            listed = "".join(f"\n{LETTERS[j]}. {o.strip()}" for j, o in enumerate(options))
-            texts.append(f"{head}{stem.strip()}{listed}\nAnswer:")
             labels.append(_answer_index(answer, n, where))
         has_groups = group_col in ds.column_names
         groups = [str(g) for g in column_values(ds, group_col)] if has_groups else [LETTERS[i] for i in labels]
-        return LabeledText(_make_dataset(texts, labels, groups), list(LETTERS[:n]), "multiple-choice",
-                           "group" if has_groups else "label", name)
+        return _choice_task(stems, choices, labels, groups, head, cue, own if scoring == "auto" else scoring,
+                            "group" if has_groups else "label", name)
     return None
 
 
 def _from_table(ds: datasets.Dataset, name: str, text_column: str, label_column: str,
-                group_column: str | None = None) -> LabeledText:
+                group_column: str | None = None, choice_scoring: str = "auto") -> LabeledText:
     """Turn a user dataset with a text and a label column into a classification ``LabeledText``; the group
     of an example is its ``group_column`` value (a finer topic than the label), or else its label name. A
     table without the text column, in a multiple-choice schema (MMLU's question/choices/answer, HellaSwag's
     ctx/endings/label), becomes a multiple-choice task instead."""
     if text_column not in ds.column_names:
-        choice = _multiple_choice(ds, name)
+        choice = _multiple_choice(ds, name, choice_scoring)
         if choice is not None:
             return choice
     for column in (text_column, label_column, *([group_column] if group_column else [])):
@@ -281,7 +304,7 @@ def _from_table(ds: datasets.Dataset, name: str, text_column: str, label_column:
 
 
 def _load_file(name: str, path: str | None, text_column: str, label_column: str,
-               group_column: str | None = None) -> LabeledText:
+               group_column: str | None = None, choice_scoring: str = "auto") -> LabeledText:
     """Load a local csv / jsonl / json / parquet file."""
     if not path:
         raise DataError(f"source {name!r} needs a path to a .csv, .jsonl, .json or .parquet file")
@@ -297,7 +320,7 @@ def _load_file(name: str, path: str | None, text_column: str, label_column: str,
         ds = datasets.load_dataset(fmt, data_files=str(file), split="train")
     except Exception as exc:  # any parse error from the builders becomes one clear line
         raise DataError(f"could not read {path} as {fmt}: {_one_line(exc)}") from exc
-    return _from_table(ds, str(file.name), text_column, label_column, group_column)
+    return _from_table(ds, str(file.name), text_column, label_column, group_column, choice_scoring)
 
 
 def _check_utf8(file: Path, chunk: int = 1 << 20) -> None:
@@ -317,7 +340,7 @@ def _check_utf8(file: Path, chunk: int = 1 << 20) -> None:
 
 
 def _load_hub(name: str, hf_split: str, text_column: str, label_column: str,
-              group_column: str | None = None, hf_config: str | None = None) -> LabeledText:
+              group_column: str | None = None, hf_config: str | None = None, choice_scoring: str = "auto") -> LabeledText:
     """Load a Hugging Face hub dataset split; any failure becomes a ``DataError``."""
     repo = name.removeprefix("hf:").strip()
     if not repo:
@@ -329,7 +352,7 @@ def _load_hub(name: str, hf_split: str, text_column: str, label_column: str,
         raise DataError(f"could not load Hugging Face dataset {repo!r}{config} split {hf_split!r}: "
                         f"{_one_line(exc)} (offline? use a local file or a cached copy with "
                         "HF_HUB_OFFLINE=1)") from exc
-    return _from_table(ds, name, text_column, label_column, group_column)
+    return _from_table(ds, name, text_column, label_column, group_column, choice_scoring)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -348,6 +371,7 @@ def load_source(
     wordnet_dir: str | None = None,
     hf_config: str | None = None,
     hf_split: str = "train",
+    choice_scoring: str = "auto",
     max_examples: int | None = None,
     seed: int = 0,
 ) -> LabeledText:
@@ -369,6 +393,10 @@ def load_source(
         Directory with WordNet's ``data.*`` files (default ``/usr/share/wordnet``).
     hf_config, hf_split : str
         Configuration (None: the dataset's default) and split of a hub dataset.
+    choice_scoring : str
+        Multiple choice: ``letters`` (the answer letter after a prompt listing the choices), ``likelihood``
+        (each choice's length-normalised log-likelihood after the context) or ``auto`` (the benchmark's
+        own: letters for MMLU, likelihood for HellaSwag).
     max_examples : int, optional
         Keep a seeded subset of this many examples, stratified by ``group``.
     seed : int
@@ -386,14 +414,16 @@ def load_source(
     """
     if max_examples is not None and max_examples < 1:
         raise DataError(f"max_examples must be at least 1, got {max_examples}")
+    if choice_scoring not in CHOICE_SCORINGS:
+        raise DataError(f"choice scoring {choice_scoring!r} is none of {', '.join(CHOICE_SCORINGS)}")
     if name in ("mmlu", "mmlu-topic"):
-        data = _load_mmlu(topic=name == "mmlu-topic")
+        data = _load_mmlu(topic=name == "mmlu-topic", scoring="likelihood" if choice_scoring == "likelihood" else "letters")
     elif name == "wordnet":
         data = _load_wordnet(wordnet_dir)
     elif name.startswith("hf:"):
-        data = _load_hub(name, hf_split, text_column, label_column, group_column, hf_config)
+        data = _load_hub(name, hf_split, text_column, label_column, group_column, hf_config, choice_scoring)
     elif name in NAMED_FORMATS or name == "file":
-        data = _load_file(name, path, text_column, label_column, group_column)
+        data = _load_file(name, path, text_column, label_column, group_column, choice_scoring)
     else:
         raise DataError(f"unknown data source {name!r}; choose one of {', '.join(SOURCE_NAMES)}")
     if len(data.dataset) == 0:

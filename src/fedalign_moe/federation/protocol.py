@@ -468,12 +468,13 @@ class LocalWork:
     max_length: int
     local_epochs: int
     local_steps: int | None = None
+    rows_per_example: int = 1  # sequences an example is read as (one a choice when choices are scored by likelihood)
 
     @classmethod
-    def of_config(cls, cfg) -> "LocalWork":
-        """The local training a run's ``Config`` asks of a client."""
+    def of_config(cls, cfg, rows_per_example: int = 1) -> "LocalWork":
+        """The local training a run's ``Config`` asks of a client (``rows_per_example``: its data's)."""
         t = cfg.train
-        return cls(t.batch_size, cfg.data.max_length, t.local_epochs, t.local_steps)
+        return cls(t.batch_size, cfg.data.max_length, t.local_epochs, t.local_steps, rows_per_example)
 
     def steps(self, num_examples: int) -> int:
         if self.local_steps is not None:
@@ -620,7 +621,8 @@ def read_train_reply(msg: Message, expect: Expectation) -> TrainReply:
     if steps != work.steps(num_examples):
         raise ReplyError(f"{where}: {TRAIN_STEPS} = {steps}, but {num_examples} examples make {work.steps(num_examples)} "
                          "steps in this run's config")
-    tokens = _number(metrics, TRAIN_TOKENS, where, integer=True, low=1, high=steps * work.batch_size * work.max_length)
+    tokens = _number(metrics, TRAIN_TOKENS, where, integer=True, low=1,
+                     high=steps * work.batch_size * work.rows_per_example * work.max_length)
     figures = TrainFigures(
         train_loss=_number(metrics, TRAIN_LOSS, where, low=0.0), train_steps=steps, train_tokens=tokens,
         train_seconds=_number(metrics, TRAIN_SECONDS, where, low=0.0),

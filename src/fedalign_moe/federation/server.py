@@ -121,7 +121,8 @@ class _Server:
         self.grid, self.ws, self.log, self.cfg = grid, ws, log, ws.cfg
         self.on_reply = on_reply  # (round, replies so far, messages sent), for a live display
         self.interrupted = interrupted  # set by Ctrl-C (server_app.interrupt_sets)
-        self.strategy = make_strategy(self.cfg, ws.built.layout, tuple(len(part) for part in ws.data.client_train))
+        self.strategy = make_strategy(self.cfg, ws.built.layout, tuple(len(part) for part in ws.data.client_train),
+                                      ws.data.source.rows_per_example)
         self.global_model = global_model(grid, ws)  # in this process, or on a node that holds the base
         self.first_round, self.idle = 1, 0
         if resume is not None:

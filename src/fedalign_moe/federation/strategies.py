@@ -141,16 +141,19 @@ def checks_example_counts(cfg: Config) -> bool:
     return mode == "checked" or (mode == "auto" and cfg.data.source not in FILE_SOURCES)
 
 
-def reply_policy(cfg: Config, layout: MoELayout, partition_sizes: tuple[int, ...] | None = None) -> ReplyPolicy:
+def reply_policy(cfg: Config, layout: MoELayout, partition_sizes: tuple[int, ...] | None = None,
+                 rows_per_example: int = 1) -> ReplyPolicy:
     fed = cfg.federation
-    return ReplyPolicy(layout, cfg.partition.num_clients, LocalWork.of_config(cfg), fed.max_update_norm_ratio, fed.round_timeout,
+    return ReplyPolicy(layout, cfg.partition.num_clients, LocalWork.of_config(cfg, rows_per_example), fed.max_update_norm_ratio, fed.round_timeout,
                        fed.max_examples_ratio, fed.max_weight_share, partition_sizes if checks_example_counts(cfg) else None,
                        fed.wire_dtype)
 
 
-def make_strategy(cfg: Config, layout: MoELayout, partition_sizes: tuple[int, ...] | None = None) -> ScreenedReplies:
+def make_strategy(cfg: Config, layout: MoELayout, partition_sizes: tuple[int, ...] | None = None,
+                  rows_per_example: int = 1) -> ScreenedReplies:
     """The strategy object for ``cfg.federation.strategy`` (a federated one). ``partition_sizes``: each
-    partition's training examples, which replies' claims are checked against when the config says so.
+    partition's training examples, which replies' claims are checked against when the config says so;
+    ``rows_per_example``: the sequences an example of the run's data is read as (its tokens are bounded by them).
 
     Flower's own node sampling would wait for ``min_available_nodes`` forever; the server loop waits
     instead, with a time limit (``federation.node_wait_seconds``), so the strategy asks for one node.
@@ -165,7 +168,7 @@ def make_strategy(cfg: Config, layout: MoELayout, partition_sizes: tuple[int, ..
         arrayrecord_key=protocol.ARRAYS,
         configrecord_key=protocol.CONFIG,
     )
-    policy = reply_policy(cfg, layout, partition_sizes)
+    policy = reply_policy(cfg, layout, partition_sizes, rows_per_example)
     name = cfg.federation.strategy
     if name == "fedavg":
         return FedAvg(policy, **common)

@@ -45,6 +45,7 @@ class BuiltModel:
     build_seconds: float | None = None  # a recipe's build time (btx), cached or not
     # model.quantize = "4bit": the frozen weights held in 4 bits (those that would be, on the meta device)
     four_bit: tuple[str, ...] = ()
+    rows_per_example: int = 1  # sequences a training example is read as (one a choice scored by likelihood)
 
     @property
     def layout(self) -> MoELayout:
@@ -61,7 +62,7 @@ def _answer_token_ids(tokenizer, label_names: list[str]) -> list[int]:
 
 
 def _task_model(lm, tokenizer, label_names, task, seed: int) -> nn.Module:
-    letters = _answer_token_ids(tokenizer, label_names) if task == "multiple-choice" else None
+    letters = _answer_token_ids(tokenizer, label_names) if task in ("multiple-choice", "choice-likelihood") else None
     task_model = SwitchTaskModel if lm.config.model_type == "switch_transformers" else CausalLMTaskModel
     return task_model(lm, len(label_names), letters, seed)
 
@@ -416,6 +417,9 @@ def build_model(cfg: ModelConfig, label_names: list[str], task: str, seed: int, 
     with _no_loading_bar():
         model, tok, adapter, seconds = _backbone(cfg, label_names, task, seed, public, max_length,
                                                  meta and supports_meta(cfg))
+    if task == "choice-likelihood" and not isinstance(model, CausalLMTaskModel):
+        raise ModelLoadError(f"choices scored by their likelihood (data.choice_scoring) need a causal LM; {cfg.backbone} "
+                             "scores answer letters: set data.choice_scoring = 'letters'")
     lm = getattr(model, "lm", None) or getattr(model, "switch", None)
     four_bit = ({id(lm.get_submodule(name).weight) for name in four_bit_linears(lm)}
                 if cfg.quantize == "4bit" and lm is not None else set())

@@ -24,23 +24,33 @@ from .alignment import RoutingObserver
 
 @dataclass
 class ClientTensors:
-    """A tokenised split: right-padded ids and mask [N, S], labels [N], optional cached prefix [N, S, H]."""
+    """A tokenised split: right-padded ids and mask [N, S], labels [N], optional cached prefix [N, S, H].
+
+    Choices scored by their likelihood (``tokenize_choices``): C rows a example, example-major ([N*C, S]:
+    row n*C + c is example n's context followed by its choice c), and ``target_mask_NS`` [N*C, S] marks
+    the choice's tokens; a batch of B examples holds their B*C rows."""
 
     input_ids_NS: torch.Tensor
     attention_mask_NS: torch.Tensor
     labels_N: torch.Tensor
     prefix_hidden_NSH: torch.Tensor | None = None
     trim: bool = False  # each batch padded to its own longest sequence, not to S (train.padding = "longest")
+    target_mask_NS: torch.Tensor | None = None  # choices scored by likelihood: 1 on each choice's tokens
+    choices: int = 1  # rows a example (C)
 
     def __len__(self) -> int:
         return int(self.labels_N.shape[0])
 
     def batch(self, idx: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+        if self.choices > 1:
+            idx = (idx[:, None] * self.choices + torch.arange(self.choices)).reshape(-1)
         mask_BS = self.attention_mask_NS[idx]
         S = max(int(mask_BS.sum(1).max()), 1) if self.trim and len(idx) else mask_BS.shape[1]
         out = {"input_ids_BS": self.input_ids_NS[idx, :S].to(device), "attention_mask_BS": mask_BS[:, :S].to(device)}
         if self.prefix_hidden_NSH is not None:
             out["prefix_hidden_BSH"] = self.prefix_hidden_NSH[idx, :S].to(device)
+        if self.target_mask_NS is not None:
+            out["target_mask_BS"] = self.target_mask_NS[idx, :S].to(device)
         return out
 
 
@@ -48,6 +58,30 @@ def tokenize(tokenizer, texts: list[str], labels: list[int], max_length: int, tr
     """Right-padded to ``max_length``; ``trim``: each batch later cut to its own longest sequence."""
     enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
     return ClientTensors(enc["input_ids"], enc["attention_mask"], torch.tensor(labels, dtype=torch.long), trim=trim)
+
+
+def tokenize_choices(tokenizer, contexts: list[str], choices: list[list[str]], labels: list[int], max_length: int,
+                     trim: bool = False) -> ClientTensors:
+    """Each example's context followed by each of its C choices, one row each (``ClientTensors``' choice
+    layout), the choice's tokens marked in ``target_mask_NS``. Context and choice are tokenised apart (the
+    choice with its leading space, as lm-evaluation-harness does) and joined; a row longer than
+    ``max_length`` loses the start of its context, never its choice (which keeps at most max_length - 1)."""
+    C = len(choices[0]) if choices else 1
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids_NS = torch.full((len(contexts) * C, max_length), pad, dtype=torch.long)
+    mask_NS = torch.zeros_like(ids_NS)
+    target_NS = torch.zeros_like(ids_NS)
+    for n, (context, options) in enumerate(zip(contexts, choices)):
+        head = tokenizer.encode(context, add_special_tokens=True)
+        for c, option in enumerate(options):
+            tail = tokenizer.encode(" " + option.strip(), add_special_tokens=False)[: max_length - 1] or [pad]
+            row = head[-(max_length - len(tail)):] + tail
+            r = n * C + c
+            ids_NS[r, : len(row)] = torch.tensor(row)
+            mask_NS[r, : len(row)] = 1
+            target_NS[r, len(row) - len(tail): len(row)] = 1
+    return ClientTensors(ids_NS, mask_NS, torch.tensor(labels, dtype=torch.long), trim=trim, target_mask_NS=target_NS,
+                         choices=C)
 
 
 def autocast(model: nn.Module, device: torch.device):

@@ -68,6 +68,7 @@ class ModelFacts:
     base_element_bytes: int
     activation_element_bytes: int  # 2 under a 16-bit autocast, 4 in float32
     routing_stats_bytes: int  # FedAlign-MoE's statistics a reply carries beside the update
+    rows_per_example: int = 1  # sequences a training example is read as (one a choice scored by likelihood)
 
     @classmethod
     def of(cls, built: BuiltModel) -> "ModelFacts":
@@ -99,7 +100,7 @@ class ModelFacts:
             dense_parameters_per_layer=dense, lora_on_experts=any(l.lora for l in layout.layers),
             base_element_bytes=frozen[0].element_size() if frozen else 4,
             activation_element_bytes=torch.empty(0, dtype=getattr(built.model, "compute_dtype", torch.float32)).element_size(),
-            routing_stats_bytes=len(layout.layers) * E * (hidden + 4) * 4)
+            routing_stats_bytes=len(layout.layers) * E * (hidden + 4) * 4, rows_per_example=built.rows_per_example)
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,7 @@ class Plan:
 def activation_bytes(f: ModelFacts, cfg: Config) -> int:
     """One training step's activations and backward transients (the module docstring's model)."""
     b = f.activation_element_bytes
-    T, H = cfg.train.batch_size * cfg.data.max_length, f.hidden
+    T, H = cfg.train.batch_size * f.rows_per_example * cfg.data.max_length, f.hidden
     moe_share = f.moe_layers / max(f.layers, 1)
     P_e = f.expert_parameters_per_layer / max(f.num_experts, 1)
     per_token_layer = (b * (4 * H + 1.5 * f.dense_parameters_per_layer / H) + 8 * H

@@ -24,7 +24,7 @@ from ..data import (LabeledText, domains, label_counts, load_source, partition, 
 from ..models.build import FOUR_BIT_BYTES, BuiltModel, build_model, check_tokenizer, parameter_numel, supports_meta
 from ..models.recipes import PublicCorpus
 from ..runlog import RunLog
-from .local import ClientTensors, cache_prefix, tokenize, trainable_state
+from .local import ClientTensors, cache_prefix, tokenize, tokenize_choices, trainable_state
 
 
 PREFIX_CACHE_FORMAT = 1  # bump when encode_prefix changes what it computes
@@ -58,7 +58,7 @@ def prepare_data(cfg: Config) -> FederatedData:
     """
     d, p = cfg.data, cfg.partition
     source = load_source(d.source, path=d.path, text_column=d.text_column, label_column=d.label_column,
-                         hf_config=d.hf_config, hf_split=d.hf_split,
+                         hf_config=d.hf_config, hf_split=d.hf_split, choice_scoring=d.choice_scoring,
                          group_column=d.group_column,
                          wordnet_dir=d.wordnet_dir, seed=cfg.seed)
     public, pool = public_split(source, d.public_fraction, d.public_seed) if d.public_fraction > 0 else (None, source)
@@ -101,6 +101,9 @@ def to_tensors(built: BuiltModel, ds, cfg: Config, device: torch.device, fingerp
     output is also kept on disk under a key of (fingerprint, device, batch size, token ids, mask):
     every run, seed and strategy over the same examples then computes it once.
     """
+    if "choices" in ds.column_names:  # scored by likelihood: a row for each choice after its context
+        return tokenize_choices(built.tokenizer, list(ds["text"]), list(ds["choices"]), list(ds["label"]),
+                                cfg.data.max_length, trim=cfg.train.padding == "longest")
     data = tokenize(built.tokenizer, list(ds["text"]), list(ds["label"]), cfg.data.max_length,
                     trim=cfg.train.padding == "longest")
     cache_dir = cfg.model.prefix_cache_dir
@@ -197,9 +200,11 @@ class Workspace:
 
 def build_for(cfg: Config, data: FederatedData, meta: bool = False) -> BuiltModel:
     """The run's model for its data (labels, task, the public split of a btx recipe); ``meta``: see ``build_model``."""
-    return build_model(cfg.model, data.source.label_names, data.source.task, seed=cfg.seed,
-                       public=public_corpus(data.public, cfg.model.num_experts) if cfg.model.recipe == "btx" else None,
-                       max_length=cfg.data.max_length, meta=meta, gradient_checkpointing=cfg.train.gradient_checkpointing)
+    built = build_model(cfg.model, data.source.label_names, data.source.task, seed=cfg.seed,
+                        public=public_corpus(data.public, cfg.model.num_experts) if cfg.model.recipe == "btx" else None,
+                        max_length=cfg.data.max_length, meta=meta, gradient_checkpointing=cfg.train.gradient_checkpointing)
+    built.rows_per_example = data.source.rows_per_example
+    return built
 
 
 def open_workspace(cfg: Config, client_process: bool = False, server: bool = False,
