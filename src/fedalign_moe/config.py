@@ -142,6 +142,10 @@ class ModelConfig(_Section):
     # output layer and stacked routed experts (tensors, not linear layers: bitsandbytes quantises nn.Linear
     # only) stay in ``dtype``. Needs trainable = "lora" or "lora-experts" and the package's qlora extra
     quantize: Literal["none", "4bit"] = "none"
+    # run a checkpoint's own modelling code (the .py files its folder or hub repository ships, as
+    # DeepSeek-MoE-16B does): only for checkpoints you trust; a deployed node refuses it unless its node
+    # config says allow-remote-code=true
+    trust_remote_code: bool = False
     cache_frozen_prefix: bool = True  # encoder: cache outputs of the frozen layers below the MoE
     # ...and keep them on disk, keyed by the frozen weights and the token ids (None: memory only)
     prefix_cache_dir: str | None = "~/.cache/fedalign-moe/prefix"
@@ -373,6 +377,7 @@ class Config(_Section):
         raw.pop("output")
         raw["model"].pop("prefix_cache_dir")
         raw["model"].pop("build_cache_dir")
+        raw["model"].pop("trust_remote_code")  # whether a checkpoint's code may run: it loads, or it does not
         if raw["model"]["dtype"] == "auto" and not self.model.is_checkpoint:
             raw["model"]["dtype"] = "float32"  # what "auto" means for the built-in backbones (stored runs: LEGACY)
         raw["federation"].pop("workers")  # where and how many processes compute changes no number

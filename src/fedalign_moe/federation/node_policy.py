@@ -11,6 +11,7 @@ with ``NodePolicyError`` (the client replies with an error; the server logs it a
 | ``data-roots`` | folders (``:``-separated) under which a run config's ``data.path`` / ``data.wordnet_dir`` may lie | none: only built-in sources and ``data-path`` |
 | ``model-roots`` | folders under which a checkpoint ``model.backbone`` may lie | none: only built-in backbones |
 | ``allow-hub`` | ``true``: hub ids for data (``hf:``) and models may be fetched | false |
+| ``allow-remote-code`` | ``true``: a checkpoint's own modelling code may run (``model.trust_remote_code``) | false |
 | ``cache-dir`` | where the prefix cache and built models are kept (``prefix``/``models`` inside); ``none``: nothing is written | ``~/.cache/fedalign-moe`` (a simulation's too) |
 | ``device`` | ``cpu``, ``cuda`` or ``auto`` | ``auto`` |
 
@@ -59,6 +60,7 @@ class NodePolicy:
     data_roots: tuple[Path, ...] = ()
     model_roots: tuple[Path, ...] = ()
     allow_hub: bool = False
+    allow_remote_code: bool = False
     cache_dir: str | None = DEFAULT_CACHE_DIR  # None: nothing is written
     device: str = "auto"
 
@@ -69,12 +71,14 @@ class NodePolicy:
         device = str(node_config.get("device", "auto"))
         if device not in ("auto", "cpu", "cuda"):
             raise NodePolicyError(f"node config: device must be auto, cpu or cuda, got {device!r}")
-        allow = str(node_config.get("allow-hub", "false")).lower()
-        if allow not in ("true", "false"):
-            raise NodePolicyError(f"node config: allow-hub must be true or false, got {allow!r}")
+        allow, remote = (str(node_config.get(k, "false")).lower() for k in ("allow-hub", "allow-remote-code"))
+        for key, value in (("allow-hub", allow), ("allow-remote-code", remote)):
+            if value not in ("true", "false"):
+                raise NodePolicyError(f"node config: {key} must be true or false, got {value!r}")
         cache = str(node_config.get("cache-dir") or DEFAULT_CACHE_DIR)
         return cls(False, node_config.get("data-path") or None, _roots(node_config.get("data-roots")),
-                   _roots(node_config.get("model-roots")), allow == "true", None if cache == "none" else cache, device)
+                   _roots(node_config.get("model-roots")), allow == "true", remote == "true",
+                   None if cache == "none" else cache, device)
 
     def apply(self, cfg: Config) -> Config:
         """The config this node runs: the run config's experiment, the node's places and device."""
@@ -98,6 +102,9 @@ class NodePolicy:
         if data.wordnet_dir is not None and not _within(data.wordnet_dir, self.data_roots):
             raise NodePolicyError(f"the run config asks this node to read {data.wordnet_dir!r} (data.wordnet_dir), "
                                   f"outside its data roots {[str(r) for r in self.data_roots]}")
+        if model.trust_remote_code and not self.allow_remote_code:
+            raise NodePolicyError(f"the run config asks this node to run the modelling code of {model.backbone!r} "
+                                  "(model.trust_remote_code): set allow-remote-code=true in the node config to allow it")
         if model.is_checkpoint:
             local = Path(model.backbone).expanduser().exists() or model.backbone.startswith(("/", ".", "~"))
             if local and not _within(model.backbone, self.model_roots):

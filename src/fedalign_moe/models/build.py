@@ -25,7 +25,8 @@ from ..config import Config, ModelConfig
 from .assets import ModelLoadError, wheel_dir
 from .base import MoEAdapter, MoELayout
 from .encoder_moe import EncoderMoEAdapter, MoEOutput, upcycle_bert_classifier
-from .hf_moe import HFMoEAdapter, NoMoEBlockError, build_tiny_causal_lm, moe_shape, router_linear, sparse_blocks
+from .hf_moe import (HFMoEAdapter, NoMoEBlockError, build_tiny_causal_lm, listed_expert_routers, listed_experts,
+                     moe_shape, router_linear, sparse_blocks, stack_listed_experts)
 from .recipes import PublicCorpus, btx_state, build_key, cached_build, drop_upcycle_, file_fingerprint
 from .switch import SwitchTaskModel, tiny_switch_config
 from .task import CausalLMTaskModel
@@ -67,10 +68,15 @@ def _task_model(lm, tokenizer, label_names, task, seed: int) -> nn.Module:
     return task_model(lm, len(label_names), letters, seed)
 
 
-def _checkpoint_config(path: str):
+def _checkpoint_config(path: str, trust_remote_code: bool = False):
     try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as err:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        if "custom code" in str(err) and not trust_remote_code:
+            raise ModelLoadError(f"checkpoint {path} ships its own modelling code: set model.trust_remote_code = true "
+                                 "to run it (only for a checkpoint you trust)") from None
+        raise ModelLoadError(f"cannot read a model checkpoint at {path}: {str(err).splitlines()[0]}") from None
+    except (OSError, KeyError) as err:
         raise ModelLoadError(f"cannot read a model checkpoint at {path}: {str(err).splitlines()[0]}") from None
     if moe_shape(config) is None:
         raise ModelLoadError(f"checkpoint {path} is a {config.model_type!r} model whose config names no expert count "
@@ -85,7 +91,7 @@ def base_dtype(cfg: ModelConfig) -> torch.dtype:
         return DTYPES[cfg.dtype]
     if not cfg.is_checkpoint:
         return torch.float32
-    config = _checkpoint_config(cfg.backbone)
+    config = _checkpoint_config(cfg.backbone, cfg.trust_remote_code)
     saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     return DTYPES.get(str(saved).removeprefix("torch."), torch.float32)
 
@@ -95,7 +101,7 @@ def agree_with_checkpoint(cfg: Config) -> Config:
     config that said otherwise gets one warning naming both."""
     if not cfg.model.is_checkpoint:
         return cfg
-    E, k = moe_shape(_checkpoint_config(cfg.model.backbone))
+    E, k = moe_shape(_checkpoint_config(cfg.model.backbone, cfg.model.trust_remote_code))
     if (E, k) == (cfg.model.num_experts, cfg.model.top_k):
         return cfg
     logger.warning("checkpoint %s has %d experts, top-%d; the config's %d experts, top-%d do not apply: the run uses "
@@ -120,11 +126,12 @@ def check_tokenizer(tokenizer, texts: list[str], model: nn.Module, where: str) -
 
 def four_bit_linears(lm: nn.Module) -> list[str]:
     """Names (inside ``lm``) of the linear modules a 4-bit load quantises: every ``nn.Linear`` but the
-    routers and the output layer (``lm_head``). Stacked expert tensors are not linear modules: they stay
-    in the base's dtype."""
-    routers = {id(router_linear(b)) for b in sparse_blocks(lm)}
-    return sorted(name for name, m in lm.named_modules()
-                  if isinstance(m, nn.Linear) and id(m) not in routers and name.split(".")[-1] != "lm_head")
+    routers, the output layer (``lm_head``) and the routed experts. Stacked expert tensors are not linear
+    modules, and experts kept as a list of modules are stacked after loading: they stay in the base's dtype."""
+    routers = {id(router_linear(b)) for b in sparse_blocks(lm)} | {id(l) for l in listed_expert_routers(lm)}
+    experts = {id(m) for e in listed_experts(lm) for m in e.modules()}
+    return sorted(name for name, m in lm.named_modules() if isinstance(m, nn.Linear) and id(m) not in routers
+                  and id(m) not in experts and name.split(".")[-1] != "lm_head")
 
 
 def parameter_numel(p: torch.Tensor) -> int:
@@ -167,11 +174,13 @@ def _four_bit_config(structure: nn.Module, dtype: torch.dtype):
 
 
 def _load_checkpoint(path: str, task: str, dtype: torch.dtype, meta: bool = False, quantize: str = "none",
-                     device: str = "cpu"):
+                     device: str = "cpu", trust_remote_code: bool = False):
     """(model, tokenizer) of a checkpoint in ``dtype``: a causal LM, or a Switch encoder (classification) or
     encoder-decoder (multiple choice). ``meta``: the model's structure alone, on the meta device (no weight
-    is read or allocated). ``quantize = "4bit"``: its ``four_bit_linears`` loaded in 4 bits onto ``device``."""
-    config = _checkpoint_config(path)
+    is read or allocated). ``quantize = "4bit"``: its ``four_bit_linears`` loaded in 4 bits onto ``device``.
+    ``trust_remote_code``: the checkpoint's own modelling code runs (DeepSeek-MoE-16B's). Experts kept as a
+    list of modules come back stacked (``hf_moe.stack_listed_experts``)."""
+    config = _checkpoint_config(path, trust_remote_code)
     if config.model_type == "switch_transformers":
         from transformers import SwitchTransformersForConditionalGeneration as Seq2Seq
 
@@ -184,17 +193,21 @@ def _load_checkpoint(path: str, task: str, dtype: torch.dtype, meta: bool = Fals
         tokenizer = AutoTokenizer.from_pretrained(path)
         if meta or quantize != "none":
             with torch.device("meta"):
-                structure = (loader.from_config(config, dtype=dtype) if loader is AutoModelForCausalLM
-                             else loader._from_config(config, dtype=dtype))
+                structure = (loader.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+                             if loader is AutoModelForCausalLM else loader._from_config(config, dtype=dtype))
             if meta:
+                stack_listed_experts(structure)
                 return structure, tokenizer
             four_bit = {"quantization_config": _four_bit_config(structure, dtype), "device_map": {"": device}}
-            model = loader.from_pretrained(path, dtype=dtype, **four_bit)
+            model = loader.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **four_bit)
+            stack_listed_experts(model)
             for module in model.modules():  # bitsandbytes 0.50 repacks a weight for CPU inference in eval mode and
                 if hasattr(module, "support_avx512bf16_for_cpu"):  # keeps it so, which training then cannot
                     module.support_avx512bf16_for_cpu = False  # use: one layout for both
             return model, tokenizer
-        return loader.from_pretrained(path, dtype=dtype), tokenizer
+        model = loader.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        stack_listed_experts(model)
+        return model, tokenizer
     except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(f"cannot load the checkpoint at {path}: {str(err).splitlines()[0]}") from None
 
@@ -302,7 +315,7 @@ def _backbone(cfg: ModelConfig, label_names: list[str], task: str, seed: int, pu
                                       vocab_size=tok.vocab_size)
     else:
         device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
-        lm, tok = _load_checkpoint(cfg.backbone, task, base_dtype(cfg), meta, cfg.quantize, device)
+        lm, tok = _load_checkpoint(cfg.backbone, task, base_dtype(cfg), meta, cfg.quantize, device, cfg.trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"

@@ -17,6 +17,11 @@ What the method sees of a family:
   training moved it.
 - shared experts (DeepSeek's ``shared_experts``, Qwen2-MoE's ``shared_expert`` and its gate, Llama-4's
   ``shared_expert``) and router-side buffers are ordinary parameters, averaged like attention.
+
+Checkpoints whose modelling code keeps the experts as a list of MLP modules (DeepSeek-MoE-16B's own code,
+loaded with ``trust_remote_code``; older Mixtral-style code) are converted at load (``stack_listed_experts``):
+the list becomes one ``StackedExperts`` module of the same [E, 2I, H] and [E, H, I] tensors, which the
+block's own forward still indexes (``experts[e](x)``) and iterates, expert by expert, with the same result.
 """
 
 from __future__ import annotations
@@ -47,6 +52,94 @@ def router_linear(block: nn.Module) -> nn.Module | None:
         if len(owners) == 1:
             return owners[0]
     return None
+
+
+class _StackedExpert(nn.Module):
+    """Expert e of a ``StackedExperts``, as the list element it replaces: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, stack: "StackedExperts", e: int):
+        super().__init__()
+        object.__setattr__(self, "_stack", stack)  # not a submodule: the stack holds the parameters
+        self.e = e
+
+    def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
+        s = self._stack
+        gate_TI, up_TI = torch.nn.functional.linear(x_TH, s.gate_up_proj[self.e]).chunk(2, dim=-1)
+        return torch.nn.functional.linear(s.act_fn(gate_TI) * up_TI, s.down_proj[self.e])
+
+
+class StackedExperts(nn.Module):
+    """A list of E gated MLP experts (``gate_proj``, ``up_proj``, ``down_proj``, no biases) as stacked
+    tensors: ``gate_up_proj`` [E, 2I, H] (gate rows first, as transformers' Mixtral) and ``down_proj``
+    [E, H, I]. Indexing and iterating give each expert as a module, so a block written for the list runs
+    unchanged; ``to_list`` gives the list back (for saving in the checkpoint's own layout)."""
+
+    def __init__(self, experts: nn.ModuleList):
+        super().__init__()
+        first = experts[0]
+        self.act_fn = getattr(first, "act_fn", None) or nn.SiLU()
+        self.gate_up_proj = nn.Parameter(torch.stack([torch.cat([m.gate_proj.weight, m.up_proj.weight]) for m in experts]).detach())
+        self.down_proj = nn.Parameter(torch.stack([m.down_proj.weight for m in experts]).detach())
+
+    def __len__(self) -> int:
+        return self.gate_up_proj.shape[0]
+
+    def __getitem__(self, e: int) -> nn.Module:
+        if not -len(self) <= e < len(self):
+            raise IndexError(f"expert {e} of {len(self)}")
+        return _StackedExpert(self, e % len(self))
+
+    def __iter__(self):
+        return (self[e] for e in range(len(self)))
+
+    def to_list(self, make_expert) -> nn.ModuleList:
+        """The experts as a list again: ``make_expert()`` builds one empty expert of the original class."""
+        I = self.down_proj.shape[-1]
+        experts = nn.ModuleList(make_expert() for _ in range(len(self)))
+        with torch.no_grad():
+            for e, m in enumerate(experts):
+                m.gate_proj.weight.copy_(self.gate_up_proj[e, :I])
+                m.up_proj.weight.copy_(self.gate_up_proj[e, I:])
+                m.down_proj.weight.copy_(self.down_proj[e])
+        return experts
+
+
+def _is_listed_gated_mlp(experts: object, E: int) -> bool:
+    """A list of E modules each with bias-free gate/up/down linear layers of one shape."""
+    if not isinstance(experts, nn.ModuleList) or len(experts) != E or E == 0:
+        return False
+    shapes = set()
+    for m in experts:
+        linears = [getattr(m, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        if not all(isinstance(l, nn.Linear) and l.bias is None and l.weight.is_floating_point() for l in linears):
+            return False
+        shapes.add(tuple(tuple(l.weight.shape) for l in linears))
+    return len(shapes) == 1
+
+
+def _listed_blocks(model: nn.Module) -> list[nn.Module]:
+    """Blocks whose ``experts`` are a list of E gated MLPs beside a router of weight [E, H]."""
+    return [m for m in model.modules() if (linear := router_linear(m)) is not None
+            and _is_listed_gated_mlp(getattr(m, "experts", None), linear.weight.shape[0])]
+
+
+def listed_experts(model: nn.Module) -> list[nn.ModuleList]:
+    """The expert lists ``stack_listed_experts`` would stack."""
+    return [b.experts for b in _listed_blocks(model)]
+
+
+def listed_expert_routers(model: nn.Module) -> list[nn.Module]:
+    """The routers beside those lists."""
+    return [router_linear(b) for b in _listed_blocks(model)]
+
+
+def stack_listed_experts(model: nn.Module) -> int:
+    """Convert, in place, every block whose ``experts`` are a list of gated MLPs beside an [E, H] router into
+    a ``StackedExperts``; the number of blocks converted."""
+    blocks = _listed_blocks(model)
+    for block in blocks:
+        block.experts = StackedExperts(block.experts)
+    return len(blocks)
 
 
 def _is_sparse_block(module: nn.Module) -> bool:
