@@ -89,6 +89,7 @@ class Layer(nn.Module):
 class TinyDeepseekMoEPreTrained(PreTrainedModel):
     config_class = TinyDeepseekMoEConfig
     base_model_prefix = "model"
+    supports_gradient_checkpointing = True
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -101,12 +102,14 @@ class TinyDeepseekMoEModel(TinyDeepseekMoEPreTrained):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Layer(config, i) for i in range(config.num_hidden_layers))
         self.norm = nn.RMSNorm(config.hidden_size)
+        self.gradient_checkpointing = False
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, use_cache=None, **kwargs):
         h = self.embed_tokens(input_ids)
         for layer in self.layers:
-            h = layer(h)
+            checkpointed = getattr(self, "gradient_checkpointing", False) and self.training
+            h = self._gradient_checkpointing_func(layer.__call__, h) if checkpointed else layer(h)
         return BaseModelOutput(last_hidden_state=self.norm(h))
 
 

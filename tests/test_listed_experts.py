@@ -93,3 +93,37 @@ def test_two_rounds_of_fedalign_on_the_listed_expert_checkpoint(checkpoint, tmp_
     routing = [json.loads(line) for line in (tmp_path / "routing.jsonl").read_text().splitlines()]
     p_CLE = torch.tensor([routing[-1]["clients"][c] for c in sorted(routing[-1]["clients"])])
     assert p_CLE.shape == (3, 2, 4) and (p_CLE - 0.25).abs().max() > 1e-3  # the checkpoint's own routing
+
+
+def test_lora_on_stacked_experts_reaches_each_expert_the_checkpoints_code_indexes(checkpoint):
+    """The block's own code indexes its experts through peft's wrapper: each expert view adds its slice of the
+    LoRA update, the same model as the update merged into the stacks, and the factors get gradients (without
+    ``with_indexable_lora`` the update was never applied: the factors got none)."""
+    import copy
+
+    cfg = load_config("tiny", overrides={"model": {"backbone": checkpoint, "trust_remote_code": True, "trainable": "lora"}})
+    built = build_model(cfg.model, ["a", "b"], "classification", seed=0)
+    params = dict(built.model.named_parameters())
+    expert_lora = [n for l in built.layout.layers for pair in l.lora for n in pair]
+    assert expert_lora and all("mlp.experts" in n for n in expert_lora)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n in expert_lora:
+            if ".lora_B." in n:
+                params[n].copy_(torch.randn(params[n].shape, generator=g) * 0.1)
+    ids_BS = torch.randint(0, 30522, (2, 9), generator=g)
+    mask_BS = torch.ones_like(ids_BS)
+    got_BC = built.model(ids_BS, mask_BS)
+    merged = copy.deepcopy(built.model)
+    with torch.no_grad():
+        for block in merged.lm.model.layers[1:]:
+            stack = block.mlp.experts
+            while not isinstance(stack, StackedExperts):
+                stack = stack.base_layer
+            assert len(stack.lora_wrappers) == 2  # one on gate_up_proj, one on down_proj
+            for w in stack.lora_wrappers:
+                getattr(stack, w.parameter_name).add_(w.get_delta_weight("default"))
+            object.__setattr__(stack, "lora_wrappers", ())  # the update now lives in the stacks themselves
+    assert torch.allclose(got_BC, merged(ids_BS, mask_BS), atol=1e-5)
+    got_BC.logsumexp(-1).sum().backward()
+    assert all(params[n].grad is not None and params[n].grad.abs().sum() > 0 for n in expert_lora)

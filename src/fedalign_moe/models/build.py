@@ -26,7 +26,7 @@ from .assets import ModelLoadError, wheel_dir
 from .base import MoEAdapter, MoELayout
 from .encoder_moe import EncoderMoEAdapter, MoEOutput, upcycle_bert_classifier
 from .hf_moe import (HFMoEAdapter, NoMoEBlockError, build_tiny_causal_lm, listed_expert_routers, listed_experts,
-                     moe_shape, router_linear, sparse_blocks, stack_listed_experts)
+                     moe_shape, router_linear, sparse_blocks, stack_listed_experts, with_indexable_lora)
 from .recipes import PublicCorpus, btx_state, build_key, cached_build, drop_upcycle_, file_fingerprint
 from .switch import SwitchTaskModel, tiny_switch_config
 from .task import CausalLMTaskModel
@@ -377,6 +377,7 @@ def _apply_lora(model: nn.Module, cfg: ModelConfig, adapter: MoEAdapter) -> None
         raise ModelLoadError(f"model.lora_targets {list(cfg.lora_targets)} names no linear layer of {cfg.backbone}")
     lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=linears, target_parameters=targets)
     inject_adapter_in_model(lora, lm)
+    with_indexable_lora(lm)  # experts stacked from a list: the checkpoint's own code indexes them
 
 
 def frozen_prefix_length(model: nn.Module) -> int:

@@ -55,17 +55,29 @@ def router_linear(block: nn.Module) -> nn.Module | None:
 
 
 class _StackedExpert(nn.Module):
-    """Expert e of a ``StackedExperts``, as the list element it replaces: down(act(gate(x)) * up(x))."""
+    """Expert e of a ``StackedExperts``, as the list element it replaces: down(act(gate(x)) * up(x)), with the
+    LoRA update of each stack peft put factors on (``with_indexable_lora``) added for expert e alone."""
 
     def __init__(self, stack: "StackedExperts", e: int):
         super().__init__()
         object.__setattr__(self, "_stack", stack)  # not a submodule: the stack holds the parameters
         self.e = e
 
+    def _weight(self, name: str) -> torch.Tensor:
+        s, e = self._stack, self.e
+        W = getattr(s, name)[e]
+        for wrapper in s.lora_wrappers:
+            if wrapper.parameter_name != name or wrapper.disable_adapters:
+                continue
+            for adapter in wrapper.active_adapters:
+                if adapter in wrapper.lora_A:
+                    lhs, rhs, scaling = wrapper.get_delta_factors(adapter)  # delta = scaling * lhs @ rhs, per expert
+                    W = W + scaling * (lhs[e] @ rhs[e]).to(W.dtype)
+        return W
+
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
-        s = self._stack
-        gate_TI, up_TI = torch.nn.functional.linear(x_TH, s.gate_up_proj[self.e]).chunk(2, dim=-1)
-        return torch.nn.functional.linear(s.act_fn(gate_TI) * up_TI, s.down_proj[self.e])
+        gate_TI, up_TI = torch.nn.functional.linear(x_TH, self._weight("gate_up_proj")).chunk(2, dim=-1)
+        return torch.nn.functional.linear(self._stack.act_fn(gate_TI) * up_TI, self._weight("down_proj"))
 
 
 class StackedExperts(nn.Module):
@@ -73,6 +85,8 @@ class StackedExperts(nn.Module):
     tensors: ``gate_up_proj`` [E, 2I, H] (gate rows first, as transformers' Mixtral) and ``down_proj``
     [E, H, I]. Indexing and iterating give each expert as a module, so a block written for the list runs
     unchanged; ``to_list`` gives the list back (for saving in the checkpoint's own layout)."""
+
+    lora_wrappers: tuple = ()  # peft's wrappers of these stacks (``with_indexable_lora``), not submodules
 
     def __init__(self, experts: nn.ModuleList):
         super().__init__()
@@ -102,6 +116,44 @@ class StackedExperts(nn.Module):
                 m.up_proj.weight.copy_(self.gate_up_proj[e, I:])
                 m.down_proj.weight.copy_(self.down_proj[e])
         return experts
+
+
+_INDEXABLE: dict[type, type] = {}
+
+
+def _indexable(wrapper_class: type) -> type:
+    """``wrapper_class`` (peft's ``ParamWrapper``) with the list interface of the ``StackedExperts`` it wraps."""
+    if wrapper_class not in _INDEXABLE:
+        def stack(self):
+            m = self
+            while not isinstance(m, StackedExperts):
+                m = m.base_layer
+            return m
+
+        _INDEXABLE[wrapper_class] = type(f"Indexable{wrapper_class.__name__}", (wrapper_class,), {
+            "__len__": lambda self: len(stack(self)), "__getitem__": lambda self, e: stack(self)[e],
+            "__iter__": lambda self: iter(stack(self))})
+    return _INDEXABLE[wrapper_class]
+
+
+def with_indexable_lora(model: nn.Module) -> int:
+    """After peft put LoRA factors on ``StackedExperts`` tensors (``target_parameters``), the block's own code
+    still indexes its experts (``experts[e](x)``), now through peft's wrapper, which applies its update only
+    when called as a whole. Give the wrapper the list interface and the stack its wrappers, so that each
+    expert view adds its own slice of the update (the same W + scaling B A the wrapper would form); the
+    number of blocks."""
+    count = 0
+    for block in model.modules():
+        wrapper, chain = getattr(block, "experts", None), []
+        m = wrapper
+        while isinstance(m, nn.Module) and hasattr(m, "base_layer") and hasattr(m, "parameter_name"):
+            chain.append(m)
+            m = m.base_layer
+        if chain and isinstance(m, StackedExperts):
+            object.__setattr__(m, "lora_wrappers", tuple(chain))
+            wrapper.__class__ = _indexable(type(wrapper))
+            count += 1
+    return count
 
 
 def _is_listed_gated_mlp(experts: object, E: int) -> bool:
