@@ -20,6 +20,8 @@
 #   FEDALIGN_DEPLOY_TIMEOUT       seconds to wait for the run to finish                [600]
 #   FEDALIGN_DEPLOY_KEEP          1: keep the work directory (staged app, FLWR_HOME, logs)
 #   FEDALIGN_OVERRIDES            more overrides, space separated (added after the arguments)
+#   FEDALIGN_NODE_CONFIG          more node config for every SuperNode, space separated key=value pairs
+#                                 (e.g. "cache-dir=none": a node that keeps no cache between messages)
 #   FEDALIGN_DEPLOY_INSECURE      1: no TLS, no SuperNode authentication (a warning says so)
 #   FEDALIGN_DEPLOY_PROBES        1: once the nodes are up, also start a SuperNode with an unregistered key
 #                                 and one without the CA, and write whether each was refused to
@@ -232,7 +234,7 @@ for ((i = 0; i < NUM_CLIENTS; i++)); do
   mapfile -t KEY_ARGS < <(node_key "$i")
   flower-supernode "${TLS_NODE[@]}" "${KEY_ARGS[@]}" --superlink "$HOST:$SUPERLINK_PORT" \
     --host "$HOST" --port "${SUPERNODE_PORTS[$i]}" --isolation subprocess \
-    --node-config "partition-id=$i num-partitions=$NUM_CLIENTS" \
+    --node-config "partition-id=$i num-partitions=$NUM_CLIENTS${FEDALIGN_NODE_CONFIG:+ $FEDALIGN_NODE_CONFIG}" \
     > "$LOGS/supernode-$i.log" 2>&1 &
   NODE_PIDS+=($!)
   PIDS+=($!)

@@ -369,13 +369,14 @@ def test_a_file_in_mmlus_hub_schema_is_multiple_choice(tmp_path: Path, mmlu: Lab
 
 
 def test_a_file_in_hellaswags_hub_schema_is_multiple_choice(tmp_path: Path) -> None:
-    """Rowan/hellaswag's own columns (ctx, endings, label as a digit string, activity_label)."""
+    """Rowan/hellaswag's own columns (ctx, endings, label as a digit string, activity_label), scored by letter
+    when asked (by likelihood otherwise: tests/test_choice_likelihood.py)."""
     rows = [{"ctx": "A man is sitting on a roof. he", "endings": ["is using wrap.", "is ripping level tiles off.",
                                                                   "is holding a rubik's cube.", "starts pulling up roofing."],
              "label": "3", "activity_label": "Roof shingle removal"},
             {"ctx": "A woman pours batter into a pan. she", "endings": ["flips it.", "sings.", "runs.", "sleeps."],
              "label": "0", "activity_label": "Making pancakes"}]
-    data = load_source("file", path=_write_jsonl(tmp_path / "hellaswag.jsonl", rows))
+    data = load_source("file", path=_write_jsonl(tmp_path / "hellaswag.jsonl", rows), choice_scoring="letters")
     assert data.task == "multiple-choice" and data.label_names == ["A", "B", "C", "D"]
     assert data.dataset["text"][1] == "A woman pours batter into a pan. she\nA. flips it.\nB. sings.\nC. runs.\nD. sleeps.\nAnswer:"
     assert data.dataset["label"][:] == [3, 0] and data.dataset["group"][1] == "Making pancakes"
