@@ -9,7 +9,9 @@ after the first message); one round of local training through ``client_app.train
 repeat fills the node's disk caches (prefix, built models); the others are what every later message costs.
 
 Usage: .venv/bin/python benchmarks/message_startup.py [--preset quick] [--repeats 3] [--label NAME]
-Writes benchmarks/results/message_startup/NAME.json and prints one line a repeat.
+         [--no-cache] [--set section.key=value ...]
+``--no-cache``: a node that keeps nothing between messages (node config ``cache-dir='none'``: no prefix
+cache, no kept models). Writes benchmarks/results/message_startup/NAME.json and prints one line a repeat.
 """
 
 from __future__ import annotations
@@ -25,19 +27,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def child(preset: str, strategy: str) -> dict:
+def child(preset: str, strategy: str, no_cache: bool, sets: list[str]) -> dict:
     """One message's work in this (fresh) process; seconds per phase."""
     t0 = time.perf_counter()
     from flwr.app import Context, RecordDict
 
     from fedalign_moe.federation import client_app, protocol  # what the ClientApp module imports
     t_import = time.perf_counter()
-    from fedalign_moe.config import load_config
+    from fedalign_moe.config import deep_merge, load_config, parse_overrides
     from fedalign_moe.federation.node_policy import TRUST_ENV
     from fedalign_moe.federation.strategies import make_strategy
     from fedalign_moe.training import setup
 
-    cfg = load_config(preset, overrides={"federation": {"strategy": strategy}})
+    over = {"federation": {"strategy": strategy}}
+    if no_cache:
+        over["model"] = {"prefix_cache_dir": None, "build_cache_dir": None}
+    cfg = load_config(preset, overrides=deep_merge(over, parse_overrides(sets)))
     data = setup.prepare_data(cfg)
     t_data = time.perf_counter()
     built = setup.build_for(cfg, data)
@@ -78,16 +83,19 @@ def main() -> None:
     ap.add_argument("--strategy", default="fedalign")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--label", default="current")
+    ap.add_argument("--no-cache", action="store_true")
+    ap.add_argument("--set", dest="sets", action="append", default=[])
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.preset, args.strategy)))
+        print(json.dumps(child(args.preset, args.strategy, args.no_cache, args.sets)))
         return
     runs = []
     for i in range(args.repeats):
         t0 = time.perf_counter()
-        res = subprocess.run([sys.executable, __file__, "--child", "--preset", args.preset, "--strategy", args.strategy],
-                             capture_output=True, text=True, check=False)
+        extra = ["--no-cache"] * args.no_cache + [a for s in args.sets for a in ("--set", s)]
+        res = subprocess.run([sys.executable, __file__, "--child", "--preset", args.preset, "--strategy", args.strategy,
+                              *extra], capture_output=True, text=True, check=False)
         wall = time.perf_counter() - t0
         if res.returncode != 0:
             sys.exit(f"repeat {i}: the child failed: {res.stderr.strip().splitlines()[-1:]}")
@@ -98,6 +106,7 @@ def main() -> None:
     dest = ROOT / "benchmarks" / "results" / "message_startup"
     dest.mkdir(parents=True, exist_ok=True)
     (dest / f"{args.label}.json").write_text(json.dumps({"preset": args.preset, "strategy": args.strategy,
+                                                         "no_cache": args.no_cache, "set": args.sets,
                                                          "repeats": runs}, indent=1) + "\n")
 
 

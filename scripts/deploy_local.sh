@@ -21,7 +21,7 @@
 #   FEDALIGN_DEPLOY_KEEP          1: keep the work directory (staged app, FLWR_HOME, logs)
 #   FEDALIGN_OVERRIDES            more overrides, space separated (added after the arguments)
 #   FEDALIGN_NODE_CONFIG          more node config for every SuperNode, space separated key=value pairs
-#                                 (e.g. "cache-dir=none": a node that keeps no cache between messages)
+#                                 (e.g. "cache-dir='none'": a node that keeps no cache between messages)
 #   FEDALIGN_DEPLOY_INSECURE      1: no TLS, no SuperNode authentication (a warning says so)
 #   FEDALIGN_DEPLOY_PROBES        1: once the nodes are up, also start a SuperNode with an unregistered key
 #                                 and one without the CA, and write whether each was refused to
