@@ -28,7 +28,7 @@
 #                                 OUT_DIR/deploy-logs/probes.json (what the tests check); their Runtime API
 #                                 ports: FEDALIGN_PROBE_PORTS="a,b" (default: after the SuperNodes')
 #
-# Flower 1.41 serves the SuperLink's Fleet, Control and Runtime APIs on one HTTP port
+# Flower 1.42 (as 1.41) serves the SuperLink's Fleet, Control and Runtime APIs on one HTTP port
 # (--host/--port, default 127.0.0.1:8000); each SuperNode has its own Runtime API port (default
 # 9094). The defaults here avoid 8000, 9091-9094 and Flower's local simulation SuperLink (39091).
 # Nothing is downloaded: the ServerApp and ClientApps run in this Python environment

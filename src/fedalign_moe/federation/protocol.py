@@ -374,12 +374,16 @@ def read_instruction(content: RecordDict) -> Instruction:
     return Instruction(
         server_round=_number(config, SERVER_ROUND, where, integer=True, low=1, error=InstructionError),
         run_config=config[RUN_CONFIG],
-        arrays={n: read_array(a, f"instruction array {n}", dtype="bfloat16" if wire == "bfloat16" else None,
-                              error=InstructionError).to(torch.float32, copy=True) if wire == "bfloat16" else
-                read_array(a, f"instruction array {n}", error=InstructionError).clone()
-                for n, a in content[ARRAYS].items()},
+        arrays={n: _received(a, f"instruction array {n}", wire) for n, a in content[ARRAYS].items()},
         proximal_mu=_number(config, PROXIMAL_MU, where, low=0.0, error=InstructionError) if PROXIMAL_MU in config else 0.0,
         sub_moe_coverage=coverage, alignment=alignment, wire_dtype=wire)
+
+
+def _received(array: object, where: str, wire: str) -> torch.Tensor:
+    """An instruction's array as the client's own tensor: a copy, widened to float32 from a bfloat16 wire."""
+    if wire == "bfloat16":
+        return read_array(array, where, dtype="bfloat16", error=InstructionError).to(torch.float32)
+    return read_array(array, where, error=InstructionError).clone()
 
 
 def read_eval_split(content: RecordDict) -> str:
