@@ -297,6 +297,12 @@ class FedAlignConfig(_Section):
     # A(e) from each end (0.5: the median) instead of the weighted mean, where A(e) holds 3 or more clients;
     # None: the weighted mean. Robust to a minority of hostile experts of the same role [ours]
     expert_trim: float | None = Field(None, gt=0, le=0.5)
+    # keeping agreeing clients in A(e) [ours, issue 36]: A(e) holds at least this share of the clients that
+    # routed to e, the most consistent first (0.5: a majority); None: the threshold's set as it is
+    min_aligned_share: float | None = Field(None, gt=0, le=1)
+    # "set": A(e) by the threshold (the paper's); "soft": no hard set, each client's weight times
+    # s_i = clamp(c_i / max_j c_j, 0, 1), so a client whose expert plays another role (c_i <= 0) weighs nothing
+    expert_selection: Literal["set", "soft"] = "set"
 
 
 class OutputConfig(_Section):
@@ -387,7 +393,8 @@ class Config(_Section):
         if strategy in FEDALIGN_RUNGS:
             raw["fedalign"] = self.effective_fedalign().model_dump(mode="json")  # the rung's switches applied
             if raw["fedalign"]["expert_aggregation"] != "semantic":  # read by semantic expert aggregation only
-                for option in ("beta", "consistency_floor", "expert_weights", "lora_direction", "expert_trim"):
+                for option in ("beta", "consistency_floor", "expert_weights", "lora_direction", "expert_trim",
+                               "min_aligned_share", "expert_selection"):
                     raw["fedalign"].pop(option)
         else:
             raw.pop("fedalign")

@@ -22,7 +22,7 @@ import torch
 from .gate_alignment import adaptive_alpha, aggregate_router, consistency_weights, global_routing_distribution, routing_consistency
 from .lora_experts import a_view, b_view, fold_a, fold_b, product_gram
 from .robust import bounded_shares, trimmed_mean
-from .semantic_alignment import align_expert_gram, aligned_weights
+from .semantic_alignment import align_expert_gram
 
 State = Mapping[str, torch.Tensor]
 
@@ -52,6 +52,8 @@ class AlignOptions:
     # expert e's update over A(e): the weighted mean (None) or a coordinate-wise trimmed mean cutting this
     # share from each end (0.5: the median), scaled by A(e)'s weight, with 3 or more clients in A(e) [ours]
     expert_trim: float | None = None
+    min_aligned_share: float | None = None  # A(e) holds at least this share of e's clients [ours]
+    expert_selection: str = "set"  # set | soft: core.semantic_alignment [ours]
 
 
 @dataclass
@@ -195,9 +197,11 @@ def _align_experts(layer: LayerNames, l: int, global_state: State, client_states
         weights_EC = torch.zeros(E, C, dtype=torch.float64)
         for e in range(E):
             dec = align_expert_gram(stats["mu"][:, l, e], gram_ECC[e], stats["n"][:, l, e], opts.beta,
-                                    opts.consistency_floor)
-            weights_EC[e] = (dec.weights_C if opts.expert_weights == "tokens"  # n_i(e) over A(e), summing to 1
-                             else aligned_weights(dec.aligned_C, examples_C, renormalise=False))
+                                    opts.consistency_floor, min_share=opts.min_aligned_share,
+                                    soft=opts.expert_selection == "soft")
+            # "tokens": n_i(e) s_i over A(e), summing to 1; "examples": N_i s_i / N, the left-out share dropped
+            weights_EC[e] = (dec.weights_C if opts.expert_weights == "tokens"
+                             else examples_C.double() * dec.selection_C / examples_C.double().sum())
             result.tau_LE[l, e] = dec.tau
             result.aligned_LEC[l, e] = dec.aligned_C
             result.gamma[(l, e)] = dec.gamma_CC

@@ -10,6 +10,10 @@ For one expert e of one MoE layer, over the round's C clients:
 Clients outside A, and clients that routed no token to e, do not move expert e; an empty A keeps it.
 The absolute ``floor`` [ours] keeps clients whose consistency is high in absolute terms: without it,
 "mean - beta * std" drops the least consistent client even when every client agrees (std ~ 0).
+Two more ways to keep agreeing clients [ours, issue 36]: ``min_share`` (A holds at least that share of the
+clients that routed to e, the most consistent first: a majority floor), and ``soft`` selection (no hard set:
+every client that routed to e weighs its mass times s_i = clamp(c_i / max_j c_j, 0, 1), so the most
+consistent keeps its whole weight and a client whose expert plays another role, c_i <= 0, none).
 Cost: one C x C Gram matrix per expert (``align_expert_gram`` takes it ready-made, so the caller can sum
 it over tensors and never hold an expert's whole update); no per-pair copies of expert weights.
 Shapes: C clients, H hidden, P parameters of one expert (flattened).
@@ -17,6 +21,7 @@ Shapes: C clients, H hidden, P parameters of one expert (flattened).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +69,7 @@ class ExpertAlignment:
     tau: float
     aligned_C: torch.Tensor  # bool
     weights_C: torch.Tensor  # sum to 1 over the aligned set, 0 elsewhere
+    selection_C: torch.Tensor | None = None  # the share of its mass each client brings: 1/0 for a set, s_i when soft
 
 
 def aligned_weights(aligned_C: torch.Tensor, mass_C: torch.Tensor, renormalise: bool) -> torch.Tensor:
@@ -82,11 +88,41 @@ def align_expert(mu_CH: torch.Tensor, delta_CP: torch.Tensor, n_C: torch.Tensor,
     return align_expert_gram(mu_CH, delta_CP @ delta_CP.T, n_C, beta, floor, tolerance)
 
 
+def with_majority(aligned_C: torch.Tensor, c_C: torch.Tensor, active_C: torch.Tensor, min_share: float) -> torch.Tensor:
+    """``aligned_C`` grown, most consistent first, to at least ceil(min_share x the active clients)."""
+    need = math.ceil(min_share * int(active_C.sum()) - 1e-9)
+    if int(aligned_C.sum()) >= need:
+        return aligned_C
+    rank_C = torch.where(active_C, c_C.double(), torch.full_like(c_C, -math.inf, dtype=torch.float64))
+    grown_C = aligned_C.clone()
+    grown_C[rank_C.argsort(descending=True)[:need]] = True
+    return grown_C & active_C
+
+
+def soft_selection(c_C: torch.Tensor, active_C: torch.Tensor) -> torch.Tensor:
+    """s [C] in [0, 1]: c_i / max_j c_j over the active clients, negatives 0 (all 0 when none is positive)."""
+    top = float(torch.where(active_C, c_C.double(), torch.zeros_like(c_C, dtype=torch.float64)).max())
+    if top <= 0:
+        return torch.zeros_like(c_C, dtype=torch.float64)
+    return torch.where(active_C, (c_C.double() / top).clamp(0.0, 1.0), torch.zeros_like(c_C, dtype=torch.float64))
+
+
 def align_expert_gram(mu_CH: torch.Tensor, gram_CC: torch.Tensor, n_C: torch.Tensor, beta: float,
-                      floor: float = float("inf"), tolerance: float = 1e-9) -> ExpertAlignment:
-    """``align_expert`` from the Gram matrix of the expert's updates, gram_ij = <Delta_i, Delta_j>."""
+                      floor: float = float("inf"), tolerance: float = 1e-9, min_share: float | None = None,
+                      soft: bool = False) -> ExpertAlignment:
+    """``align_expert`` from the Gram matrix of the expert's updates, gram_ij = <Delta_i, Delta_j>;
+    ``min_share`` and ``soft``: the module docstring's [ours] variants (``aligned_C`` is then every client
+    with a positive weight)."""
     gamma_CC = semantic_consistency(mu_CH, cosine_from_gram(gram_CC))
     c_C = client_consistency(gamma_CC)
     tau = float(adaptive_threshold(c_C, beta))
-    aligned_C = ((c_C >= tau - tolerance) | (c_C >= floor)) & (n_C > 0)
-    return ExpertAlignment(gamma_CC, c_C, tau, aligned_C, aligned_weights(aligned_C, n_C, renormalise=True))
+    active_C = n_C > 0
+    if soft:
+        s_C = soft_selection(c_C, active_C)
+        return ExpertAlignment(gamma_CC, c_C, tau, s_C > 0, aligned_weights(s_C > 0, n_C.double() * s_C, renormalise=True),
+                               s_C)
+    aligned_C = ((c_C >= tau - tolerance) | (c_C >= floor)) & active_C
+    if min_share is not None:
+        aligned_C = with_majority(aligned_C, c_C, active_C, min_share)
+    return ExpertAlignment(gamma_CC, c_C, tau, aligned_C, aligned_weights(aligned_C, n_C, renormalise=True),
+                           aligned_C.double())

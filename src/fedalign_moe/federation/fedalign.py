@@ -85,7 +85,7 @@ class FedAlignMoE(ScreenedReplies, FedAvg):
         o = self.options
         opts = AlignOptions(o.gate_aggregation, o.adaptive_alpha, o.expert_aggregation, o.beta, o.omega_times_tokens,
                             o.consistency_floor, o.lora_direction, o.expert_weights, o.router_share_factor,
-                            o.expert_trim)
+                            o.expert_trim, min_aligned_share=o.min_aligned_share, expert_selection=o.expert_selection)
         result = fedalign_aggregate(self.global_state, [r.state() for r in replies],
                                     examples_C, stats, layers, opts)
         self.p_g_LE, self.alpha_LE, self.last = result.p_g_LE, result.alpha_LE, result
