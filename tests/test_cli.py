@@ -138,6 +138,16 @@ def test_presets_are_listed_and_valid():
     assert load_config("bench").model.top_k == 1 and load_config("bench").model.num_experts >= 8
 
 
+def test_presets_says_what_each_runs():
+    res = _cli("presets")
+    assert res.returncode == 0
+    lines = dict(line.split(": ", 1) for line in res.stdout.strip().splitlines())
+    assert sorted(lines) == preset_names()
+    assert lines["tiny"] == "tiny-mixtral (4 experts, top-2) on mmlu-topic, 3 clients (alpha 1), 2 rounds"
+    assert lines["paper-switch"].startswith("google/switch-base-16 (16 experts, top-1) on hf:fancyzhx/ag_news")
+    assert "btx" in lines["specialised"]
+
+
 def test_overrides_and_files_merge_in_order(tmp_path):
     f = tmp_path / "c.toml"
     f.write_text("[train]\nlr = 0.002\n[federation]\nrounds = 7\n")

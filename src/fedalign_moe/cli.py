@@ -419,9 +419,15 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory, or a c
 
 @app.command()
 def presets() -> None:
-    """List the shipped presets."""
+    """List the shipped presets, each with its model, data, clients and rounds."""
     for name in preset_names():
-        console.print(name, markup=False)
+        cfg = load_config(name)
+        m, d, part = cfg.model, cfg.data, cfg.partition
+        recipe = f", {m.recipe}" if m.recipe != "upcycle" else ""
+        data = d.source + (f" ({d.hf_config})" if d.hf_config else "")
+        console.print(f"{name}: {m.backbone} ({m.num_experts} experts, top-{m.top_k}{recipe}) on {data}, "
+                      f"{part.num_clients} clients (alpha {part.alpha:g}), {cfg.federation.rounds} rounds",
+                      markup=False, soft_wrap=True)
 
 
 class _WarningLine(logging.Handler):
