@@ -1,0 +1,56 @@
+"""Issue 36's merge rules on `specialised`'s validation split: accuracy and what each rule did to the aligned
+sets and the global routing, per run (seed), beside the runs they are compared with.
+
+For each setup folder of benchmarks/results/tuning-specialised and each seed it holds: final and last-5
+global accuracy, the mean share of clients merged per (round, layer, expert) (mean |A(e)|/N; for soft
+selection, clients with a positive weight), the share of (round, layer, expert) merging half the clients or
+fewer, and the largest global routing probability p_g over the run. Writes
+benchmarks/results/tuning-specialised/merge_rules.json and prints a markdown table.
+Usage: .venv/bin/python benchmarks/merge_rules.py SETUP [SETUP ...]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from fedalign_moe.runlog import read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "tuning-specialised"
+
+
+def facts(run: Path) -> dict:
+    summary = json.loads((run / "summary.json").read_text())
+    shares, small, routed, dropped, p_max = [], [], [], [], 0.0
+    for r in read_jsonl(run / "diagnostics.jsonl"):
+        C, sizes = len(r["clients"]), [len(s) for layer in r["aligned"] for s in layer]
+        shares.append(sum(sizes) / len(sizes) / C)
+        small.append(sum(s <= C / 2 for s in sizes) / len(sizes))
+        for aligned_E, routed_E in zip(r["aligned"], r["routed"]):  # who routed a token to e, and who of them A(e) left out
+            for a, ro in zip(aligned_E, routed_E):
+                routed.append(len(ro) / C)
+                dropped.append(len(set(ro) - set(a)) / C)
+        p_max = max(p_max, max(max(row) for row in r["p_g"]))
+    return {"seed": summary["seed"], "final": summary["final_accuracy"], "last5": summary["last5_accuracy"],
+            "aligned_share": sum(shares) / len(shares), "half_or_fewer": sum(small) / len(small),
+            "routed_share": sum(routed) / len(routed), "left_out_share": sum(dropped) / len(dropped), "largest_p_g": p_max}
+
+
+def main() -> None:
+    rows = {}
+    print("| setup | seed | global, final | global, last 5 | mean \\|A(e)\\|/N | half or fewer merged | routed to e / N | "
+          "routed but left out / N | largest p_g |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for setup in sys.argv[1:]:
+        for run in sorted((ROOT / setup).glob("*-alpha0.1-seed*")):
+            if (run / "summary.json").is_file():
+                f = facts(run)
+                rows.setdefault(setup, []).append(f)
+                print(f"| {setup} | {f['seed']} | {f['final']:.3f} | {f['last5']:.3f} | {f['aligned_share']:.3f} | "
+                      f"{f['half_or_fewer']:.3f} | {f['routed_share']:.3f} | {f['left_out_share']:.3f} | {f['largest_p_g']:.3f} |")
+    (ROOT / "merge_rules.json").write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
