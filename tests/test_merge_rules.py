@@ -59,3 +59,25 @@ def test_the_options_reach_the_aggregate(server_identity):
         trained = [replies.perturbed(glob, seed, 0.1) for seed in range(4)]
         s.aggregate_train(1, [replies.reply(m, i, u) for i, (m, u) in enumerate(zip(sent, trained))])
     assert floor.last.aligned_LEC.all() and not base.last.aligned_LEC.all()
+
+
+def test_routed_weights_do_not_let_clients_that_never_use_an_expert_shrink_its_step(server_identity):
+    """Client 3 routes no token to expert 0: with "examples" weights expert 0 moves by the aligned clients'
+    share of all the data, with "routed" by their share of the data of the clients that routed to it
+    (here 4/3 the step); experts every client routes to move the same either way."""
+    import replies
+
+    glob = replies.global_state()
+    trained = [replies.perturbed(glob, seed, 0.1) for seed in range(4)]
+    counts = [[10.0, 10.0, 10.0, 10.0]] * 3 + [[0.0, 20.0, 10.0, 10.0]]
+    moved = {}
+    for weights in ("examples", "routed"):
+        s = replies.strategy("fedalign", 4)
+        s.options = s.options.model_copy(update={"expert_weights": weights, "consistency_floor": -1.0})  # A(e): all routing
+        sent = replies.instructions(s, glob, 4)
+        arrays, _ = s.aggregate_train(1, [replies.reply(m, i, u, stats=replies.routing(counts[i]))
+                                          for i, (m, u) in enumerate(zip(sent, trained))])
+        assert s.last_failures == []
+        moved[weights] = arrays.to_torch_state_dict()["x"] - glob["x"]
+    assert torch.allclose(moved["routed"][0], moved["examples"][0] * 4 / 3, atol=1e-6)
+    assert torch.allclose(moved["routed"][1:], moved["examples"][1:], atol=1e-6)

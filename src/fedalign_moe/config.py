@@ -278,7 +278,9 @@ class FedAlignConfig(_Section):
     # of n (they sum to 1 over A(e)); "examples" w_i = N_i / N, FedAvg's weight, for i in A(e) and 0 outside
     # (not renormalised: the left-out clients' share keeps the global value, so A(e) = everyone is FedAvg);
     # "examples" is the default since issue 9's validation runs (docs/fedalign.md#expert-weights)
-    expert_weights: Literal["tokens", "examples"] = "examples"
+    # "routed" [ours, issue 36]: w_i = N_i / N_routed(e), N_routed(e) the examples of the clients that routed any
+    # token to e, so clients that never use e do not shrink its step
+    expert_weights: Literal["tokens", "examples", "routed"] = "examples"
     # model.trainable = lora-experts: expert e's update compared across clients as its LoRA product B_e A_e
     # ("product") or as its two factors ("factors"); either way A_e and B_e are then averaged over A(e) [ours]
     lora_direction: Literal["product", "factors"] = "product"

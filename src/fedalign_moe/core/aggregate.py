@@ -47,7 +47,7 @@ class AlignOptions:
     omega_times_tokens: bool = False
     consistency_floor: float = float("inf")
     lora_direction: str = "product"  # product | factors: what expert e's LoRA update is compared by
-    expert_weights: str = "examples"  # tokens | examples: config.FedAlignConfig.expert_weights
+    expert_weights: str = "examples"  # tokens | examples | routed: config.FedAlignConfig.expert_weights
     router_share_factor: float | None = None  # omega_i(e) <= factor x client i's example share [ours]
     # expert e's update over A(e): the weighted mean (None) or a coordinate-wise trimmed mean cutting this
     # share from each end (0.5: the median), scaled by A(e)'s weight, with 3 or more clients in A(e) [ours]
@@ -199,9 +199,12 @@ def _align_experts(layer: LayerNames, l: int, global_state: State, client_states
             dec = align_expert_gram(stats["mu"][:, l, e], gram_ECC[e], stats["n"][:, l, e], opts.beta,
                                     opts.consistency_floor, min_share=opts.min_aligned_share,
                                     soft=opts.expert_selection == "soft")
-            # "tokens": n_i(e) s_i over A(e), summing to 1; "examples": N_i s_i / N, the left-out share dropped
+            # "tokens": n_i(e) s_i over A(e), summing to 1; "examples": N_i s_i / N, the left-out share dropped;
+            # "routed": N_i s_i over the N of the clients that routed a token to e (those that did not never dilute)
+            mass_C = examples_C.double()
+            scope = mass_C.sum() if opts.expert_weights != "routed" else (mass_C * (stats["n"][:, l, e] > 0)).sum()
             weights_EC[e] = (dec.weights_C if opts.expert_weights == "tokens"
-                             else examples_C.double() * dec.selection_C / examples_C.double().sum())
+                             else mass_C * dec.selection_C / scope if scope > 0 else torch.zeros_like(mass_C))
             result.tau_LE[l, e] = dec.tau
             result.aligned_LEC[l, e] = dec.aligned_C
             result.gamma[(l, e)] = dec.gamma_CC
