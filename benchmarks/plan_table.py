@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from fedalign_moe.config import load_config
-from fedalign_moe.models.build import agree_with_checkpoint
+from fedalign_moe.models.build import FOUR_BIT_BYTES, agree_with_checkpoint
 from fedalign_moe.training.plan import make_plan, plan_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,6 +64,12 @@ def main() -> None:
         print(f"| {r['architecture']} | {r['parameters'] / 1e9:.1f}B ({r['active_parameters'] / 1e9:.1f}B) | {r['machine']} | "
               f"{r['setting']} | {r['base_bytes'] / 1e9:.1f} GB | {r['peak_bytes'] / 1e9:.1f} GB | {r['workers']} | "
               f"{'yes' if r['fits'] else 'no'} |")
+    # the share of the frozen weights a 4-bit load holds in 4 bits: each one saves 2 - FOUR_BIT_BYTES bytes
+    bases = {(r["architecture"], r["setting"].split(" ")[0]): r["base_bytes"] for r in rows if r["machine"] == next(iter(MACHINES))}
+    for arch in ARCHS:
+        bf16, four = bases[(arch, "bf16")], bases[(arch, "4-bit")]
+        print(f"{arch}: linear layers in 4 bits: {(bf16 - four) / (2 - FOUR_BIT_BYTES) / (bf16 / 2):.1%} of the frozen weights, "
+              f"base {bf16 / 1e9:.1f} -> {four / 1e9:.1f} GB")
 
 if __name__ == "__main__":
     main()
