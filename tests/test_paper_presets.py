@@ -47,9 +47,8 @@ def _ag_news_like(path: Path, n: int = 160) -> str:
     return str(path)
 
 
-def _stand_in(tmp_path, preset: str, backbone: str, **model) -> dict:
-    from in_process import run_in_process  # noqa: F401 - imported by the callers' monkeypatch
-
+def _stand_in(tmp_path, backbone: str, **model) -> dict:
+    """Overrides that put a stand-in model and an AG-News-like file under a paper preset, at a test's size."""
     return {"out_dir": str(tmp_path / "run"), "data": {"source": "csv", "path": _ag_news_like(tmp_path / "ag.csv"),
                                                         "max_test": 40, "max_length": 24},
             "partition": {"num_clients": 3}, "federation": {"rounds": 2},
@@ -64,7 +63,7 @@ def test_paper_switch_on_a_small_switch_checkpoint(tmp_path, monkeypatch):
 
     save_switch(tmp_path / "switch")
     cached_workspace.cache_clear()
-    cfg = load_config("paper-switch", overrides=_stand_in(tmp_path, "paper-switch", str(tmp_path / "switch")))
+    cfg = load_config("paper-switch", overrides=_stand_in(tmp_path, str(tmp_path / "switch")))
     summary = run_in_process(cfg, monkeypatch)
     cached_workspace.cache_clear()
     assert summary["rounds"] == 2 and summary["rounds_not_adopted"] == [] and summary["failures_total"] == 0
@@ -85,7 +84,7 @@ def test_paper_deepseek_on_a_small_model_in_deepseek_moes_own_layout(tmp_path, m
     remote_moe.TinyDeepseekMoEForCausalLM(config).save_pretrained(folder)
     minilm_tokenizer().save_pretrained(folder)
     cached_workspace.cache_clear()
-    cfg = load_config("paper-deepseek", overrides=_stand_in(tmp_path, "paper-deepseek", str(folder), num_experts=8, top_k=2))
+    cfg = load_config("paper-deepseek", overrides=_stand_in(tmp_path, str(folder), num_experts=8, top_k=2))
     assert cfg.model.trust_remote_code and cfg.train.gradient_checkpointing and cfg.model.trainable == "lora"
     summary = run_in_process(cfg, monkeypatch)
     cached_workspace.cache_clear()
