@@ -8,12 +8,13 @@ from collections.abc import Callable
 import torch
 from flwr.app import ArrayRecord, Message
 
-from fedalign_moe.config import FEDALIGN_RUNGS, ROBUST_BASELINES, SERVER_OPTIMIZERS, load_config
+from fedalign_moe.config import load_config
 from fedalign_moe.core.fedmoe import sub_moe_LE
 from fedalign_moe.core.statistics import ModelRoutingStatistics
 from fedalign_moe.federation import protocol
 from fedalign_moe.federation.strategies import make_strategy
 from fedalign_moe.models.base import MoELayerLayout, MoELayout
+from fedalign_moe.registry import FEDERATED
 
 L, E, K, H = 1, 4, 2, 3
 LAYOUT = MoELayout(E, K, (MoELayerLayout(0, "r", ("x",)),))
@@ -21,7 +22,7 @@ TOKENS = 20  # real tokens each client trained on
 BATCH = 16  # the tiny preset's batch size: one local epoch of n examples is ceil(n / 16) steps
 
 
-STRATEGIES = ["fedavg", "fedprox", "fedmoe", *SERVER_OPTIMIZERS, *ROBUST_BASELINES, *FEDALIGN_RUNGS]  # every federated one
+STRATEGIES = list(FEDERATED)  # every federated one
 
 
 def strategy(name: str, num_clients: int, partition_sizes: tuple[int, ...] | None = None, **federation):

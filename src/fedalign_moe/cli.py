@@ -19,7 +19,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .config import STRATEGIES, Config, ConfigError, UserError, load_config, parse_overrides, preset_names
+from .config import Config, ConfigError, UserError, load_config, parse_overrides, preset_names
+from .registry import FEDERATED, STRATEGIES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Federated fine-tuning of MoE language models (FedAlign-MoE).")
@@ -271,7 +272,6 @@ def resume(
     try:
         from .experiment import run_experiment
         from .federation import checkpoint
-        from .federation.strategies import FEDERATED
 
         cfg = _run_config(run_dir)
         if cfg.federation.strategy not in FEDERATED:

@@ -15,32 +15,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
-# The FedAlign-MoE ablation ladder (paper, Table "ablation"): each rung adds one component.
-FEDALIGN_RUNGS = {
-    "fedalign-uniform": dict(gate_aggregation="uniform", gate_regulariser=True, adaptive_alpha=False, expert_aggregation="fedavg"),
-    "fedalign-consistency": dict(gate_aggregation="consistency", gate_regulariser=True, adaptive_alpha=False, expert_aggregation="fedavg"),
-    "fedalign-adaptive": dict(gate_aggregation="consistency", gate_regulariser=True, adaptive_alpha=True, expert_aggregation="fedavg"),
-    "fedalign": {},  # the full method: the FedAlignConfig defaults, or whatever the user set
-}
-# Flower's Byzantine-robust aggregators, as baselines behind the same reply screen
-ROBUST_BASELINES = ("fedtrimmedavg", "fedmedian", "krum", "multikrum", "bulyan")
-# Flower's server optimisers (Reddi et al. 2021, Hsu et al. 2019): the average as a pseudo-gradient
-SERVER_OPTIMIZERS = ("fedavgm", "fedadagrad", "fedadam", "fedyogi")
-STRATEGIES = ("fedavg", "fedprox", "fedmoe", "local", "centralised", *SERVER_OPTIMIZERS, *ROBUST_BASELINES,
-              *FEDALIGN_RUNGS)
+from .registry import STRATEGIES, STRATEGY_OPTIONS, spec
+
 # Fields whose default changed after runs that lack them were stored, and the value those runs used:
 # FedAlign-MoE weighted aligned experts by tokens until issue 9 made `examples` the default; checkpoints
 # loaded in float32 before `model.dtype` existed, and batches were padded to data.max_length.
 LEGACY = {("fedalign", "expert_weights"): "tokens", ("model", "dtype"): "float32", ("train", "padding"): "max_length"}
-# Bumped when a strategy's code changes what its runs measure: `compare` runs a finished cell of an older
-# revision again, and no table averages two revisions. fedmoe 2: clients upload their sub-MoE only.
-STRATEGY_REVISIONS = {"fedmoe": 2}
-
-
-def strategy_revision(strategy: str) -> int:
-    return STRATEGY_REVISIONS.get(strategy, 1)
-
-
 # small random models of every transformers MoE family the tests run (models.hf_moe.FAMILIES, and Switch)
 FAMILY_BACKBONES = tuple(f"tiny-{f}" for f in (
     "mixtral", "qwen2-moe", "qwen3-moe", "olmoe", "deepseek-v2", "deepseek-v3", "ernie4-5-moe", "glm4-moe", "granitemoe",
@@ -367,12 +347,11 @@ class Config(_Section):
 
     def effective_fedalign(self) -> FedAlignConfig:
         """The FedAlign-MoE options of this run, with the ablation rung's switches applied."""
-        rung = FEDALIGN_RUNGS.get(self.federation.strategy, {})
-        return self.fedalign.model_copy(update=rung)
+        return self.fedalign.model_copy(update=spec(self.federation.strategy).fixed)
 
     def keeps_personal_experts(self) -> bool:
         """Whether this run's clients keep their own copy of the experts outside their aligned sets."""
-        return self.federation.strategy in FEDALIGN_RUNGS and self.effective_fedalign().personal_experts
+        return "fedalign" in spec(self.federation.strategy).reads and self.effective_fedalign().personal_experts
 
     def to_json(self) -> str:
         return self.model_dump_json()
@@ -391,33 +370,18 @@ class Config(_Section):
             raw["model"]["dtype"] = "float32"  # what "auto" means for the built-in backbones (stored runs: LEGACY)
         raw["federation"].pop("workers")  # where and how many processes compute changes no number
         raw["federation"].pop("global_eval")
-        strategy = self.federation.strategy
-        if strategy in FEDALIGN_RUNGS:
+        strategy = spec(self.federation.strategy)
+        for option in STRATEGY_OPTIONS:  # options this strategy never reads
+            if option not in strategy.reads:
+                section, _, name = option.partition(".")
+                raw[section].pop(name) if name else raw.pop(section)
+        if "fedalign" in strategy.reads:
             raw["fedalign"] = self.effective_fedalign().model_dump(mode="json")  # the rung's switches applied
             if raw["fedalign"]["expert_aggregation"] != "semantic":  # read by semantic expert aggregation only
                 for option in ("beta", "consistency_floor", "expert_weights", "lora_direction", "expert_trim",
                                "min_aligned_share", "expert_selection"):
                     raw["fedalign"].pop(option)
-        else:
-            raw.pop("fedalign")
-        if strategy != "fedprox":
-            raw["train"].pop("proximal_mu")
-        if strategy != "fedmoe":
-            raw["federation"].pop("fedmoe_coverage")
-        if strategy != "fedtrimmedavg":
-            raw["federation"].pop("trim_beta")
-        if strategy not in ("krum", "multikrum", "bulyan"):
-            raw["federation"].pop("num_malicious")
-        if strategy not in SERVER_OPTIMIZERS:
-            raw["federation"].pop("server_lr")
-        if strategy != "fedavgm":
-            raw["federation"].pop("server_momentum")
-        if strategy not in ("fedadam", "fedyogi"):
-            raw["federation"].pop("server_beta_1")
-            raw["federation"].pop("server_beta_2")
-        if strategy not in ("fedadagrad", "fedadam", "fedyogi"):
-            raw["federation"].pop("server_tau")
-        if strategy in ("local", "centralised"):  # nothing travels
+        if not strategy.federated:  # nothing travels
             raw["federation"].pop("wire_dtype")
         if self.attack.kind == "none":  # no hostile client: where it would be changes no number
             raw.pop("attack")

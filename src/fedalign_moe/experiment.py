@@ -11,18 +11,17 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import Config, strategy_revision
+from .config import Config
 from .federation import checkpoint
 from .federation.checkpoint import Checkpoint
-from .federation.strategies import FEDERATED
 from .report.evidence import collect_summaries, write_comparison
 from .report.plots import draw_run
 from .report.tables import group_cells
 from .runlog import dumps, read_summary, write_atomic
 from .models.build import supports_meta
+from .registry import FEDERATED, spec
 from .training.plan import Plan, check_fits, plan_model
 from .training.setup import open_log, open_workspace, prepare_data
-from .training.standalone import run_centralised, run_local
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +47,7 @@ def run_experiment(cfg: Config, on_round: Callable[[dict], None] | None = None, 
         plan = plan or check_fits(cfg, ws.built)
         if on_plan is not None:
             on_plan(plan)
-        runner = run_local if strategy == "local" else run_centralised
-        summary = runner(ws, open_log(ws), on_round)
+        summary = spec(strategy).load_factory()(ws, open_log(ws), on_round)
     draw_run(cfg.out_dir)
     return summary
 
@@ -84,7 +82,7 @@ def _same_result(summary: dict, cfg: Config) -> bool:
     """A finished run counts if its config differs at most in where files went (the folder may have moved)."""
     if summary.get("stopped_early"):
         return False  # an interrupted run is run again
-    if summary.get("strategy_revision", 1) != strategy_revision(cfg.federation.strategy):
+    if summary.get("strategy_revision", 1) != spec(cfg.federation.strategy).revision:
         return False  # measured by an older version of the strategy
     try:
         return Config.from_json(summary["config_json"]).result_key() == cfg.result_key()
@@ -111,7 +109,7 @@ def check_fits_folder(configs: list[Config], out: Path) -> None:
     planned = {Path(c.out_dir).resolve() for c in configs}
     kept = [s for s in collect_summaries(out) if Path(s["run_dir"]).resolve() not in planned]
     group_cells(kept + [{"alpha": c.partition.alpha, "strategy": c.federation.strategy, "config_json": c.to_json(),
-                         "strategy_revision": strategy_revision(c.federation.strategy)} for c in configs])
+                         "strategy_revision": spec(c.federation.strategy).revision} for c in configs])
 
 
 def run_comparison(configs: list[Config], out: Path, on_run: Callable[[Config], None] | None = None,

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config, strategy_revision
+from .config import Config
+from .registry import spec
 
 ROUND_KEYS = ("round", "accuracy", "loss", "uplink_bytes", "downlink_bytes", "seconds")
 JSONL_FILES = ("metrics.jsonl", "routing.jsonl", "diagnostics.jsonl")
@@ -171,7 +172,7 @@ class RunLog:
         local = [r["local_accuracy"] for r in self.rounds if r.get("local_accuracy") is not None]
         summary = {
             "strategy": self.cfg.federation.strategy,
-            "strategy_revision": strategy_revision(self.cfg.federation.strategy),
+            "strategy_revision": spec(self.cfg.federation.strategy).revision,
             "preset": self.cfg.preset,
             "dataset": self.cfg.data.source,
             "backbone": self.cfg.model.backbone,

@@ -56,6 +56,11 @@ class FedAlignMoE(ScreenedReplies, FedAvg):
         # personalised experts: node id -> bool [L, E], the experts that node keeps (None: not personalising)
         self.personal_by_node: dict[int, torch.Tensor] | None = {} if options.personal_experts else None
 
+    @classmethod
+    def from_config(cls, cfg, policy, **flower_kwargs):
+        """Every rung of the ablation ladder: the run's FedAlign-MoE options with the rung's switches applied."""
+        return cls(policy, cfg.effective_fedalign(), **flower_kwargs)
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         o = self.options
         if o.proximal_mu > 0:  # [ours] FedProx's anchor on the weights, asked for as FedProx asks

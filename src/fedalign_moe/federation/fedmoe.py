@@ -43,6 +43,10 @@ class FedMoE(ScreenedReplies, FedAvg):
         self.held_CLE: torch.Tensor | None = None
         self.last_partition_ids: list[int] = []
 
+    @classmethod
+    def from_config(cls, cfg, policy, **flower_kwargs):
+        return cls(policy, cfg.federation.fedmoe_coverage, **flower_kwargs)
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         protocol.request_sub_moe(config, self.coverage)
         return super().configure_train(server_round, arrays, config, grid)

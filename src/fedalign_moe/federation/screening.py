@@ -24,6 +24,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+from ..config import Config
 from ..core.aggregate import LayerNames
 from ..core.fedmoe import keep_rows
 from ..core.robust import bounded_example_counts
@@ -188,8 +189,8 @@ def _drop_norm_outliers(replies: list[TrainReply], norms: dict[int, float], rati
 class ScreenedReplies:
     """Mixin for a Flower strategy (put it before the Flower class): replies pass ``screen`` first.
 
-    Hooks: ``aggregate_replies`` (the arithmetic over valid replies; by default the Flower parent's
-    ``aggregate_train``), ``state_dict``/``load_state_dict`` (what a checkpoint keeps of the strategy).
+    Hooks: ``from_config`` (the strategy's own options, read from a run's config), ``aggregate_replies``
+    (the arithmetic over valid replies; by default the Flower parent's ``aggregate_train``), ``state_dict``/``load_state_dict`` (what a checkpoint keeps of the strategy).
     After each round, ``last_replies`` and ``last_failures`` say what was used and what was dropped, and
     ``last_update_norms`` the update norms the outlier rule compared.
     """
@@ -203,6 +204,12 @@ class ScreenedReplies:
         self.last_failures: list[Failure] = []
         self.last_update_norms: dict[int, float] = {}  # partition id -> ||w_i - w_g|| of the last round
         self.last_screen_seconds = 0.0
+
+    @classmethod
+    def from_config(cls, cfg: Config, policy: ReplyPolicy, **flower_kwargs) -> ScreenedReplies:
+        """The strategy for a run of ``cfg``: ``flower_kwargs`` are what every strategy is given (the record
+        keys, node fractions); a strategy with options of its own reads them from ``cfg`` here."""
+        return cls(policy, **flower_kwargs)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         self.global_state = arrays.to_torch_state_dict()

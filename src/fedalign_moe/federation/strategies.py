@@ -13,16 +13,13 @@ import torch
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp import strategy as flwr_strategy
 
-from ..config import FEDALIGN_RUNGS, ROBUST_BASELINES, SERVER_OPTIMIZERS, Config
+from ..config import Config
 from ..models.base import MoELayout
+from ..registry import FEDERATED, spec
 from . import protocol
-from .protocol import LocalWork
-from .fedalign import FedAlignMoE
-from .fedmoe import FedMoE
 from .node_policy import FILE_SOURCES
+from .protocol import LocalWork
 from .screening import ReplyPolicy, ScreenedReplies
-
-FEDERATED = ("fedavg", "fedprox", "fedmoe", *SERVER_OPTIMIZERS, *ROBUST_BASELINES, *FEDALIGN_RUNGS)
 
 
 class FedAvg(ScreenedReplies, flwr_strategy.FedAvg):
@@ -31,6 +28,10 @@ class FedAvg(ScreenedReplies, flwr_strategy.FedAvg):
 
 class FedProx(ScreenedReplies, flwr_strategy.FedProx):
     """FedProx (Li et al. 2020, arXiv 1812.06127): FedAvg's aggregation; clients add (mu/2)||w - w_g||^2."""
+
+    @classmethod
+    def from_config(cls, cfg, policy, **flower_kwargs):
+        return cls(policy, **flower_kwargs, proximal_mu=cfg.train.proximal_mu)
 
 
 class FlowerAggregation:
@@ -52,6 +53,14 @@ class ServerOptimizer(FlowerAggregation):
     does not adopt an aggregate)."""
 
     MOMENTS: tuple[str, ...] = ()  # attributes holding the optimiser's moments: name -> ndarray, or a list
+    BETAS = True  # Adam and Yogi read beta_1 and beta_2; Adagrad has none
+
+    @classmethod
+    def from_config(cls, cfg, policy, **flower_kwargs):
+        """The adaptive optimisers (FedAvgM overrides): step ``eta``, client rate ``eta_l``, ``tau``, betas."""
+        fed = cfg.federation
+        betas = {"beta_1": fed.server_beta_1, "beta_2": fed.server_beta_2} if cls.BETAS else {}
+        return cls(policy, **flower_kwargs, eta=fed.effective_server_lr(), eta_l=cfg.train.lr, tau=fed.server_tau, **betas)
 
     def configure_train(self, server_round, arrays, config, grid):
         if isinstance(self, flwr_strategy.FedAvgM):
@@ -96,11 +105,17 @@ class FedAvgM(ServerOptimizer, ScreenedReplies, flwr_strategy.FedAvgM):
 
     MOMENTS = ("momentum_vector",)
 
+    @classmethod
+    def from_config(cls, cfg, policy, **flower_kwargs):
+        fed = cfg.federation
+        return cls(policy, **flower_kwargs, server_learning_rate=fed.effective_server_lr(), server_momentum=fed.server_momentum)
+
 
 class FedAdagrad(ServerOptimizer, ScreenedReplies, flwr_strategy.FedAdagrad):
     """FedAdagrad (Reddi et al. 2021, arXiv 2003.00295): server Adagrad on the average update; Flower's."""
 
     MOMENTS = ("m_t", "v_t")
+    BETAS = False
 
 
 class FedAdam(ServerOptimizer, ScreenedReplies, flwr_strategy.FedAdam):
@@ -118,20 +133,39 @@ class FedYogi(ServerOptimizer, ScreenedReplies, flwr_strategy.FedYogi):
 class FedTrimmedAvg(FlowerAggregation, ScreenedReplies, flwr_strategy.FedTrimmedAvg):
     """Coordinate-wise trimmed mean (Yin et al. 2018, arXiv 1803.01498): Flower's, behind the reply screen."""
 
+    @classmethod
+    def from_config(cls, cfg, policy, **flower_kwargs):
+        return cls(policy, **flower_kwargs, beta=cfg.federation.trim_beta)
+
+
+class Byzantine:
+    """Mixin for the rules told how many clients may be hostile (``federation.num_malicious``)."""
+
+    @classmethod
+    def from_config(cls, cfg, policy, **flower_kwargs):
+        return cls(policy, **flower_kwargs, num_malicious_nodes=cfg.federation.num_malicious)
+
 
 class FedMedian(FlowerAggregation, ScreenedReplies, flwr_strategy.FedMedian):
     """Coordinate-wise median (Yin et al. 2018, arXiv 1803.01498): Flower's, behind the reply screen."""
 
 
-class Krum(FlowerAggregation, ScreenedReplies, flwr_strategy.Krum):
+class Krum(Byzantine, FlowerAggregation, ScreenedReplies, flwr_strategy.Krum):
     """Krum (Blanchard et al. 2017, NeurIPS): the update closest to its n - f - 2 neighbours; Flower's."""
 
 
 class MultiKrum(FlowerAggregation, ScreenedReplies, flwr_strategy.MultiKrum):
     """Multi-Krum (Blanchard et al. 2017): the average of the m updates Krum ranks best; Flower's."""
 
+    @classmethod
+    def from_config(cls, cfg, policy, **flower_kwargs):
+        """It averages the n - f updates Krum ranks best, n: the nodes a round samples."""
+        f = cfg.federation.num_malicious
+        sampled = max(1, math.ceil(cfg.federation.fraction_train * cfg.partition.num_clients))
+        return cls(policy, **flower_kwargs, num_malicious_nodes=f, num_nodes_to_select=max(1, sampled - f))
 
-class Bulyan(FlowerAggregation, ScreenedReplies, flwr_strategy.Bulyan):
+
+class Bulyan(Byzantine, FlowerAggregation, ScreenedReplies, flwr_strategy.Bulyan):
     """Bulyan (El Mhamdi et al. 2018, arXiv 1802.07927): Krum selection, then a trimmed mean; Flower's."""
 
 
@@ -151,7 +185,8 @@ def reply_policy(cfg: Config, layout: MoELayout, partition_sizes: tuple[int, ...
 
 def make_strategy(cfg: Config, layout: MoELayout, partition_sizes: tuple[int, ...] | None = None,
                   rows_per_example: int = 1) -> ScreenedReplies:
-    """The strategy object for ``cfg.federation.strategy`` (a federated one). ``partition_sizes``: each
+    """The strategy object for ``cfg.federation.strategy`` (a federated one), built by its registry entry's
+    class (``registry.REGISTRY``). ``partition_sizes``: each
     partition's training examples, which replies' claims are checked against when the config says so;
     ``rows_per_example``: the sequences an example of the run's data is read as (its tokens are bounded by them).
 
@@ -168,33 +203,7 @@ def make_strategy(cfg: Config, layout: MoELayout, partition_sizes: tuple[int, ..
         arrayrecord_key=protocol.ARRAYS,
         configrecord_key=protocol.CONFIG,
     )
-    policy = reply_policy(cfg, layout, partition_sizes, rows_per_example)
-    name = cfg.federation.strategy
-    if name == "fedavg":
-        return FedAvg(policy, **common)
-    if name == "fedprox":
-        return FedProx(policy, **common, proximal_mu=cfg.train.proximal_mu)
-    if name == "fedmoe":
-        return FedMoE(policy, cfg.federation.fedmoe_coverage, **common)
-    fed = cfg.federation
-    if name == "fedavgm":
-        return FedAvgM(policy, **common, server_learning_rate=fed.effective_server_lr(), server_momentum=fed.server_momentum)
-    adaptive = {"fedadagrad": FedAdagrad, "fedadam": FedAdam, "fedyogi": FedYogi}
-    if name in adaptive:
-        betas = {} if name == "fedadagrad" else {"beta_1": fed.server_beta_1, "beta_2": fed.server_beta_2}
-        return adaptive[name](policy, **common, eta=fed.effective_server_lr(), eta_l=cfg.train.lr, tau=fed.server_tau, **betas)
-    f = cfg.federation.num_malicious
-    if name == "fedtrimmedavg":
-        return FedTrimmedAvg(policy, **common, beta=cfg.federation.trim_beta)
-    if name == "fedmedian":
-        return FedMedian(policy, **common)
-    if name == "krum":
-        return Krum(policy, **common, num_malicious_nodes=f)
-    if name == "multikrum":  # averages the n - f updates Krum ranks best, n: the nodes a round samples
-        sampled = max(1, math.ceil(cfg.federation.fraction_train * cfg.partition.num_clients))
-        return MultiKrum(policy, **common, num_malicious_nodes=f, num_nodes_to_select=max(1, sampled - f))
-    if name == "bulyan":
-        return Bulyan(policy, **common, num_malicious_nodes=f)
-    if name in FEDALIGN_RUNGS:
-        return FedAlignMoE(policy, cfg.effective_fedalign(), **common)
-    raise ValueError(f"{name!r} is not a federated strategy; federated ones: {', '.join(FEDERATED)}")
+    strategy = spec(cfg.federation.strategy)
+    if not strategy.federated:
+        raise ValueError(f"{strategy.name!r} is not a federated strategy; federated ones: {', '.join(FEDERATED)}")
+    return strategy.load_factory().from_config(cfg, reply_policy(cfg, layout, partition_sizes, rows_per_example), **common)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from ..registry import REFERENCE
 from ..runlog import dumps, read_jsonl, read_summary, save_figure, write_atomic
 from .paired import MIN_SEEDS_TO_RESOLVE, method_rows, paired_rows, paired_table
 from .tables import (cell_order, draw_comparison, group_cells, mean_curves, mean_std, results_table, split_name,
@@ -81,7 +82,7 @@ def convergence_rows(summaries: list[dict], reference: str = "fedavg") -> list[d
         ref_rounds = [rounds_to_reach(r["accuracy_per_round"], target) for r in ref]
         ref_mean = np.mean(ref_rounds) if all(x is not None for x in ref_rounds) else None
         for key in _ordered(cells):
-            if key[0] != alpha or key[1] in ("local", "centralised"):
+            if key[0] != alpha or key[1] in REFERENCE:
                 continue
             got = [rounds_to_reach(r["accuracy_per_round"], target) for r in cells[key]]
             hit = [x for x in got if x is not None]
@@ -106,7 +107,7 @@ def communication_rows(summaries: list[dict]) -> list[dict]:
     cells = group_cells(summaries)
     rows = []
     for key in _ordered(cells):
-        if key[1] in ("local", "centralised"):
+        if key[1] in REFERENCE:
             continue
         up, down, stats, clients = [], [], [], []
         for s in cells[key]:

@@ -10,6 +10,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..config import Config, UserError, deep_merge, with_legacy
+from ..registry import table_position
 from ..runlog import save_figure, write_atomic
 
 # No "best round" column: picking the best round on the test split would be tuning on it.
@@ -23,16 +24,10 @@ COLUMNS = (
 )
 
 
-STRATEGY_ORDER = ("centralised", "local", "fedavg", "fedprox", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "fedmoe",
-                  "fedtrimmedavg", "fedmedian", "krum", "multikrum", "bulyan", "fedalign-uniform", "fedalign-consistency",
-                  "fedalign-adaptive", "fedalign")
-# floor and ceiling first, the baselines, then the ablation ladder upwards
-
-
 def cell_order(key: tuple[float, str]) -> tuple:
-    """Sort key of an (alpha, strategy) cell: alpha descending, then ``STRATEGY_ORDER``."""
-    order = {name: i for i, name in enumerate(STRATEGY_ORDER)}
-    return (-key[0], order.get(key[1], len(order)), key[1])
+    """Sort key of an (alpha, strategy) cell: alpha descending, then the registry's order (the floor and
+    the ceiling first, the baselines, then the ablation ladder upwards)."""
+    return (-key[0], table_position(key[1]), key[1])
 
 
 class MixedCellError(UserError):

@@ -37,6 +37,7 @@ import torch
 
 from ..config import Config, ConfigError
 from ..models.build import BuiltModel, parameter_numel, supports_meta
+from ..registry import spec
 from .setup import FederatedData, base_bytes, build_for, evaluates_on_node, prepare_data
 
 # measured on this package's 2-core CPU machine (benchmarks/llm_memory.py, docs/benchmarks.md#llms):
@@ -189,17 +190,18 @@ def make_plan(cfg: Config, built: BuiltModel, available: tuple[int, int] | None 
     f = ModelFacts.of(built)
     device = "cuda" if cfg.model.device == "cuda" or (cfg.model.device == "auto" and torch.cuda.is_available()) else "cpu"
     on_node = evaluates_on_node(cfg, f.base_bytes)
-    copies = (6 + (1 if cfg.federation.strategy == "fedprox" or cfg.fedalign.proximal_mu > 0 else 0)
+    strategy = spec(cfg.federation.strategy)
+    copies = (6 + (1 if "train.proximal_mu" in strategy.reads or cfg.fedalign.proximal_mu > 0 else 0)
               + (1 if on_node else 0))  # a node keeps the initial model it may be asked for
     worker = WorkerMemory(f.base_bytes, f.trainable_parameters * 4 * copies, activation_bytes(f, cfg), RUNTIME_BYTES)
     wire = 2 if cfg.federation.wire_dtype == "bfloat16" else 4  # bytes a parameter travels in
-    up = f.trainable_parameters * wire + (f.routing_stats_bytes if cfg.federation.strategy.startswith("fedalign") else 0)
+    up = f.trainable_parameters * wire + (f.routing_stats_bytes if "fedalign" in strategy.reads else 0)
     sampled = max(1, math.ceil(cfg.federation.fraction_train * cfg.partition.num_clients))
     server_model = 0 if on_node else f.base_bytes + f.trainable_parameters * 4 * 2  # the server's own model
     rebuilt = sampled * f.trainable_parameters * 4 if wire == 2 else 0  # each bfloat16 update added up in float32
     server = RUNTIME_BYTES + MESSAGE_COPIES * sampled * up + rebuilt + server_model
     free, devices = available or _available(device)
-    federated = cfg.federation.strategy not in ("local", "centralised")
+    federated = strategy.federated
     engine = ENGINE_BYTES if federated else 0
     on_gpu = worker.peak_bytes - RUNTIME_BYTES  # CUDA: weights, state and activations; the process in host memory
     server_gpu = server_model  # CUDA: on GPU 0
