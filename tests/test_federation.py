@@ -94,9 +94,9 @@ def test_client_rows_and_partition_order(server_identity):
     answers = [replies.reply(sent[i], pid, glob, 5 + pid) for i, pid in enumerate((2, 0, 1))]
     strategy.aggregate_train(1, answers)
     rows = client_rows(strategy.last_replies)  # aggregated in partition order, not arrival order
-    assert [r["partition_id"] for r in rows] == [0, 1, 2]
-    assert rows[2] == {"partition_id": 2, "num_examples": 7, "train_loss": 3.0, "local_accuracy": 0.5,
-                       "local_test_examples": 4, "train_tokens": replies.TOKENS, "train_seconds": 0.1}
+    assert [r.partition_id for r in rows] == [0, 1, 2]
+    assert rows[2].to_json() == {"partition_id": 2, "num_examples": 7, "train_loss": 3.0, "local_accuracy": 0.5,
+                                 "local_test_examples": 4, "train_tokens": replies.TOKENS, "train_seconds": 0.1}
 
 
 def test_flower_simulation_end_to_end(tiny_grid):

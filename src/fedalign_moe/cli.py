@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .config import Config, ConfigError, UserError, load_config, parse_overrides, preset_names
+from .records import RoundRecord
 from .registry import FEDERATED, STRATEGIES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -51,26 +52,27 @@ def _format_bytes(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
-def _print_round(record: dict) -> None:
-    local = record.get("local_accuracy")
-    replies = f"  replies {record['replied']}/{record['sent']}" if "sent" in record else ""
-    line = (f"round {record['round']:>3}  acc {_num(record['accuracy'])}  loss {_num(record['loss'])}"
+def _print_round(record: RoundRecord) -> None:
+    local, ex = record.local_accuracy, record.exchange
+    replies = f"  replies {ex.replied}/{ex.sent}" if ex is not None else ""
+    line = (f"round {record.round:>3}  acc {_num(record.accuracy)}  loss {_num(record.loss)}"
             + (f"  clients' own-test acc {local:.4f}" if local is not None else "")
             + replies
-            + f"  up {_format_bytes(record['uplink_bytes'])}  down {_format_bytes(record['downlink_bytes'])}"
-            + f"  {record['seconds']:.1f}s")
+            + f"  up {_format_bytes(record.uplink_bytes)}  down {_format_bytes(record.downlink_bytes)}"
+            + f"  {record.seconds:.1f}s")
     console.print(line, markup=False)
-    if record.get("failures"):
+    if record.failures:
+        reasons_given = ex.failure_reasons if ex is not None else ()
         reasons = "; ".join((f"partition {f['partition_id']} (node {f['node_id']})" if f["partition_id"] is not None
-                             else f"node {f['node_id']}") + f": {f['reason']}" for f in record.get("failure_reasons", [])[:3])
-        more = record["failures"] - min(3, len(record.get("failure_reasons", [])))
-        console.print(f"          dropped {record['failures']}: {reasons}" + (f"; {more} more" if more > 0 else ""),
+                             else f"node {f['node_id']}") + f": {f['reason']}" for f in reasons_given[:3])
+        more = record.failures - min(3, len(reasons_given))
+        console.print(f"          dropped {record.failures}: {reasons}" + (f"; {more} more" if more > 0 else ""),
                       markup=False, style="yellow")
-    if record.get("adopted") is False:
-        console.print(f"          kept the previous global model: {record['not_adopted_reason']}", markup=False, style="yellow")
-    clients = record.get("clients") or []
+    if not record.adopted:
+        console.print(f"          kept the previous global model: {ex.not_adopted_reason}", markup=False, style="yellow")
+    clients = record.clients or ()
     if clients and console.is_terminal:  # a pipe or a file gets one line a round
-        losses = "  ".join(f"c{c['partition_id']}:{c['train_loss']:.3f}" for c in clients)
+        losses = "  ".join(f"c{c.partition_id}:{c.train_loss:.3f}" for c in clients)
         console.print(f"          train loss per client  {losses}", markup=False, style="dim")
 
 
@@ -96,10 +98,10 @@ class _Display:
     def reply(self, server_round: int, replies: int, sent: int) -> None:
         self.progress.update(self.task, status=f"round {server_round}: {replies}/{sent} replies")
 
-    def round(self, record: dict) -> None:
+    def round(self, record: RoundRecord) -> None:
         _print_round(record)
-        failed = f", {record['failures']} failed" if record.get("failures") else ""
-        self.progress.update(self.task, advance=1, status=f"acc {_num(record['accuracy'])} loss {_num(record['loss'])}{failed}")
+        failed = f", {record.failures} failed" if record.failures else ""
+        self.progress.update(self.task, advance=1, status=f"acc {_num(record.accuracy)} loss {_num(record.loss)}{failed}")
 
     def status(self, text: str, advance: int = 0) -> None:
         self.progress.update(self.task, advance=advance, status=text)

@@ -19,6 +19,7 @@ from .report.plots import draw_run
 from .report.tables import group_cells
 from .runlog import dumps, read_summary, write_atomic
 from .models.build import supports_meta
+from .records import RoundRecord
 from .registry import FEDERATED, spec
 from .training.plan import Plan, check_fits, plan_model
 from .training.setup import open_log, open_workspace, prepare_data
@@ -26,7 +27,7 @@ from .training.setup import open_log, open_workspace, prepare_data
 logger = logging.getLogger(__name__)
 
 
-def run_experiment(cfg: Config, on_round: Callable[[dict], None] | None = None, resume: Checkpoint | None = None,
+def run_experiment(cfg: Config, on_round: Callable[[RoundRecord], None] | None = None, resume: Checkpoint | None = None,
                    verbose: bool = False, on_reply: Callable[[int, int, int], None] | None = None,
                    on_plan: Callable[[Plan], None] | None = None) -> dict:
     """Run ``cfg`` (a federated one from ``resume``, its checkpoint, when given); write metrics, summary
@@ -113,7 +114,7 @@ def check_fits_folder(configs: list[Config], out: Path) -> None:
 
 
 def run_comparison(configs: list[Config], out: Path, on_run: Callable[[Config], None] | None = None,
-                   on_round: Callable[[dict], None] | None = None, verbose: bool = False) -> list[dict]:
+                   on_round: Callable[[RoundRecord], None] | None = None, verbose: bool = False) -> list[dict]:
     """Run every config (skipping finished ones, resuming interrupted ones), then write results.json,
     results.md, the plots and evidence.md over every finished run in ``out``; return this call's summaries."""
     out.mkdir(parents=True, exist_ok=True)
@@ -134,7 +135,7 @@ def run_comparison(configs: list[Config], out: Path, on_run: Callable[[Config], 
 
 
 def measure_premise(base: Config, recipes: list[str], seed: int, out: Path, on_run: Callable[[Config], None] | None = None,
-                    on_round: Callable[[dict], None] | None = None, verbose: bool = False) -> Path:
+                    on_round: Callable[[RoundRecord], None] | None = None, verbose: bool = False) -> Path:
     """Issue 9's premise figures for each model recipe on ``base``: FedAvg and centralised at alpha 0.1 (runs in
     ``out/premise/<recipe>``, finished ones kept), the built model's expert-label information on the global
     test split; writes ``out/premise.json`` and ``out/premise_routing.png``."""

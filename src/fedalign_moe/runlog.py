@@ -18,12 +18,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 from .config import Config
+from .records import RoundRecord, Summary
 from .registry import spec
 
-ROUND_KEYS = ("round", "accuracy", "loss", "uplink_bytes", "downlink_bytes", "seconds")
 JSONL_FILES = ("metrics.jsonl", "routing.jsonl", "diagnostics.jsonl")
 RUN_FILES = (*JSONL_FILES, "summary.json", "checkpoint.safetensors")  # a new run starts them afresh
 
@@ -98,6 +96,11 @@ def read_jsonl(path: Path) -> list[dict]:
     return out
 
 
+def read_rounds(path: Path) -> list[RoundRecord]:
+    """A run's metrics.jsonl (or its ``.gz`` copy), one typed record a round."""
+    return [RoundRecord.from_json(raw) for raw in read_jsonl(path)]
+
+
 def read_summary(path: Path) -> dict | None:
     """A run's summary.json, or None when it is missing or damaged (the run then counts as unfinished)."""
     try:
@@ -126,14 +129,14 @@ class RunLog:
             for name in JSONL_FILES:  # a stored copy's compressed files would outlive the new run's plain ones
                 (self.out / f"{name}.gz").unlink(missing_ok=True)
             self.metrics_path.write_text("")
-            self.rounds: list[dict] = []
+            self.rounds: list[RoundRecord] = []
         else:
             (self.out / "summary.json").unlink(missing_ok=True)
             for name in JSONL_FILES:
                 kept = [r for r in read_jsonl(self.out / name) if r.get("round", 0) <= resume_round]
                 write_atomic(self.out / name, "".join(dumps(r) + "\n" for r in kept))
                 (self.out / f"{name}.gz").unlink(missing_ok=True)  # the plain file now holds its lines
-            self.rounds = read_jsonl(self.metrics_path)
+            self.rounds = read_rounds(self.metrics_path)
         self.started = time.perf_counter() - wall_seconds_before
         self.tracker = None
         if cfg.output.tensorboard:
@@ -144,13 +147,9 @@ class RunLog:
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
 
-    def add_round(self, record: dict) -> None:
-        missing = [k for k in ROUND_KEYS if k not in record]
-        if missing:
-            raise KeyError(f"round record lacks {missing}")
-        record = finite(record)
+    def add_round(self, record: RoundRecord) -> None:
         self.rounds.append(record)
-        self.add_jsonl("metrics.jsonl", record)
+        self.add_jsonl("metrics.jsonl", record.to_json())
 
     def add_jsonl(self, name: str, record: dict) -> None:
         with (self.out / name).open("a") as f:
@@ -168,34 +167,11 @@ class RunLog:
 
     def summary(self, **extra) -> dict:
         """Write summary.json from the rounds so far plus ``extra`` fields; return it."""
-        acc = [r["accuracy"] for r in self.rounds if r.get("accuracy") is not None]
-        local = [r["local_accuracy"] for r in self.rounds if r.get("local_accuracy") is not None]
-        summary = {
-            "strategy": self.cfg.federation.strategy,
-            "strategy_revision": spec(self.cfg.federation.strategy).revision,
-            "preset": self.cfg.preset,
-            "dataset": self.cfg.data.source,
-            "backbone": self.cfg.model.backbone,
-            "alpha": self.cfg.partition.alpha,
-            "num_clients": self.cfg.partition.num_clients,
-            "rounds": self.cfg.federation.rounds,
-            "seed": self.cfg.seed,
-            "final_accuracy": acc[-1] if acc else None,
-            "best_accuracy": max(acc) if acc else None,
-            "last5_accuracy": float(np.mean(acc[-5:])) if acc else None,
-            "accuracy_per_round": acc,
-            "final_local_accuracy": local[-1] if local else None,
-            "last5_local_accuracy": float(np.mean(local[-5:])) if local else None,
-            "local_accuracy_per_round": local,
-            "uplink_bytes_total": int(sum(r["uplink_bytes"] for r in self.rounds)),
-            "downlink_bytes_total": int(sum(r["downlink_bytes"] for r in self.rounds)),
-            "failures_total": int(sum(r.get("failures", 0) for r in self.rounds)),
-            "rounds_not_adopted": [r["round"] for r in self.rounds if r.get("adopted") is False],
-            "wall_seconds": round(self.elapsed(), 2),
-            **_throughput(self.rounds),
-        }
-        summary.update(extra)
-        summary = finite(summary)
+        cfg = self.cfg
+        head = dict(strategy=cfg.federation.strategy, strategy_revision=spec(cfg.federation.strategy).revision,
+                    preset=cfg.preset, dataset=cfg.data.source, backbone=cfg.model.backbone, alpha=cfg.partition.alpha,
+                    num_clients=cfg.partition.num_clients, rounds=cfg.federation.rounds, seed=cfg.seed)
+        summary = finite(Summary.of(head, self.rounds, self.elapsed(), **extra).to_json())
         self.write_json("summary.json", summary)
         self.close()
         return summary
@@ -205,18 +181,3 @@ class RunLog:
         if self.tracker is not None:
             self.tracker.close()
             self.tracker = None
-
-
-def _throughput(rounds: list[dict]) -> dict:
-    """Training tokens of the run, and tokens per second of one training process (summed tokens over
-    summed per-client training seconds: what one client process sustains, whatever ran in parallel)."""
-    totals = training_totals(rounds)  # a round's totals sum the same way as a client row's figures
-    tokens, seconds = int(totals["train_tokens"]), totals["train_seconds"]
-    return {"train_tokens_total": tokens,
-            "train_tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None}
-
-
-def training_totals(rows: list[dict]) -> dict:
-    """A round's training tokens, and its training seconds summed over clients (process-seconds)."""
-    return {"train_tokens": sum(r.get("train_tokens", 0) for r in rows),
-            "train_seconds": round(sum(r.get("train_seconds", 0.0) for r in rows), 3)}

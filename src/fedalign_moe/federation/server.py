@@ -23,7 +23,8 @@ from flwr.serverapp import Grid
 from safetensors.torch import save_file
 
 from ..config import Config
-from ..runlog import RunLog, replace_atomically, training_totals
+from ..records import ClientRow, Exchange, RoundRecord, client_totals
+from ..runlog import RunLog, replace_atomically
 from ..training.local import release_memory
 from ..training.setup import Workspace
 from . import checkpoint, protocol
@@ -46,15 +47,13 @@ def record_bytes(content: RecordDict, key: str | None = None) -> int:
     return sum(len(array.data) for rec in chosen for array in rec.values())
 
 
-def client_rows(replies: list[TrainReply], update_norms: dict[int, float] | None = None) -> list[dict]:
+def client_rows(replies: list[TrainReply], update_norms: dict[int, float] | None = None) -> tuple[ClientRow, ...]:
     """Per-client facts of a training round, from the replies that were used."""
-    return [{
-        "partition_id": r.partition_id, "num_examples": r.num_examples, "train_loss": r.figures.train_loss,
-        "local_accuracy": r.figures.local_accuracy, "local_test_examples": r.figures.local_test_examples,
-        "train_tokens": r.figures.train_tokens, "train_seconds": r.figures.train_seconds,
-        **({"weight_bounded_to": r.weight} if r.weight_capped else {}),
-        **({"update_norm": update_norms[r.partition_id]} if update_norms and r.partition_id in update_norms else {}),
-    } for r in replies]
+    norms = update_norms or {}
+    return tuple(ClientRow(r.partition_id, r.num_examples, r.figures.train_loss, r.figures.local_accuracy,
+                           r.figures.local_test_examples, r.figures.train_tokens, r.figures.train_seconds,
+                           weight_bounded_to=r.weight if r.weight_capped else None,
+                           update_norm=norms.get(r.partition_id)) for r in replies)
 
 
 def routing_by_client(replies: list[TrainReply]) -> dict[str, list]:
@@ -160,7 +159,7 @@ class _Server:
                 return {"loss": math.nan, "accuracy": math.nan, "num-examples": 0}
         return self.current_eval
 
-    def train_round(self, server_round: int) -> dict:
+    def train_round(self, server_round: int) -> RoundRecord:
         """One round; its metrics record."""
         t0 = time.perf_counter()
         strategy, self.current_round = self.strategy, server_round
@@ -188,43 +187,35 @@ class _Server:
         release_memory()
         result, replies, failures = self.evaluation(), strategy.last_replies, strategy.last_failures
         rows = client_rows(replies, strategy.last_update_norms)
-        examples = sum(r["num_examples"] for r in rows)
-        local_n = sum(r["local_test_examples"] for r in rows)
-        return {
-            "round": server_round, "accuracy": result["accuracy"], "loss": result["loss"],
-            "local_accuracy": sum(r["local_accuracy"] * r["local_test_examples"] for r in rows) / local_n if local_n else None,
-            "train_loss": sum(r["train_loss"] * r["num_examples"] for r in rows) / examples if examples else None,
-            "uplink_bytes": sum(total for total, _ in sizes), "downlink_bytes": downlink,
-            "stats_uplink_bytes": sum(total - model for total, model in sizes),  # everything beside the update
-            "sent": len(messages), "replied": len(rows), "failures": len(failures),
-            "failure_reasons": [f.to_json() for f in failures],
-            "adopted": not_adopted is None, "not_adopted_reason": not_adopted,
-            **training_totals(rows), "aggregate_seconds": round(t_aggregate, 4),
-            "screen_seconds": round(strategy.last_screen_seconds, 4),  # part of aggregate_seconds
-            "seconds": round(time.perf_counter() - t0, 3), "clients": rows,
-        }
+        exchange = Exchange(sum(total - model for total, model in sizes), len(messages), len(rows),
+                            tuple(f.to_json() for f in failures), not_adopted is None, not_adopted,
+                            round(t_aggregate, 4), round(strategy.last_screen_seconds, 4))
+        return RoundRecord(server_round, result["accuracy"], result["loss"], uplink_bytes=sum(total for total, _ in sizes),
+                           downlink_bytes=downlink, failures=len(failures), seconds=round(time.perf_counter() - t0, 3),
+                           clients=rows, exchange=exchange, **client_totals(rows))
 
     def check_interrupt(self, during: str, kept_round: int) -> None:
         """Raise ``RunInterrupted`` once the run was interrupted: nothing of the step in flight is kept."""
         if self.interrupted is not None and self.interrupted.is_set():
             raise RunInterrupted(f"interrupted during {during}; the checkpoint of round {kept_round} stands")
 
-    def log_round(self, record: dict) -> None:
+    def log_round(self, record: RoundRecord) -> None:
         strategy, replies = self.strategy, self.strategy.last_replies
         self.log.add_round(record)
         layers = [layer.index for layer in self.ws.built.layout.layers]
-        self.log.add_jsonl("routing.jsonl", {"round": record["round"], "layers": layers, "clients": routing_by_client(replies)})
-        if hasattr(strategy, "diagnostics") and record["adopted"]:  # no new model, no decision: do not repeat the last
+        self.log.add_jsonl("routing.jsonl", {"round": record.round, "layers": layers, "clients": routing_by_client(replies)})
+        if hasattr(strategy, "diagnostics") and record.adopted:  # no new model, no decision: do not repeat the last
             regs = [r.figures.reg_loss for r in replies if r.figures.reg_loss is not None]
-            self.log.add_jsonl("diagnostics.jsonl", {"round": record["round"], "reg_loss": sum(regs) / len(regs) if regs else None,
-                                                     "stats_uplink_bytes": record["stats_uplink_bytes"], **strategy.diagnostics()})
+            self.log.add_jsonl("diagnostics.jsonl", {"round": record.round, "reg_loss": sum(regs) / len(regs) if regs else None,
+                                                     "stats_uplink_bytes": record.exchange.stats_uplink_bytes,
+                                                     **strategy.diagnostics()})
 
     def save_checkpoint(self, server_round: int) -> None:
         checkpoint.save(self.log.out, Checkpoint(server_round, self.arrays.to_torch_state_dict(), self.strategy.state_dict(),
                                                  self.idle, random.getstate(), self.log.elapsed(), self.cfg.to_json()))
 
 
-def run_federation(grid: Grid, ws: Workspace, log: RunLog, on_round: Callable[[dict], None] | None = None,
+def run_federation(grid: Grid, ws: Workspace, log: RunLog, on_round: Callable[[RoundRecord], None] | None = None,
                    resume: Checkpoint | None = None, on_reply: Callable[[int, int, int], None] | None = None,
                    interrupted: threading.Event | None = None) -> dict:
     """Run ``cfg.federation.rounds`` rounds (from the checkpoint's next round when resuming); return the summary.
@@ -248,7 +239,7 @@ def run_federation(grid: Grid, ws: Workspace, log: RunLog, on_round: Callable[[d
         record = server.train_round(server_round)
         server.check_interrupt(f"round {server_round}", server_round - 1)
         server.log_round(record)
-        server.idle = 0 if record["adopted"] else server.idle + 1
+        server.idle = 0 if record.adopted else server.idle + 1
         server.save_checkpoint(server_round)
         if on_round is not None:
             on_round(record)
@@ -256,7 +247,7 @@ def run_federation(grid: Grid, ws: Workspace, log: RunLog, on_round: Callable[[d
         if limit is not None and server.idle >= limit:
             causes = failure_summary(server.strategy.last_failures)
             stopped = (f"stopped after round {server_round}: no new global model in the last {server.idle} rounds "
-                       f"({record['not_adopted_reason']}" + (f"; replies lost: {causes})" if causes else ")"))
+                       f"({record.exchange.not_adopted_reason}" + (f"; replies lost: {causes})" if causes else ")"))
             break
     state = {n: t.contiguous() for n, t in server.arrays.to_torch_state_dict().items()}
     replace_atomically(log.out / "global_trainable.safetensors", lambda tmp: save_file(state, str(tmp)))

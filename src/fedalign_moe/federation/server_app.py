@@ -29,6 +29,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..config import Config, UserError, load_config, parse_overrides
 from ..models.build import supports_meta
+from ..records import RoundRecord
 from ..training.plan import Plan, check_fits, plan_model
 from ..training.setup import Workspace, open_log, open_workspace, prepare_data
 from .checkpoint import Checkpoint
@@ -45,7 +46,7 @@ def config_from_run_config(run_config: dict) -> Config:
     return load_config(str(run_config.get("preset", "quick")), overrides=parse_overrides(raw))
 
 
-def _main(grid: Grid, cfg: Config, on_round: Callable[[dict], None] | None, holder: dict,
+def _main(grid: Grid, cfg: Config, on_round: Callable[[RoundRecord], None] | None, holder: dict,
           resume: Checkpoint | None = None, ws: Workspace | None = None,
           on_reply: Callable[[int, int, int], None] | None = None, interrupted: threading.Event | None = None) -> None:
     holder["server_thread"] = threading.current_thread()  # simulate() waits for it after a Ctrl-C
@@ -76,7 +77,7 @@ def main(grid: Grid, context: Context) -> None:
     _main(grid, config_from_run_config(dict(context.run_config)), log_round, {})
 
 
-def make_server_app(cfg: Config, on_round: Callable[[dict], None] | None, holder: dict,
+def make_server_app(cfg: Config, on_round: Callable[[RoundRecord], None] | None, holder: dict,
                     resume: Checkpoint | None = None, ws: Workspace | None = None,
                     on_reply: Callable[[int, int, int], None] | None = None,
                     interrupted: threading.Event | None = None) -> ServerApp:
@@ -207,7 +208,7 @@ def backend_config(cfg: Config, plan: Plan, verbose: bool) -> dict:
             "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": verbose}}
 
 
-def simulate(cfg: Config, on_round: Callable[[dict], None] | None = None, resume: Checkpoint | None = None,
+def simulate(cfg: Config, on_round: Callable[[RoundRecord], None] | None = None, resume: Checkpoint | None = None,
              client_app: ClientApp | None = None, verbose: bool = False,
              on_reply: Callable[[int, int, int], None] | None = None,
              on_plan: Callable[[Plan], None] | None = None) -> dict:

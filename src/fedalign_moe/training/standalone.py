@@ -15,7 +15,8 @@ from collections.abc import Callable
 
 import torch
 
-from ..runlog import RunLog, training_totals
+from ..records import ClientRow, RoundRecord, client_totals, weighted_mean
+from ..runlog import RunLog
 from .local import ClientTensors, evaluate, load_state, train_local, trainable_state
 from .setup import Workspace
 
@@ -26,12 +27,7 @@ def _concat(parts: list[ClientTensors]) -> ClientTensors:
                          torch.cat([p.labels_N for p in parts]), prefix, trim=parts[0].trim)
 
 
-def _weighted_mean(values: list[float], weights: list[int]) -> float:
-    total = sum(weights)
-    return sum(v * w for v, w in zip(values, weights)) / total if total else float("nan")
-
-
-def run_local(ws: Workspace, log: RunLog, on_round: Callable[[dict], None] | None = None) -> dict:
+def run_local(ws: Workspace, log: RunLog, on_round: Callable[[RoundRecord], None] | None = None) -> dict:
     """Every client alone: R rounds of local training, no aggregation."""
     cfg, model, names = ws.cfg, ws.built.model, ws.built.trainable
     n = cfg.partition.num_clients
@@ -39,7 +35,7 @@ def run_local(ws: Workspace, log: RunLog, on_round: Callable[[dict], None] | Non
     test = ws.global_test()
     for rnd in range(1, cfg.federation.rounds + 1):
         t0 = time.perf_counter()
-        glob, loc, rows = [], [], []
+        glob, rows = [], []
         for pid in range(n):
             train, own_test = ws.client(pid)
             load_state(model, states[pid])
@@ -47,24 +43,18 @@ def run_local(ws: Workspace, log: RunLog, on_round: Callable[[dict], None] | Non
                               seed=cfg.seed * 100_003 + rnd * 1_009 + pid, device=ws.device)
             states[pid] = trainable_state(model, names)
             g, o = evaluate(model, test, cfg.train.eval_batch_size, ws.device), evaluate(model, own_test, cfg.train.eval_batch_size, ws.device)
-            glob.append(g), loc.append(o)
-            rows.append({"partition_id": pid, "num_examples": len(train), "train_loss": res.loss,
-                         "local_accuracy": o["accuracy"], "local_test_examples": len(own_test),
-                         "train_tokens": res.tokens, "train_seconds": round(res.seconds, 3)})
-        record = {
-            "round": rnd, "accuracy": sum(g["accuracy"] for g in glob) / n, "loss": sum(g["loss"] for g in glob) / n,
-            "local_accuracy": _weighted_mean([o["accuracy"] for o in loc], [len(ws.client(p)[1]) for p in range(n)]),
-            "train_loss": _weighted_mean([r["train_loss"] for r in rows], [r["num_examples"] for r in rows]),
-            "uplink_bytes": 0, "downlink_bytes": 0, "failures": 0, **training_totals(rows),
-            "seconds": round(time.perf_counter() - t0, 3), "clients": rows,
-        }
+            glob.append(g)
+            rows.append(ClientRow(pid, len(train), res.loss, o["accuracy"], len(own_test), res.tokens, round(res.seconds, 3)))
+        record = RoundRecord(rnd, sum(g["accuracy"] for g in glob) / n, sum(g["loss"] for g in glob) / n,
+                             uplink_bytes=0, downlink_bytes=0, failures=0, seconds=round(time.perf_counter() - t0, 3),
+                             clients=tuple(rows), **client_totals(rows))
         log.add_round(record)
         if on_round:
             on_round(record)
     return log.summary()
 
 
-def run_centralised(ws: Workspace, log: RunLog, on_round: Callable[[dict], None] | None = None) -> dict:
+def run_centralised(ws: Workspace, log: RunLog, on_round: Callable[[RoundRecord], None] | None = None) -> dict:
     """One model on all training data (the union of the clients' training splits)."""
     cfg, model, names = ws.cfg, ws.built.model, ws.built.trainable
     n = cfg.partition.num_clients
@@ -79,13 +69,9 @@ def run_centralised(ws: Workspace, log: RunLog, on_round: Callable[[dict], None]
         res = train_local(model, ws.built.adapter, union, names, train_cfg, seed=cfg.seed * 100_003 + rnd, device=ws.device)
         g = evaluate(model, test, cfg.train.eval_batch_size, ws.device)
         own = [evaluate(model, t, cfg.train.eval_batch_size, ws.device)["accuracy"] for t in own_tests]
-        record = {
-            "round": rnd, "accuracy": g["accuracy"], "loss": g["loss"],
-            "local_accuracy": _weighted_mean(own, [len(t) for t in own_tests]), "train_loss": res.loss,
-            "uplink_bytes": 0, "downlink_bytes": 0, "failures": 0,
-            "train_tokens": res.tokens, "train_seconds": round(res.seconds, 3),
-            "seconds": round(time.perf_counter() - t0, 3),
-        }
+        record = RoundRecord(rnd, g["accuracy"], g["loss"], weighted_mean(own, [len(t) for t in own_tests]), res.loss,
+                             uplink_bytes=0, downlink_bytes=0, failures=0, train_tokens=res.tokens,
+                             train_seconds=round(res.seconds, 3), seconds=round(time.perf_counter() - t0, 3))
         log.add_round(record)
         if on_round:
             on_round(record)
