@@ -58,8 +58,8 @@ def test_fedmoe_clients_upload_their_sub_moe_only_and_the_server_aggregates_the_
     # an upload whose rows do not match its reported sub-MoE is dropped, not aggregated and not fatal
     answers[2].content[protocol.METRICS][protocol.SUB_MOE] = [1, 1, 1, 0]
     strategy.aggregate_train(1, answers)
-    assert [r.partition_id for r in strategy.last_replies] == [0, 1]
-    assert "array r" in strategy.last_failures[0].reason or "array x" in strategy.last_failures[0].reason
+    assert [r.partition_id for r in strategy.outcome.used] == [0, 1]
+    assert "array r" in strategy.outcome.dropped[0].reason or "array x" in strategy.outcome.dropped[0].reason
 
 
 def test_fedprox_sends_its_mu_to_clients(server_identity):
@@ -93,7 +93,7 @@ def test_client_rows_and_partition_order(server_identity):
     sent = replies.instructions(strategy, glob, 3)
     answers = [replies.reply(sent[i], pid, glob, 5 + pid) for i, pid in enumerate((2, 0, 1))]
     strategy.aggregate_train(1, answers)
-    rows = client_rows(strategy.last_replies)  # aggregated in partition order, not arrival order
+    rows = client_rows(strategy.outcome.used)  # aggregated in partition order, not arrival order
     assert [r.partition_id for r in rows] == [0, 1, 2]
     assert rows[2].to_json() == {"partition_id": 2, "num_examples": 7, "train_loss": 3.0, "local_accuracy": 0.5,
                                  "local_test_examples": 4, "train_tokens": replies.TOKENS, "train_seconds": 0.1}
@@ -160,3 +160,22 @@ def test_a_run_whose_clients_all_died_stops_and_says_so(tmp_path, server_identit
     assert [(r["sent"], r["replied"], r["failures"], r["adopted"]) for r in rows] == [(3, 0, 3, False)] * 2
     summary["config_json"] = cfg.to_json()
     assert not _same_result(summary, cfg)  # compare runs it again next time
+
+
+@pytest.mark.parametrize("name", ["fedalign", "fedadam", "fedavgm"])
+def test_a_round_outcome_carries_the_next_state_which_takes_effect_only_when_committed(name, server_identity):
+    strategy = _strategy(name)
+    glob = replies.global_state()
+    sent = replies.instructions(strategy, glob, 3)
+    before = strategy.state_dict()
+    answers = [replies.reply(sent[pid], pid, replies.perturbed(glob, pid), 10,
+                             replies.routing([20.0, 15.0, 5.0, 0.0] if pid else None)) for pid in range(3)]
+    outcome = strategy.aggregate_round(1, answers)
+    assert not outcome.dropped, outcome.dropped
+    assert outcome.arrays is not None and [r.partition_id for r in outcome.used] == [0, 1, 2]
+    assert outcome.state and any(not torch.equal(outcome.state[k], before.get(k, outcome.state[k] + 1)) for k in outcome.state)
+    now = strategy.state_dict()  # not adopted (yet): the strategy is as it was
+    assert now.keys() == before.keys() and all(torch.equal(now[k], before[k]) for k in now)
+    strategy.commit(outcome)
+    assert all(torch.equal(strategy.state_dict()[k], outcome.state[k]) for k in outcome.state)
+    assert (outcome.diagnostics is not None) == (name == "fedalign")

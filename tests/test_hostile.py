@@ -74,8 +74,8 @@ def test_water_fill_and_bounded_counts_known_answers():
 def test_a_claimed_count_is_checked_against_the_partition(name, server_identity):
     strategy = _strategy(name, sizes=(EXAMPLES,) * (GOOD + 1))
     arrays, node = _round(strategy, examples=16_000)
-    assert [(f.node_id, f.partition_id) for f in strategy.last_failures] == [(node, GOOD)]
-    assert "num-examples = 16000, but partition 4 holds 10 training examples" in strategy.last_failures[0].reason
+    assert [(f.node_id, f.partition_id) for f in strategy.outcome.dropped] == [(node, GOOD)]
+    assert "num-examples = 16000, but partition 4 holds 10 training examples" in strategy.outcome.dropped[0].reason
     assert _same(arrays, _round(_strategy(name))[0])
 
 
@@ -96,10 +96,10 @@ def test_an_unchecked_claim_buys_at_most_the_share_cap(name, claim, server_ident
     into a NaN aggregate, and 16,000 no longer buy 99.75% of the average: half, at most."""
     strategy = _strategy(name, example_counts="claimed")
     arrays, _ = _round(strategy, examples=claim, bad_state=replies.perturbed(replies.global_state(), GOOD, 0.001))
-    assert not strategy.last_failures
+    assert not strategy.outcome.dropped
     assert all(torch.isfinite(t).all() for t in arrays.to_torch_state_dict().values())
-    liar = next(r for r in strategy.last_replies if r.partition_id == GOOD)
-    assert liar.weight_capped and liar.weight / sum(r.weight for r in strategy.last_replies) == pytest.approx(0.5)
+    liar = next(r for r in strategy.outcome.used if r.partition_id == GOOD)
+    assert liar.weight_capped and liar.weight / sum(r.weight for r in strategy.outcome.used) == pytest.approx(0.5)
     if name in ("fedavg", "fedprox"):  # the head is example-weighted: the liar's pull is half, not 99.75%
         glob = replies.global_state()["head"]
         pulled = arrays.to_torch_state_dict()["head"] - glob
@@ -121,8 +121,8 @@ def test_the_norm_allowance_does_not_grow_with_the_claim(name, server_identity):
                                           for k in glob}) for p in range(GOOD)]
     answers.append(replies.reply(sent[GOOD], GOOD, far, examples=16_000))
     strategy.aggregate_train(1, answers)
-    assert [f.partition_id for f in strategy.last_failures] == [GOOD]
-    assert "update norm per local step" in strategy.last_failures[0].reason
+    assert [f.partition_id for f in strategy.outcome.dropped] == [GOOD]
+    assert "update norm per local step" in strategy.outcome.dropped[0].reason
 
 
 # ---------------------------------------------------------------- what statistics can buy
@@ -143,7 +143,7 @@ def _capture_stats(n_E, p_E, o=1.0, m=1.0):
 def test_statistics_that_contradict_their_own_definitions_are_dropped(name, stats, words, server_identity):
     strategy = _strategy(name)
     arrays, node = _round(strategy, stats=stats)
-    assert [f.node_id for f in strategy.last_failures] == [node] and words in strategy.last_failures[0].reason
+    assert [f.node_id for f in strategy.outcome.dropped] == [node] and words in strategy.outcome.dropped[0].reason
     assert _same(arrays, _round(_strategy(name))[0])
 
 
@@ -161,9 +161,9 @@ def test_router_share_factor_bounds_what_in_range_statistics_buy(server_identity
         strategy = _strategy("fedalign")
         strategy.options = strategy.options.model_copy(update={"router_share_factor": factor})
         _round(strategy, stats=capture)
-        assert not strategy.last_failures
+        assert not strategy.outcome.dropped
         omega_CE = strategy.last.omega_LCE[0]
-        liar = [r.partition_id for r in strategy.last_replies].index(GOOD)
+        liar = [r.partition_id for r in strategy.outcome.used].index(GOOD)
         assert (omega_CE[liar, 0] > most) == (factor is None) and omega_CE.sum(0).tolist() == pytest.approx([1.0] * 4)
 
 
@@ -183,7 +183,7 @@ def test_attacks_as_a_hostile_client_sends_them(server_identity):
     for counts, dropped in (("auto", True), ("claimed", False)):
         strategy = _strategy("fedavg", sizes=(EXAMPLES,) * (GOOD + 1), example_counts=counts)
         _round(strategy, examples=claimed)
-        assert bool(strategy.last_failures) == dropped
+        assert bool(strategy.outcome.dropped) == dropped
 
 
 def test_an_attack_is_refused_outside_a_simulation_and_checked_at_the_edge():
@@ -227,7 +227,7 @@ def test_fedalign_expert_trim_resists_a_scaled_expert(server_identity):
             strategy = _strategy("fedalign", example_counts="claimed")
             strategy.options = strategy.options.model_copy(update={"expert_trim": trim, "consistency_floor": 0.0})
             arrays, _ = _round(strategy, bad_state=state)
-            assert not strategy.last_failures and strategy.last.aligned_LEC.all()  # everyone in every A(e)
+            assert not strategy.outcome.dropped and strategy.last.aligned_LEC.all()  # everyone in every A(e)
             experts.append(arrays.to_torch_state_dict()["x"])
         moved[trim] = (experts[1] - experts[0]).abs().max().item()
     assert moved[0.25] < moved[None] / 4, moved
@@ -261,7 +261,7 @@ def test_an_aggregation_that_raises_keeps_the_model_and_the_run(tmp_path, server
     def boom(*args, **kwargs):
         raise RuntimeError("stack expects each tensor to be equal size")
 
-    monkeypatch.setattr(server.strategy, "aggregate_train", boom)
+    monkeypatch.setattr(server.strategy, "aggregate_round", boom)
     record = server.train_round(1)
     assert not record.adopted and record.exchange.not_adopted_reason == (
         "the aggregation raised RuntimeError: stack expects each tensor to be equal size")
@@ -358,14 +358,14 @@ def test_no_reply_ends_the_round_or_sneaks_in(name, mutations, server_identity):
             change(content)
 
     arrays, node = _round(strategy, bad=hostile)
-    used = [r.partition_id for r in strategy.last_replies]
+    used = [r.partition_id for r in strategy.outcome.used]
     if GOOD in used:
         event("used")
         assert all(torch.isfinite(t).all() for t in arrays.to_torch_state_dict().values())
         return
-    reason = next((f.reason for f in strategy.last_failures if f.node_id == node), "")
+    reason = next((f.reason for f in strategy.outcome.dropped if f.node_id == node), "")
     event("dropped: " + re.sub(r"\d[\d.e+-]*", "N", re.split(r"[\[(]", reason)[0]).strip()[:70])  # the reason's class
-    assert node in [f.node_id for f in strategy.last_failures] and all(f.reason for f in strategy.last_failures)
+    assert node in [f.node_id for f in strategy.outcome.dropped] and all(f.reason for f in strategy.outcome.dropped)
     alone = _strategy(name)
     glob = replies.global_state()
     sent = replies.instructions(alone, glob, GOOD + 1)

@@ -77,7 +77,7 @@ def test_routed_weights_do_not_let_clients_that_never_use_an_expert_shrink_its_s
         sent = replies.instructions(s, glob, 4)
         arrays, _ = s.aggregate_train(1, [replies.reply(m, i, u, stats=replies.routing(counts[i]))
                                           for i, (m, u) in enumerate(zip(sent, trained))])
-        assert s.last_failures == []
+        assert s.outcome.dropped == []
         moved[weights] = arrays.to_torch_state_dict()["x"] - glob["x"]
     assert torch.allclose(moved["routed"][0], moved["examples"][0] * 4 / 3, atol=1e-6)
     assert torch.allclose(moved["routed"][1:], moved["examples"][1:], atol=1e-6)

@@ -141,11 +141,11 @@ def _run(name: str, bad_case: str | None):
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_a_bad_reply_is_dropped_named_and_changes_nothing(name, case, server_identity):
     strategy, arrays, bad_node = _run(name, case)
-    failures = strategy.last_failures
+    failures = strategy.outcome.dropped
     assert len(failures) == 1, failures
     assert failures[0].node_id == bad_node, failures[0]
     assert any(words in failures[0].reason for words in BAD[case][1].split("|")), failures[0]
-    assert [r.partition_id for r in strategy.last_replies] == list(range(GOOD))
+    assert [r.partition_id for r in strategy.outcome.used] == list(range(GOOD))
     _, clean, _ = _run(name, None)
     for key, value in clean.to_torch_state_dict().items():
         assert torch.equal(arrays.to_torch_state_dict()[key], value), key
@@ -163,13 +163,13 @@ def test_errors_timeouts_and_duplicate_partitions(name, server_identity):
                      reply_to=sent[5])
     strategy.aggregate_train(1, [*good, twin, crashed, raised])
     node = [m.metadata.dst_node_id for m in sent]
-    reasons = {f.node_id: f.reason for f in strategy.last_failures}
+    reasons = {f.node_id: f.reason for f in strategy.outcome.dropped}
     assert "the client process died" in reasons[node[4]] and "raised an error: ValueError: boom" in reasons[node[5]]
     assert "claimed by 2 replies" in reasons[node[0]] and "claimed by 2 replies" in reasons[node[3]]
-    assert [r.partition_id for r in strategy.last_replies] == [1, 2]
+    assert [r.partition_id for r in strategy.outcome.used] == [1, 2]
     # a node that never answers is a timeout, and says so
     strategy.aggregate_train(1, good[1:])
-    assert {f.node_id: f.reason for f in strategy.last_failures}[node[0]].startswith("timeout")
+    assert {f.node_id: f.reason for f in strategy.outcome.dropped}[node[0]].startswith("timeout")
 
 
 @pytest.mark.parametrize("name", ["fedavg", "fedalign"])
@@ -187,9 +187,9 @@ def test_norm_rule_is_per_local_step(name, server_identity):
     answers.append(replies.reply(sent[3], 3, moved(3, 20), examples=20 * replies.BATCH))  # 20 steps
     answers.append(replies.reply(sent[4], 4, moved(4, 20)))  # 1 step, 20x as far
     strategy.aggregate_train(1, answers)
-    assert [r.partition_id for r in strategy.last_replies] == [0, 1, 2, 3]
-    assert [f.partition_id for f in strategy.last_failures] == [4]
-    assert "update norm per local step" in strategy.last_failures[0].reason
+    assert [r.partition_id for r in strategy.outcome.used] == [0, 1, 2, 3]
+    assert [f.partition_id for f in strategy.outcome.dropped] == [4]
+    assert "update norm per local step" in strategy.outcome.dropped[0].reason
 
 
 def test_update_norm_against_the_global_rows():

@@ -58,7 +58,7 @@ def test_every_strategy_aggregates_the_float32_global_plus_each_bfloat16_update(
     s, sent, answers, narrow = _round(name, glob, [{k: rounded[k] + d[k] for k in d} for d in steps], sizes, "bfloat16")
     assert all(a.dtype == "bfloat16" for m in sent for a in m.content[protocol.ARRAYS].values())
     assert protocol.UPDATE in answers[0].content and protocol.ARRAYS not in answers[0].content
-    assert s.last_failures == [] and len(s.last_replies) == 5
+    assert s.outcome.dropped == [] and len(s.outcome.used) == 5
     rebuilt = [{k: glob[k] + d[k].to(torch.bfloat16).float() for k in glob} for d in steps]
     _, _, _, wide = _round(name, glob, rebuilt, sizes, "float32")
     assert narrow is not None and wide is not None
@@ -98,10 +98,10 @@ def test_a_reply_that_ignores_the_wire_dtype_or_overflows_is_dropped_by_name(ser
     overflow = replies.reply(sent[3], 3, glob)
     overflow.content[protocol.UPDATE] = protocol.bfloat16_record({k: torch.full_like(v, 3.0e38) for k, v in glob.items()})
     arrays, _ = s.aggregate_train(1, [*good, wide, overflow])
-    reasons = {f.partition_id: f.reason for f in s.last_failures}
+    reasons = {f.partition_id: f.reason for f in s.outcome.dropped}
     assert "expected ['metrics', 'update']" in reasons[2]
     assert "the global parameters plus the update overflow" in reasons[3]
-    assert arrays is not None and [r.partition_id for r in s.last_replies] == [0, 1]
+    assert arrays is not None and [r.partition_id for r in s.outcome.used] == [0, 1]
 
 
 def test_the_client_refuses_an_unknown_wire_dtype(server_identity):

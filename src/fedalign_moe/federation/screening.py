@@ -186,13 +186,32 @@ def _drop_norm_outliers(replies: list[TrainReply], norms: dict[int, float], rati
     return keep, out
 
 
+@dataclass(frozen=True)
+class RoundOutcome:
+    """What a strategy made of one round's replies. ``state``: the strategy's state after this round (its
+    ``state_dict``), which takes effect only when the round loop adopts ``arrays`` (``commit``)."""
+
+    arrays: ArrayRecord | None  # None: no valid reply
+    metrics: MetricRecord | None
+    used: list[TrainReply]  # partition order
+    dropped: list[Failure]
+    update_norms: dict[int, float]  # partition id -> ||w_i - w_g||, as the outlier rule compared them
+    screen_seconds: float
+    diagnostics: dict | None  # what the aggregation decided, for diagnostics.jsonl (None: nothing to record)
+    state: dict[str, torch.Tensor]
+
+
 class ScreenedReplies:
     """Mixin for a Flower strategy (put it before the Flower class): replies pass ``screen`` first.
 
+    ``aggregate_round`` turns a round's replies into a ``RoundOutcome`` and leaves the strategy as it was;
+    ``commit`` makes the outcome's state the strategy's (the round loop does, when it adopts the aggregate).
+    Flower's ``aggregate_train`` is the two together. ``outcome``: the last round's.
+
     Hooks: ``from_config`` (the strategy's own options, read from a run's config), ``aggregate_replies``
-    (the arithmetic over valid replies; by default the Flower parent's ``aggregate_train``), ``state_dict``/``load_state_dict`` (what a checkpoint keeps of the strategy).
-    After each round, ``last_replies`` and ``last_failures`` say what was used and what was dropped, and
-    ``last_update_norms`` the update norms the outlier rule compared.
+    (the arithmetic over valid replies; by default the Flower parent's ``aggregate_train``),
+    ``state_dict``/``load_state_dict`` (what carries the strategy from round to round, and what a
+    checkpoint keeps), ``diagnostics`` (what the last aggregation decided).
     """
 
     def __init__(self, policy: ReplyPolicy, **strategy_kwargs):
@@ -200,10 +219,7 @@ class ScreenedReplies:
         self.policy = policy
         self.global_state: dict[str, torch.Tensor] = {}
         self.sent: list[Message] = []
-        self.last_replies: list[TrainReply] = []
-        self.last_failures: list[Failure] = []
-        self.last_update_norms: dict[int, float] = {}  # partition id -> ||w_i - w_g|| of the last round
-        self.last_screen_seconds = 0.0
+        self.outcome = RoundOutcome(None, None, [], [], {}, 0.0, None, {})
 
     @classmethod
     def from_config(cls, cfg: Config, policy: ReplyPolicy, **flower_kwargs) -> ScreenedReplies:
@@ -221,26 +237,50 @@ class ScreenedReplies:
         return self.sent
 
     def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        self.last_replies, self.last_failures, self.last_update_norms = [], [], {}
+        """Flower's hook: the round's outcome, committed."""
+        outcome = self.aggregate_round(server_round, replies)
+        self.commit(outcome)
+        return outcome.arrays, outcome.metrics
+
+    def aggregate_round(self, server_round: int, replies) -> RoundOutcome:
+        """Screen the replies and aggregate the valid ones; the strategy's state is left as it was (an
+        exception from the aggregation leaves it so too)."""
+        before = self.state_dict()
+        self.outcome = RoundOutcome(None, None, [], [], {}, 0.0, None, before)
         received = list(replies)
         if not self.sent:
-            return None, None
+            return self.outcome
         t0 = time.perf_counter()
         expect = Expectation.of_round(self.sent[0].content, self.policy.layout, self.policy.num_clients,
                                       self.policy.work, self.policy.partition_sizes, self.global_state)
-        self.last_replies, self.last_failures, self.last_update_norms = screen(self.sent, received, expect, self.policy,
-                                                                               self.global_state)
-        self.last_screen_seconds = time.perf_counter() - t0
-        for f in self.last_failures:
+        used, dropped, norms = screen(self.sent, received, expect, self.policy, self.global_state)
+        screened = RoundOutcome(None, None, used, dropped, norms, time.perf_counter() - t0, None, before)
+        self.outcome = screened
+        for f in dropped:
             logger.warning("round %d: dropped the reply of node %s (partition %s): %s", server_round, f.node_id,
                            "?" if f.partition_id is None else f.partition_id, f.reason, extra=ROUND_RECORD)
-        for r in self.last_replies:
+        for r in used:
             if r.weight_capped:
                 logger.warning("round %d: the weight of partition %d (node %s) is bounded: it claims %d examples, "
                                "it counts as %.4g", server_round, r.partition_id, r.node_id, r.num_examples, r.weight)
-        if not self.last_replies:
-            return None, None
-        return self.aggregate_replies(server_round, self.last_replies)
+        if not used:
+            return screened
+        try:
+            arrays, metrics = self.aggregate_replies(server_round, used)
+            after = self.state_dict()
+        finally:
+            self.load_state_dict(before)
+        self.outcome = RoundOutcome(arrays, metrics, used, dropped, norms, screened.screen_seconds,
+                                    self.diagnostics() if arrays is not None else None, after)
+        return self.outcome
+
+    def commit(self, outcome: RoundOutcome) -> None:
+        """Carry ``outcome``'s state into the next round (its aggregate became the global model)."""
+        self.load_state_dict(outcome.state)
+
+    def diagnostics(self) -> dict | None:
+        """What the last aggregation decided, for diagnostics.jsonl; None: this strategy records nothing."""
+        return None
 
     def aggregate_replies(self, server_round: int, replies: list[TrainReply]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The arithmetic over validated replies; the default is Flower's FedAvg aggregation, each reply weighted

@@ -133,6 +133,7 @@ class _Server:
             self.arrays = self.global_model.initial_state()
         self.current_eval: dict | None = None  # the global model's test result, once computed
         self.current_round = self.first_round - 1
+        self.outcome = self.strategy.outcome  # the last round's
 
     def adopt(self, new: ArrayRecord | None) -> str | None:
         """Make ``new`` the global model unless it is missing or broken; the reason when it is not adopted."""
@@ -172,26 +173,26 @@ class _Server:
                     if messages else [])
         sizes = [(record_bytes(m.content), record_bytes(m.content, protocol.ARRAYS) + record_bytes(m.content, protocol.UPDATE))
                  for m in received if not m.has_error()]
-        before = strategy.state_dict()
         t_aggregate = time.perf_counter()
         try:
-            new_arrays, _ = strategy.aggregate_train(server_round, received)
-            not_adopted = None
+            outcome, not_adopted = strategy.aggregate_round(server_round, received), None
         except Exception as err:  # noqa: BLE001 - the screen reads every reply first; this is the last net
-            new_arrays, not_adopted = None, f"the aggregation raised {protocol.one_line(err)}"
+            outcome, not_adopted = strategy.outcome, f"the aggregation raised {protocol.one_line(err)}"
         t_aggregate = time.perf_counter() - t_aggregate
-        not_adopted = not_adopted or self.adopt(new_arrays)
-        if not_adopted is not None:
-            strategy.load_state_dict(before)
+        not_adopted = not_adopted or self.adopt(outcome.arrays)
+        if not_adopted is None:
+            strategy.commit(outcome)
+        else:
             logger.warning("round %d keeps the previous global model: %s", server_round, not_adopted, extra=ROUND_RECORD)
+        self.outcome = outcome
         release_memory()
-        result, replies, failures = self.evaluation(), strategy.last_replies, strategy.last_failures
-        rows = client_rows(replies, strategy.last_update_norms)
+        result = self.evaluation()
+        rows = client_rows(outcome.used, outcome.update_norms)
         exchange = Exchange(sum(total - model for total, model in sizes), len(messages), len(rows),
-                            tuple(f.to_json() for f in failures), not_adopted is None, not_adopted,
-                            round(t_aggregate, 4), round(strategy.last_screen_seconds, 4))
+                            tuple(f.to_json() for f in outcome.dropped), not_adopted is None, not_adopted,
+                            round(t_aggregate, 4), round(outcome.screen_seconds, 4))
         return RoundRecord(server_round, result["accuracy"], result["loss"], uplink_bytes=sum(total for total, _ in sizes),
-                           downlink_bytes=downlink, failures=len(failures), seconds=round(time.perf_counter() - t0, 3),
+                           downlink_bytes=downlink, failures=len(outcome.dropped), seconds=round(time.perf_counter() - t0, 3),
                            clients=rows, exchange=exchange, **client_totals(rows))
 
     def check_interrupt(self, during: str, kept_round: int) -> None:
@@ -200,15 +201,15 @@ class _Server:
             raise RunInterrupted(f"interrupted during {during}; the checkpoint of round {kept_round} stands")
 
     def log_round(self, record: RoundRecord) -> None:
-        strategy, replies = self.strategy, self.strategy.last_replies
+        outcome = self.outcome
         self.log.add_round(record)
         layers = [layer.index for layer in self.ws.built.layout.layers]
-        self.log.add_jsonl("routing.jsonl", {"round": record.round, "layers": layers, "clients": routing_by_client(replies)})
-        if hasattr(strategy, "diagnostics") and record.adopted:  # no new model, no decision: do not repeat the last
-            regs = [r.figures.reg_loss for r in replies if r.figures.reg_loss is not None]
+        self.log.add_jsonl("routing.jsonl", {"round": record.round, "layers": layers, "clients": routing_by_client(outcome.used)})
+        if outcome.diagnostics is not None and record.adopted:  # no new model, no decision: do not repeat the last
+            regs = [r.figures.reg_loss for r in outcome.used if r.figures.reg_loss is not None]
             self.log.add_jsonl("diagnostics.jsonl", {"round": record.round, "reg_loss": sum(regs) / len(regs) if regs else None,
                                                      "stats_uplink_bytes": record.exchange.stats_uplink_bytes,
-                                                     **strategy.diagnostics()})
+                                                     **outcome.diagnostics})
 
     def save_checkpoint(self, server_round: int) -> None:
         checkpoint.save(self.log.out, Checkpoint(server_round, self.arrays.to_torch_state_dict(), self.strategy.state_dict(),
@@ -245,7 +246,7 @@ def run_federation(grid: Grid, ws: Workspace, log: RunLog, on_round: Callable[[R
             on_round(record)
         limit = cfg.federation.stop_after_silent_rounds
         if limit is not None and server.idle >= limit:
-            causes = failure_summary(server.strategy.last_failures)
+            causes = failure_summary(server.outcome.dropped)
             stopped = (f"stopped after round {server_round}: no new global model in the last {server.idle} rounds "
                        f"({record.exchange.not_adopted_reason}" + (f"; replies lost: {causes})" if causes else ")"))
             break

@@ -92,8 +92,10 @@ class ServerOptimizer(FlowerAggregation):
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for moment in self.MOMENTS:  # by name; configure_train puts FedAvgM's in the arrays' order
+        for moment in self.MOMENTS:  # by name; FedAvgM's as a list in the arrays' order once that is known
             kept = {k.split("/", 1)[1]: t.numpy().copy() for k, t in state.items() if k.startswith(f"{moment}/")}
+            if kept and moment == "momentum_vector" and set(kept) == set(self.global_state):
+                kept = [kept[k] for k in self.global_state]
             setattr(self, moment, kept or None)
         unknown = sorted(k for k in state if k.split("/", 1)[0] not in self.MOMENTS)
         if unknown:
