@@ -32,7 +32,9 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from fedalign_moe.core.aggregate import AlignOptions, LayerNames, fedalign_aggregate, fedavg_tensor  # noqa: E402
+from fedalign_moe.config import FedAlignConfig
+from fedalign_moe.core.aggregate import LayerNames, fedalign_aggregate, fedavg_tensor
+from fedalign_moe.core.statistics import RoundRoutingStatistics  # noqa: E402
 from fedalign_moe.federation.protocol import ArrayView  # noqa: E402
 
 L, E, H, I = 2, 8, 384, 1536
@@ -61,22 +63,21 @@ def case(C: int, seed: int = 0):
         del update
     layers = [LayerNames(f"l{l}.router", (f"l{l}.up", f"l{l}.up_bias", f"l{l}.down", f"l{l}.down_bias")) for l in range(L)]
     p = torch.rand(C, L, E, generator=g) + 0.1
-    stats = {"p": p / p.sum(-1, keepdim=True), "n": torch.full((C, L, E), 20.0), "o": torch.rand(C, L, E, generator=g),
-             "m": torch.rand(C, L, E, generator=g), "mu": torch.randn(C, L, E, H, generator=g)}
+    stats = RoundRoutingStatistics(p / p.sum(-1, keepdim=True), torch.full((C, L, E), 20.0), torch.rand(C, L, E, generator=g),
+                                   torch.rand(C, L, E, generator=g), torch.randn(C, L, E, H, generator=g))
     examples = torch.tensor([float(10 + c) for c in range(C)])
     return glob, records, examples, stats, layers
 
 
 def run_fedalign(glob, records, examples, stats, layers):
-    return fedalign_aggregate(glob, [ArrayView(r["arrays"]) for r in records], examples, stats, layers, AlignOptions(
-        consistency_floor=0.5))
+    return fedalign_aggregate(glob, [ArrayView(r["arrays"]) for r in records], examples, stats, layers, FedAlignConfig())
 
 
 def run_reference(glob, records, examples, stats, layers):
     import reference_aggregate
 
     states = [r["arrays"].to_torch_state_dict() for r in records]
-    return reference_aggregate.fedalign_aggregate(glob, states, examples, stats, layers, AlignOptions(consistency_floor=0.5))
+    return reference_aggregate.fedalign_aggregate(glob, states, examples, stats, layers, FedAlignConfig())
 
 
 def timed(fn, repeats: int) -> list[float]:

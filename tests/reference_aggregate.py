@@ -13,10 +13,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fedalign_moe.config import FedAlignConfig
 from fedalign_moe.core.aggregate import AlignOptions, LayerNames
 from fedalign_moe.core.gate_alignment import (adaptive_alpha, aggregate_router, consistency_weights,
                                               global_routing_distribution, routing_consistency)
 from fedalign_moe.core.semantic_alignment import align_expert
+from fedalign_moe.core.statistics import RoundRoutingStatistics
+
+
+def spec_options(**options) -> FedAlignConfig:
+    """FedAlign-MoE's options with the paper's alignment rule (no consistency floor), ``options`` on top."""
+    return FedAlignConfig(**{"consistency_floor": float("inf"), **options})
 
 
 def apply_expert_update(global_P: torch.Tensor, delta_CP: torch.Tensor, weights_C: torch.Tensor) -> torch.Tensor:
@@ -40,15 +47,15 @@ def fedavg_tensor(tensors_C: list[torch.Tensor], weights_C: torch.Tensor) -> tor
     return torch.einsum("c,c...->...", weights_C.double(), stacked).to(tensors_C[0].dtype)
 
 
-def _router_weights(opts: AlignOptions, stats: dict[str, torch.Tensor], l: int, examples_C: torch.Tensor) -> torch.Tensor:
+def _router_weights(opts: AlignOptions, stats: RoundRoutingStatistics, l: int, examples_C: torch.Tensor) -> torch.Tensor:
     """omega [C, E] for layer l under the configured gate aggregation."""
-    C, E = stats["p"].shape[0], stats["p"].shape[2]
+    C, E = stats.p_CLE.shape[0], stats.p_CLE.shape[2]
     if opts.gate_aggregation == "uniform":
         return torch.full((C, E), 1.0 / C)
     if opts.gate_aggregation == "fedavg":
         return (examples_C / examples_C.sum()).float()[:, None].expand(C, E).clone()
-    s_CE = routing_consistency(stats["o"][:, l], stats["m"][:, l])
-    return consistency_weights(s_CE, stats["n"][:, l] if opts.omega_times_tokens else None)
+    s_CE = routing_consistency(stats.o_CLE[:, l], stats.m_CLE[:, l])
+    return consistency_weights(s_CE, stats.n_CLE[:, l] if opts.omega_times_tokens else None)
 
 
 def _align_experts(layer: LayerNames, l: int, global_state, client_states, stats, examples_C, opts, result: AlignResult):
@@ -61,7 +68,7 @@ def _align_experts(layer: LayerNames, l: int, global_state, client_states, stats
         delta_CP = torch.stack([torch.cat([(cs[n][e] - global_state[n][e]).reshape(-1).double() for n in names])
                                 for cs in client_states])
         if opts.expert_aggregation == "semantic":
-            dec = align_expert(stats["mu"][:, l, e], delta_CP, stats["n"][:, l, e], opts.beta, opts.consistency_floor)
+            dec = align_expert(stats.mu_CLEH[:, l, e], delta_CP, stats.n_CLE[:, l, e], opts.beta, opts.consistency_floor)
             weights_C, result.tau_LE[l, e] = dec.weights_C, dec.tau  # expert_weights = tokens
             if opts.expert_weights == "examples":  # FedAvg's share inside A(e), the rest keeps the global value
                 weights_C = torch.where(dec.aligned_C, examples_C.double(), 0.0) / examples_C.double().sum()
@@ -80,13 +87,13 @@ def _align_experts(layer: LayerNames, l: int, global_state, client_states, stats
 
 
 def fedalign_aggregate(global_state: dict[str, torch.Tensor], client_states: list[dict[str, torch.Tensor]],
-                       examples_C: torch.Tensor, stats: dict[str, torch.Tensor], layers: list[LayerNames],
+                       examples_C: torch.Tensor, stats: RoundRoutingStatistics, layers: list[LayerNames],
                        opts: AlignOptions) -> AlignResult:
     """The new global state and the next round's p_g and alpha.
 
     ``stats`` holds the clients' uploads stacked on a leading C axis: p, n, o, m [C, L, E], mu [C, L, E, H].
     """
-    C, L, E = stats["p"].shape
+    C, L, E = stats.p_CLE.shape
     fedavg_C = examples_C.double() / examples_C.sum()
     moe_names = {n for layer in layers for n in (layer.router, *layer.experts)}
     state = {n: (t.clone() if n in moe_names else fedavg_tensor([cs[n] for cs in client_states], fedavg_C))
@@ -96,9 +103,9 @@ def fedalign_aggregate(global_state: dict[str, torch.Tensor], client_states: lis
     for l, layer in enumerate(layers):
         omega_CE = _router_weights(opts, stats, l, examples_C)
         result.omega_LCE[l] = omega_CE
-        result.p_g_LE[l] = global_routing_distribution(omega_CE, stats["p"][:, l])
+        result.p_g_LE[l] = global_routing_distribution(omega_CE, stats.p_CLE[:, l])
         if opts.adaptive_alpha:
-            result.alpha_LE[l] = adaptive_alpha(stats["p"][:, l])
+            result.alpha_LE[l] = adaptive_alpha(stats.p_CLE[:, l])
         if layer.router in global_state:
             routers_CEH = torch.stack([cs[layer.router] for cs in client_states])
             state[layer.router] = aggregate_router(routers_CEH, omega_CE).to(global_state[layer.router].dtype)

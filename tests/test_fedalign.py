@@ -7,8 +7,10 @@ from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 from fedalign_moe.config import FedAlignConfig, load_config
-from fedalign_moe.core.aggregate import AlignOptions, LayerNames, fedalign_aggregate
+from fedalign_moe.core.aggregate import LayerNames, fedalign_aggregate
+from fedalign_moe.core.statistics import RoundRoutingStatistics
 import replies
+from reference_aggregate import spec_options
 from fedalign_moe.federation import protocol
 from fedalign_moe.federation.strategies import make_strategy
 from fedalign_moe.models.base import MoELayerLayout, MoELayout
@@ -26,8 +28,8 @@ def _global():
 
 def _stats(n_CE=None, mu_CEH=None):
     n = n_CE if n_CE is not None else torch.full((C, E), 5.0)
-    return {"p": torch.full((C, 1, E), 1.0 / E), "n": n[:, None], "o": torch.full((C, 1, E), 0.5),
-            "m": torch.full((C, 1, E), 0.2), "mu": (mu_CEH if mu_CEH is not None else torch.ones(C, E, H))[:, None]}
+    return RoundRoutingStatistics(torch.full((C, 1, E), 1.0 / E), n[:, None], torch.full((C, 1, E), 0.5),
+                                  torch.full((C, 1, E), 0.2), (mu_CEH if mu_CEH is not None else torch.ones(C, E, H))[:, None])
 
 
 def _perturbed(base, scale, seed):
@@ -38,7 +40,7 @@ def _perturbed(base, scale, seed):
 def test_identical_clients_give_the_fedavg_model():
     glob = _global()
     client = _perturbed(glob, 0.1, 1)
-    res = fedalign_aggregate(glob, [client] * C, torch.tensor([1.0, 2.0, 3.0]), _stats(), LAYERS, AlignOptions())
+    res = fedalign_aggregate(glob, [client] * C, torch.tensor([1.0, 2.0, 3.0]), _stats(), LAYERS, spec_options())
     for name in glob:
         assert torch.allclose(res.state[name], client[name], atol=1e-6), name
     assert res.aligned_LEC.all()
@@ -49,7 +51,7 @@ def test_fedavg_switches_reproduce_fedavg_exactly():
     clients = [_perturbed(glob, 0.1, s) for s in range(C)]
     examples = torch.tensor([10.0, 30.0, 60.0])
     res = fedalign_aggregate(glob, clients, examples, _stats(), LAYERS,
-                             AlignOptions(gate_aggregation="fedavg", adaptive_alpha=False, expert_aggregation="fedavg"))
+                             spec_options(gate_aggregation="fedavg", adaptive_alpha=False, expert_aggregation="fedavg"))
     for name in glob:
         expected = sum(w * c[name] for w, c in zip([0.1, 0.3, 0.6], clients))
         assert torch.allclose(res.state[name], expected, atol=1e-6), name
@@ -65,7 +67,7 @@ def test_opposing_client_does_not_move_that_expert_but_others_take_its_update():
     mu[2, 0] = -1.0
     for name in ("experts.up", "experts.down"):
         clients[2][name][0] = glob[name][0] - 0.1
-    res = fedalign_aggregate(glob, clients, torch.ones(C), _stats(mu_CEH=mu), LAYERS, AlignOptions(consistency_floor=0.5))
+    res = fedalign_aggregate(glob, clients, torch.ones(C), _stats(mu_CEH=mu), LAYERS, spec_options(consistency_floor=0.5))
     assert res.aligned_LEC[0, 0].tolist() == [True, True, False]
     for name in ("experts.up", "experts.down"):
         # expert 0 moved only by clients 0 and 1, each by its FedAvg share (1/3, equal examples); client 2's
@@ -82,9 +84,9 @@ def test_without_a_floor_mean_minus_std_drops_an_agreeing_client_by_noise():
     glob = _global()
     clients = [{k: v + 0.1 for k, v in glob.items()} for _ in range(C)]
     clients[1] = {k: v + 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(0)) for k, v in clients[1].items()}
-    spec_only = fedalign_aggregate(glob, clients, torch.ones(C), _stats(), LAYERS, AlignOptions())
+    spec_only = fedalign_aggregate(glob, clients, torch.ones(C), _stats(), LAYERS, spec_options())
     assert not spec_only.aligned_LEC[0, :, 1].any()
-    with_floor = fedalign_aggregate(glob, clients, torch.ones(C), _stats(), LAYERS, AlignOptions(consistency_floor=0.5))
+    with_floor = fedalign_aggregate(glob, clients, torch.ones(C), _stats(), LAYERS, spec_options(consistency_floor=0.5))
     assert with_floor.aligned_LEC.all()
 
 
@@ -93,7 +95,7 @@ def test_expert_that_no_client_routed_to_is_unchanged():
     clients = [_perturbed(glob, 0.1, s) for s in range(C)]
     n = torch.full((C, E), 5.0)
     n[:, 2] = 0
-    res = fedalign_aggregate(glob, clients, torch.ones(C), _stats(n_CE=n), LAYERS, AlignOptions())
+    res = fedalign_aggregate(glob, clients, torch.ones(C), _stats(n_CE=n), LAYERS, spec_options())
     for name in ("experts.up", "experts.down"):
         assert torch.equal(res.state[name][2], glob[name][2])
         assert not torch.equal(res.state[name][0], glob[name][0])
@@ -184,17 +186,17 @@ def _grid_case(seed: int, C: int = 6):
         sign = 1.0 if c % 3 else -1.0  # a third of the clients pull the other way
         clients.append({k: v + 0.05 * sign * camp_E[k] + 0.02 * torch.randn(v.shape, generator=g) for k, v in glob.items()})
     p = torch.rand(C, L, E, generator=g) + 0.1
-    stats = {"p": p / p.sum(-1, keepdim=True), "n": torch.randint(0, 30, (C, L, E), generator=g).float(),
-             "o": torch.rand(C, L, E, generator=g), "m": torch.rand(C, L, E, generator=g),
-             "mu": torch.randn(C, L, E, H, generator=g)}
+    stats = RoundRoutingStatistics(p / p.sum(-1, keepdim=True), torch.randint(0, 30, (C, L, E), generator=g).float(),
+                                   torch.rand(C, L, E, generator=g), torch.rand(C, L, E, generator=g),
+                                   torch.randn(C, L, E, H, generator=g))
     examples = torch.randint(5, 50, (C,), generator=g).float()
     return glob, clients, examples, stats, layers
 
 
-@pytest.mark.parametrize("opts", [AlignOptions(), AlignOptions(consistency_floor=0.5), AlignOptions(beta=0.3),
-                                  AlignOptions(expert_aggregation="fedavg"), AlignOptions(gate_aggregation="uniform"),
-                                  AlignOptions(gate_aggregation="fedavg", adaptive_alpha=False, omega_times_tokens=True),
-                                  AlignOptions(expert_weights="tokens")])
+@pytest.mark.parametrize("opts", [spec_options(), spec_options(consistency_floor=0.5), spec_options(beta=0.3),
+                                  spec_options(expert_aggregation="fedavg"), spec_options(gate_aggregation="uniform"),
+                                  spec_options(gate_aggregation="fedavg", adaptive_alpha=False, omega_times_tokens=True),
+                                  spec_options(expert_weights="tokens")])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_streaming_aggregation_equals_the_float64_reference(opts, seed):
     import reference_aggregate
@@ -215,9 +217,9 @@ def test_streaming_aggregation_equals_the_float64_reference(opts, seed):
 def test_clients_read_lazily_give_the_same_state_and_the_global_is_untouched():
     glob, clients, examples, stats, layers = _grid_case(5)
     before = {k: v.clone() for k, v in glob.items()}
-    eager = fedalign_aggregate(glob, clients, examples, stats, layers, AlignOptions())
+    eager = fedalign_aggregate(glob, clients, examples, stats, layers, spec_options())
     lazy = fedalign_aggregate(glob, [protocol.ArrayView(ArrayRecord(c))
-                                     for c in clients], examples, stats, layers, AlignOptions())
+                                     for c in clients], examples, stats, layers, spec_options())
     for name in eager.state:
         assert torch.equal(lazy.state[name], eager.state[name])
     for name in glob:
@@ -308,15 +310,15 @@ def test_example_weights_move_an_expert_one_client_routes_to_as_far_as_fedavg_do
     n = torch.full((C, E), 5.0)
     n[1:, 2] = 0
     by_tokens = fedalign_aggregate(glob, clients, examples, _stats(n_CE=n), LAYERS,
-                                   AlignOptions(expert_weights="tokens"))
-    by_examples = fedalign_aggregate(glob, clients, examples, _stats(n_CE=n), LAYERS, AlignOptions())  # the default
+                                   spec_options(expert_weights="tokens"))
+    by_examples = fedalign_aggregate(glob, clients, examples, _stats(n_CE=n), LAYERS, spec_options())  # the default
     for name in ("experts.up", "experts.down"):
         assert torch.allclose(by_tokens.state[name][2], clients[0][name][2], atol=1e-6)
         assert torch.allclose(by_examples.state[name][2], glob[name][2] + 0.1 * (clients[0][name][2] - glob[name][2]),
                               atol=1e-6)
     # everyone aligned and routing: "examples" is FedAvg on the experts
     everyone = fedalign_aggregate(glob, clients, examples, _stats(), LAYERS,
-                                  AlignOptions(expert_weights="examples", consistency_floor=-1.0))
+                                  spec_options(expert_weights="examples", consistency_floor=-1.0))
     assert everyone.aligned_LEC.all()
     for name in ("experts.up", "experts.down"):
         assert torch.allclose(everyone.state[name], sum(w * c[name] for w, c in zip([0.1, 0.3, 0.6], clients)), atol=1e-6)

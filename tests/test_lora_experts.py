@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from fedalign_moe.config import ModelConfig, load_config
-from fedalign_moe.core.aggregate import AlignOptions, LayerNames, fedalign_aggregate
+from fedalign_moe.config import FedAlignConfig, ModelConfig, load_config
+from fedalign_moe.core.aggregate import LayerNames, fedalign_aggregate
+from fedalign_moe.core.statistics import RoundRoutingStatistics
 from fedalign_moe.core.lora_experts import a_view, b_view, fold_a, fold_b, product_gram
 from fedalign_moe.models.build import build_model
 
@@ -62,8 +63,8 @@ def test_product_gram_equals_the_dense_products():
 
 
 def _stats():
-    return {"p": torch.full((C, 1, E), 1.0 / E), "n": torch.full((C, 1, E), 5.0), "o": torch.full((C, 1, E), 0.5),
-            "m": torch.full((C, 1, E), 0.2), "mu": torch.ones(C, 1, E, 6)}
+    return RoundRoutingStatistics(torch.full((C, 1, E), 1.0 / E), torch.full((C, 1, E), 5.0), torch.full((C, 1, E), 0.5),
+                                  torch.full((C, 1, E), 0.2), torch.ones(C, 1, E, 6))
 
 
 @pytest.mark.parametrize("direction", ["product", "factors"])
@@ -83,7 +84,7 @@ def test_a_client_whose_expert_moves_the_other_way_is_left_out_of_that_expert_on
             B_EOr[e] += sign * common_OR[e] + 0.01 * torch.randn(O, R, generator=g)
         clients.append(state)
     layers = [LayerNames("router", (), (("A", "B"),))]
-    opts = AlignOptions(consistency_floor=0.5, lora_direction=direction)  # the config defaults
+    opts = FedAlignConfig(lora_direction=direction)
     res = fedalign_aggregate(glob, clients, torch.full((C,), 10.0), _stats(), layers, opts)
     assert res.experts_applied_L.all()
     assert res.aligned_LEC[0, 0].tolist() == [True, True, False]

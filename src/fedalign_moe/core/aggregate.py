@@ -15,6 +15,7 @@ Shapes: C clients, L MoE layers, E experts, H hidden, P parameters of one expert
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Protocol
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +24,7 @@ from .gate_alignment import adaptive_alpha, aggregate_router, consistency_weight
 from .lora_experts import a_view, b_view, fold_a, fold_b, product_gram
 from .robust import bounded_shares, trimmed_mean
 from .semantic_alignment import align_expert_gram
+from .statistics import RoundRoutingStatistics
 
 State = Mapping[str, torch.Tensor]
 
@@ -38,22 +40,24 @@ class LayerNames:
         return (self.router, *self.experts, *(n for pair in self.lora for n in pair))
 
 
-@dataclass(frozen=True)
-class AlignOptions:
-    gate_aggregation: str = "consistency"  # consistency | uniform | fedavg
-    adaptive_alpha: bool = True
-    expert_aggregation: str = "semantic"  # semantic | fedavg
-    beta: float = 1.0
-    omega_times_tokens: bool = False
-    consistency_floor: float = float("inf")
-    lora_direction: str = "product"  # product | factors: what expert e's LoRA update is compared by
-    expert_weights: str = "examples"  # tokens | examples | routed: config.FedAlignConfig.expert_weights
-    router_share_factor: float | None = None  # omega_i(e) <= factor x client i's example share [ours]
+class AlignOptions(Protocol):
+    """The FedAlign-MoE options the aggregation reads, by name (``config.FedAlignConfig`` is the one
+    definition, with the values, defaults and bounds a user sets; anything with these attributes will do)."""
+
+    gate_aggregation: str  # consistency | uniform | fedavg
+    adaptive_alpha: bool
+    expert_aggregation: str  # semantic | fedavg
+    beta: float  # tau = M - beta * S
+    omega_times_tokens: bool
+    consistency_floor: float  # clients with c_i >= floor stay in A(e) whatever tau says [ours]; inf: the paper's rule
+    lora_direction: str  # product | factors: what expert e's LoRA update is compared by
+    expert_weights: str  # tokens | examples | routed
+    router_share_factor: float | None  # omega_i(e) <= factor x client i's example share [ours]
     # expert e's update over A(e): the weighted mean (None) or a coordinate-wise trimmed mean cutting this
     # share from each end (0.5: the median), scaled by A(e)'s weight, with 3 or more clients in A(e) [ours]
-    expert_trim: float | None = None
-    min_aligned_share: float | None = None  # A(e) holds at least this share of e's clients [ours]
-    expert_selection: str = "set"  # set | soft: core.semantic_alignment [ours]
+    expert_trim: float | None
+    min_aligned_share: float | None  # A(e) holds at least this share of e's clients [ours]
+    expert_selection: str  # set | soft: core.semantic_alignment [ours]
 
 
 @dataclass
@@ -88,15 +92,15 @@ def fedavg_tensor(tensors_C: Iterable[torch.Tensor], weights_C: torch.Tensor) ->
     return out.to(dtype)
 
 
-def _router_weights(opts: AlignOptions, stats: dict[str, torch.Tensor], l: int, examples_C: torch.Tensor) -> torch.Tensor:
+def _router_weights(opts: AlignOptions, stats: RoundRoutingStatistics, l: int, examples_C: torch.Tensor) -> torch.Tensor:
     """omega [C, E] for layer l under the configured gate aggregation."""
-    C, E = stats["p"].shape[0], stats["p"].shape[2]
+    C, E = stats.p_CLE.shape[0], stats.p_CLE.shape[2]
     if opts.gate_aggregation == "uniform":
         return torch.full((C, E), 1.0 / C)
     if opts.gate_aggregation == "fedavg":
         return (examples_C / examples_C.sum()).float()[:, None].expand(C, E).clone()
-    s_CE = routing_consistency(stats["o"][:, l], stats["m"][:, l])
-    omega_CE = consistency_weights(s_CE, stats["n"][:, l] if opts.omega_times_tokens else None)
+    s_CE = routing_consistency(stats.o_CLE[:, l], stats.m_CLE[:, l])
+    omega_CE = consistency_weights(s_CE, stats.n_CLE[:, l] if opts.omega_times_tokens else None)
     if opts.router_share_factor is not None:
         omega_CE = bounded_shares(omega_CE, opts.router_share_factor * examples_C.double() / examples_C.sum())
     return omega_CE
@@ -184,10 +188,10 @@ def _gram(layer: LayerNames, views: dict, global_state: State, client_states: Se
     return gram_ECC + expert_gram(stacked, global_state, client_states) if stacked else gram_ECC
 
 
-def _align_experts(layer: LayerNames, l: int, global_state: State, client_states: Sequence[State], stats,
+def _align_experts(layer: LayerNames, l: int, global_state: State, client_states: Sequence[State], stats: RoundRoutingStatistics,
                    examples_C, opts, result: AlignResult) -> None:
     """Aggregate every expert of one layer into ``result.state``."""
-    E, C = stats["p"].shape[2], len(client_states)
+    E, C = stats.p_CLE.shape[2], len(client_states)
     views = _expert_views(layer, global_state, E)
     if not views:
         result.experts_applied_L[l] = False
@@ -196,13 +200,13 @@ def _align_experts(layer: LayerNames, l: int, global_state: State, client_states
         gram_ECC = _gram(layer, views, global_state, client_states, E, opts)
         weights_EC = torch.zeros(E, C, dtype=torch.float64)
         for e in range(E):
-            dec = align_expert_gram(stats["mu"][:, l, e], gram_ECC[e], stats["n"][:, l, e], opts.beta,
+            dec = align_expert_gram(stats.mu_CLEH[:, l, e], gram_ECC[e], stats.n_CLE[:, l, e], opts.beta,
                                     opts.consistency_floor, min_share=opts.min_aligned_share,
                                     soft=opts.expert_selection == "soft")
             # "tokens": n_i(e) s_i over A(e), summing to 1; "examples": N_i s_i / N, the left-out share dropped;
             # "routed": N_i s_i over the N of the clients that routed a token to e (those that did not never dilute)
             mass_C = examples_C.double()
-            scope = mass_C.sum() if opts.expert_weights != "routed" else (mass_C * (stats["n"][:, l, e] > 0)).sum()
+            scope = mass_C.sum() if opts.expert_weights != "routed" else (mass_C * (stats.n_CLE[:, l, e] > 0)).sum()
             weights_EC[e] = (dec.weights_C if opts.expert_weights == "tokens"
                              else mass_C * dec.selection_C / scope if scope > 0 else torch.zeros_like(mass_C))
             result.tau_LE[l, e] = dec.tau
@@ -221,14 +225,14 @@ def _align_experts(layer: LayerNames, l: int, global_state: State, client_states
 
 
 def fedalign_aggregate(global_state: State, client_states: Sequence[State],
-                       examples_C: torch.Tensor, stats: dict[str, torch.Tensor], layers: list[LayerNames],
+                       examples_C: torch.Tensor, stats: RoundRoutingStatistics, layers: list[LayerNames],
                        opts: AlignOptions) -> AlignResult:
     """The new global state and the next round's p_g and alpha.
 
-    ``stats`` holds the clients' uploads stacked on a leading C axis: p, n, o, m [C, L, E], mu [C, L, E, H].
+    ``stats``: the clients' routing statistics stacked on a leading C axis.
     ``client_states`` are read one tensor at a time (they may deserialise on access).
     """
-    C, L, E = stats["p"].shape
+    C, L, E = stats.p_CLE.shape
     fedavg_C = examples_C.double() / examples_C.sum()
     moe_names = {n for layer in layers for n in layer.tensor_names()}
     state = {n: (t if n in moe_names else fedavg_tensor((cs[n] for cs in client_states), fedavg_C))
@@ -239,9 +243,9 @@ def fedalign_aggregate(global_state: State, client_states: Sequence[State],
     for l, layer in enumerate(layers):
         omega_CE = _router_weights(opts, stats, l, examples_C)
         result.omega_LCE[l] = omega_CE
-        result.p_g_LE[l] = global_routing_distribution(omega_CE, stats["p"][:, l])
+        result.p_g_LE[l] = global_routing_distribution(omega_CE, stats.p_CLE[:, l])
         if opts.adaptive_alpha:
-            result.alpha_LE[l] = adaptive_alpha(stats["p"][:, l])
+            result.alpha_LE[l] = adaptive_alpha(stats.p_CLE[:, l])
         if layer.router in global_state:
             routers_CEH = torch.stack([cs[layer.router] for cs in client_states])
             state[layer.router] = aggregate_router(routers_CEH, omega_CE).to(global_state[layer.router].dtype)

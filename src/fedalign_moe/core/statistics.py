@@ -116,3 +116,21 @@ class ModelRoutingStatistics:
         return cls(torch.stack([s.p_E for s in layers]), torch.stack([s.n_E for s in layers]),
                    torch.stack([s.o_E for s in layers]), torch.stack([s.m_E for s in layers]),
                    torch.stack([s.mu_EH for s in layers]), layers[0].tokens if layers else 0)
+
+
+@dataclass(frozen=True)
+class RoundRoutingStatistics:
+    """A round's statistics of C clients, stacked client-first: p, n, o, m [C, L, E], mu [C, L, E, H]. What
+    the server's aggregation (``core.aggregate.fedalign_aggregate``) reads."""
+
+    p_CLE: torch.Tensor
+    n_CLE: torch.Tensor
+    o_CLE: torch.Tensor
+    m_CLE: torch.Tensor
+    mu_CLEH: torch.Tensor
+
+    @classmethod
+    def stack(cls, clients: list[ModelRoutingStatistics]) -> "RoundRoutingStatistics":
+        return cls(torch.stack([s.p_LE for s in clients]), torch.stack([s.n_LE for s in clients]),
+                   torch.stack([s.o_LE for s in clients]), torch.stack([s.m_LE for s in clients]),
+                   torch.stack([s.mu_LEH for s in clients]))

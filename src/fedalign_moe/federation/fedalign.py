@@ -20,8 +20,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from ..config import FedAlignConfig
-from ..core.aggregate import AlignOptions, AlignResult, fedalign_aggregate
+from ..core.aggregate import AlignResult, fedalign_aggregate
 from ..core.personal import personal_mask_LEC
+from ..core.statistics import RoundRoutingStatistics
 from . import protocol
 from .protocol import AlignmentTarget, TrainReply
 from .screening import ReplyPolicy, ScreenedReplies
@@ -82,20 +83,13 @@ class FedAlignMoE(ScreenedReplies, FedAvg):
 
     def aggregate_replies(self, server_round: int, replies: list[TrainReply]) -> tuple[ArrayRecord, MetricRecord]:
         examples_C = torch.tensor([r.weight for r in replies], dtype=torch.float64)  # bounded by the screen
-        routing = [r.routing for r in replies]
-        stats = {"p": torch.stack([s.p_LE for s in routing]), "n": torch.stack([s.n_LE for s in routing]),
-                 "o": torch.stack([s.o_LE for s in routing]), "m": torch.stack([s.m_LE for s in routing]),
-                 "mu": torch.stack([s.mu_LEH for s in routing])}
+        stats = RoundRoutingStatistics.stack([r.routing for r in replies])
         layers = [l.names() for l in self.policy.layout.layers]
-        o = self.options
-        opts = AlignOptions(o.gate_aggregation, o.adaptive_alpha, o.expert_aggregation, o.beta, o.omega_times_tokens,
-                            o.consistency_floor, o.lora_direction, o.expert_weights, o.router_share_factor,
-                            o.expert_trim, min_aligned_share=o.min_aligned_share, expert_selection=o.expert_selection)
         result = fedalign_aggregate(self.global_state, [r.state() for r in replies],
-                                    examples_C, stats, layers, opts)
+                                    examples_C, stats, layers, self.options)
         self.p_g_LE, self.alpha_LE, self.last = result.p_g_LE, result.alpha_LE, result
         self.last_partition_ids = [r.partition_id for r in replies]
-        self.last_routed_LEC = (stats["n"] > 0).permute(1, 2, 0)  # who sent expert e any token: A(e)'s candidates
+        self.last_routed_LEC = (stats.n_CLE > 0).permute(1, 2, 0)  # who sent expert e any token: A(e)'s candidates
         if self.personal_by_node is not None:
             keep_LEC = personal_mask_LEC(result.aligned_LEC, result.experts_applied_L)
             self.personal_by_node.update({r.node_id: keep_LEC[:, :, c] for c, r in enumerate(replies)})
