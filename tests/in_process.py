@@ -1,5 +1,5 @@
 """Federated runs without Ray, for the tests that cover many model families (a Flower simulation costs
-~30 s here, this ~2 s): the real ServerApp loop (``server_app._main``) drives a grid whose nodes answer
+~30 s here, this ~2 s): the real ServerApp loop (``server_app.serve``) drives a grid whose nodes answer
 each message by calling the real ClientApp (``client_app.app``) in this process, with the node config
 Flower's simulation gives (``partition-id``, ``num-partitions``). Only the transport differs from
 ``fedalign-moe run``; the CLI tests cover that."""
@@ -11,7 +11,7 @@ from flwr.app import Context, Message, RecordDict
 from fedalign_moe.config import Config
 from fedalign_moe.federation import client_app, protocol
 from fedalign_moe.federation.node_policy import TRUST_ENV
-from fedalign_moe.federation.server_app import _main
+from fedalign_moe.federation.server_app import serve
 
 
 class InProcessGrid:
@@ -36,6 +36,4 @@ def run_in_process(cfg: Config, monkeypatch) -> dict:
     monkeypatch.setenv(TRUST_ENV, "run-config")  # what simulate sets in its client processes
     for name in ("_run_id", "_node_id", "_task_id"):  # what Flower sets in its app processes
         monkeypatch.setattr(TaskIdentity, name, 1)
-    holder: dict = {}
-    _main(InProcessGrid(cfg.partition.num_clients), cfg, None, holder)
-    return holder["summary"]
+    return serve(InProcessGrid(cfg.partition.num_clients), cfg)

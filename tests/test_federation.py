@@ -179,3 +179,25 @@ def test_a_round_outcome_carries_the_next_state_which_takes_effect_only_when_com
     strategy.commit(outcome)
     assert all(torch.equal(strategy.state_dict()[k], outcome.state[k]) for k in outcome.state)
     assert (outcome.diagnostics is not None) == (name == "fedalign")
+
+
+def test_the_deployed_server_logs_a_typed_round_in_one_line(caplog):
+    from fedalign_moe.federation.server_app import log_round
+    from fedalign_moe.records import Exchange, RoundRecord
+
+    ex = Exchange(0, 3, 2, ({"node_id": 7, "partition_id": 1, "reason": "timeout"},), False, "no valid reply", 0.1, 0.01)
+    with caplog.at_level("INFO", logger="flwr"):
+        log_round(RoundRecord(4, None, 1.25, None, None, 10, 20, 1, 0, 0.0, 2.0, (), ex))
+    assert "round 4: accuracy nan, loss 1.2500, 2 of 3 replies used, 1 failures, previous model kept (no valid reply), 2.0s" in caplog.text
+
+
+def test_an_environment_is_restored_as_it_was(monkeypatch):
+    import os
+
+    from fedalign_moe.federation.server_app import environment
+
+    monkeypatch.setenv("FEDALIGN_A", "kept")
+    monkeypatch.delenv("FEDALIGN_B", raising=False)
+    with environment(FEDALIGN_A="inside", FEDALIGN_B="new"):
+        assert (os.environ["FEDALIGN_A"], os.environ["FEDALIGN_B"]) == ("inside", "new")
+    assert os.environ["FEDALIGN_A"] == "kept" and "FEDALIGN_B" not in os.environ

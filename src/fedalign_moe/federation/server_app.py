@@ -46,17 +46,14 @@ def config_from_run_config(run_config: dict) -> Config:
     return load_config(str(run_config.get("preset", "quick")), overrides=parse_overrides(raw))
 
 
-def _main(grid: Grid, cfg: Config, on_round: Callable[[RoundRecord], None] | None, holder: dict,
+def serve(grid: Grid, cfg: Config, on_round: Callable[[RoundRecord], None] | None = None,
           resume: Checkpoint | None = None, ws: Workspace | None = None,
-          on_reply: Callable[[int, int, int], None] | None = None, interrupted: threading.Event | None = None) -> None:
-    holder["server_thread"] = threading.current_thread()  # simulate() waits for it after a Ctrl-C
+          on_reply: Callable[[int, int, int], None] | None = None, interrupted: threading.Event | None = None) -> dict:
+    """The server's whole run over ``grid``: its workspace (unless given), its log, the rounds; the summary."""
     ws = ws if ws is not None else open_workspace(cfg, server=True)
     log = open_log(ws, resume.round if resume else None, resume.wall_seconds if resume else 0.0)
     try:
-        holder["summary"] = run_federation(grid, ws, log, on_round, resume, on_reply, interrupted)
-    except UserError as err:  # e.g. no node answered for the initial model: one line for the caller
-        holder["error"] = err
-        raise
+        return run_federation(grid, ws, log, on_round, resume, on_reply, interrupted)
     finally:
         log.close()  # an interrupted run's TensorBoard events up to its last finished round reach the disk
 
@@ -64,31 +61,19 @@ def _main(grid: Grid, cfg: Config, on_round: Callable[[RoundRecord], None] | Non
 app = ServerApp()
 
 
-def log_round(record: dict) -> None:
+def log_round(record: RoundRecord) -> None:
     """One line a round in the ServerApp's log (what ``flwr log`` streams)."""
-    log(INFO, "round %d: accuracy %.4f, loss %.4f, %d of %d replies used, %d failures%s, %.1fs", record["round"],
-        record["accuracy"], record["loss"], record["replied"], record["sent"], record["failures"],
-        "" if record["adopted"] else f", previous model kept ({record['not_adopted_reason']})", record["seconds"])
+    ex = record.exchange
+    log(INFO, "round %d: accuracy %.4f, loss %.4f, %d of %d replies used, %d failures%s, %.1fs", record.round,
+        math.nan if record.accuracy is None else record.accuracy, math.nan if record.loss is None else record.loss,
+        ex.replied, ex.sent, record.failures, "" if ex.adopted else f", previous model kept ({ex.not_adopted_reason})",
+        record.seconds)
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run`` and deployments."""
-    _main(grid, config_from_run_config(dict(context.run_config)), log_round, {})
-
-
-def make_server_app(cfg: Config, on_round: Callable[[RoundRecord], None] | None, holder: dict,
-                    resume: Checkpoint | None = None, ws: Workspace | None = None,
-                    on_reply: Callable[[int, int, int], None] | None = None,
-                    interrupted: threading.Event | None = None) -> ServerApp:
-    """A ServerApp bound to an already validated config (used by the CLI's simulation)."""
-    server = ServerApp()
-
-    @server.main()
-    def _bound(grid: Grid, context: Context) -> None:
-        _main(grid, cfg, on_round, holder, resume, ws, on_reply, interrupted)
-
-    return server
+    serve(grid, config_from_run_config(dict(context.run_config)), log_round)
 
 
 def _signal_main_thread() -> None:
@@ -152,21 +137,33 @@ def third_party_output(log_path: Path, verbose: bool):
     console_level = console_handler.level
     if not verbose:
         console_handler.setLevel(logging.CRITICAL + 1)
-    env_before = os.environ.get(_RAY_ACCEL)
-    os.environ.setdefault(_RAY_ACCEL, "0")
     try:
-        yield
+        with environment(**{_RAY_ACCEL: os.environ.get(_RAY_ACCEL, "0")}):
+            yield
     finally:
         console_handler.setLevel(console_level)
         for lg, level in zip(loggers, levels):
             lg.removeHandler(handler)
             lg.setLevel(level)
         handler.close()
-        if env_before is None:
-            os.environ.pop(_RAY_ACCEL, None)
 
 
 _RAY_ACCEL = "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"
+
+
+@contextmanager
+def environment(**variables: str):
+    """While it lasts, these environment variables have these values; then each is as it was (unset if it was)."""
+    before = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def append_client_output(run_log: Path) -> None:
@@ -208,6 +205,63 @@ def backend_config(cfg: Config, plan: Plan, verbose: bool) -> dict:
             "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": verbose}}
 
 
+class Simulation:
+    """One run in Flower's in-process simulation engine (``simulate``). The ServerApp it hands Flower runs
+    ``serve`` in Flower's server thread; the summary, or the one-line error of a bad run, comes back here."""
+
+    def __init__(self, cfg: Config, ws: Workspace, on_round: Callable[[RoundRecord], None] | None = None,
+                 resume: Checkpoint | None = None, on_reply: Callable[[int, int, int], None] | None = None):
+        self.cfg, self.ws, self.on_round, self.resume, self.on_reply = cfg, ws, on_round, resume, on_reply
+        self.interrupted = threading.Event()  # set by Ctrl-C (interrupt_sets)
+        self.summary: dict | None = None
+        self.error: UserError | None = None
+        self.server_thread: threading.Thread | None = None
+
+    def server_app(self) -> ServerApp:
+        server = ServerApp()
+
+        @server.main()
+        def _main(grid: Grid, context: Context) -> None:
+            self.server_thread = threading.current_thread()
+            try:
+                self.summary = serve(grid, self.cfg, self.on_round, self.resume, self.ws, self.on_reply, self.interrupted)
+            except UserError as err:  # e.g. no node answered for the initial model: one line for the caller
+                self.error = err
+                raise
+
+        return server
+
+    def run(self, client_app: ClientApp, plan: Plan, verbose: bool) -> dict:
+        from flwr.simulation import run_simulation
+
+        run_log = Path(self.cfg.out_dir) / "run.log"
+        # the client processes Ray starts are this user's own (node_policy)
+        with environment(**{TRUST_ENV: "run-config"}), third_party_output(run_log, verbose), interrupt_sets(self.interrupted):
+            try:
+                run_simulation(self.server_app(), client_app, self.cfg.partition.num_clients,
+                               backend_config=backend_config(self.cfg, plan, verbose))
+            except RunInterrupted:  # a Ctrl-C, re-raised by Flower once its engine has stopped in order
+                raise KeyboardInterrupt from None
+            except KeyboardInterrupt:
+                # a second Ctrl-C, or an engine that did not stop in time: Flower does not wait for its
+                # server thread, so wait here until it has seen the event and discarded the round in
+                # flight; whoever handles the interrupt then finds the run's folder as the last finished
+                # round left it (a third Ctrl-C stops waiting)
+                self.interrupted.set()
+                if self.server_thread is not None:
+                    self.server_thread.join()
+                raise
+            if self.interrupted.is_set():  # Ctrl-C came as the run ended: it is complete, the caller stops all the same
+                raise KeyboardInterrupt
+            if not verbose:  # on the terminal already otherwise
+                append_client_output(run_log)
+        if self.error is not None:
+            raise self.error
+        if self.summary is None:
+            raise RuntimeError(f"the simulation ended without a summary; see {run_log}")
+        return self.summary
+
+
 def simulate(cfg: Config, on_round: Callable[[RoundRecord], None] | None = None, resume: Checkpoint | None = None,
              client_app: ClientApp | None = None, verbose: bool = False,
              on_reply: Callable[[int, int, int], None] | None = None,
@@ -220,8 +274,6 @@ def simulate(cfg: Config, on_round: Callable[[RoundRecord], None] | None = None,
     ClientApp than this package's (tests use one whose clients fail on purpose). Flower's and the client
     processes' own output goes to ``cfg.out_dir/run.log`` (``verbose``: to the terminal instead, as it comes).
     """
-    from flwr.simulation import run_simulation
-
     if client_app is None:
         from .client_app import app as client_app
 
@@ -231,38 +283,4 @@ def simulate(cfg: Config, on_round: Callable[[RoundRecord], None] | None = None,
     if on_plan is not None:
         on_plan(plan)
     logger.info(plan.summary_line())
-    holder: dict = {}
-    trust_before = os.environ.get(TRUST_ENV)
-    os.environ[TRUST_ENV] = "run-config"  # the client processes Ray starts are this user's own (node_policy)
-    interrupted = threading.Event()
-    try:
-        with third_party_output(Path(cfg.out_dir) / "run.log", verbose), interrupt_sets(interrupted):
-            try:
-                run_simulation(make_server_app(cfg, on_round, holder, resume, ws, on_reply, interrupted), client_app,
-                               cfg.partition.num_clients, backend_config=backend_config(cfg, plan, verbose))
-            except RunInterrupted:  # a Ctrl-C, re-raised by Flower once its engine has stopped in order
-                raise KeyboardInterrupt from None
-            except KeyboardInterrupt:
-                # a second Ctrl-C, or an engine that did not stop in time: Flower does not wait for its
-                # server thread, so wait here until it has seen the event and discarded the round in
-                # flight; whoever handles the interrupt then finds the run's folder as the last finished
-                # round left it (a third Ctrl-C stops waiting)
-                interrupted.set()
-                server_thread = holder.get("server_thread")
-                if server_thread is not None:
-                    server_thread.join()
-                raise
-            if interrupted.is_set():  # Ctrl-C came as the run ended: it is complete, the caller stops all the same
-                raise KeyboardInterrupt
-            if not verbose:  # on the terminal already otherwise
-                append_client_output(Path(cfg.out_dir) / "run.log")
-    finally:
-        if trust_before is None:
-            os.environ.pop(TRUST_ENV, None)
-        else:
-            os.environ[TRUST_ENV] = trust_before
-    if "error" in holder:
-        raise holder["error"]
-    if "summary" not in holder:
-        raise RuntimeError(f"the simulation ended without a summary; see {Path(cfg.out_dir) / 'run.log'}")
-    return holder["summary"]
+    return Simulation(cfg, ws, on_round, resume, on_reply).run(client_app, plan, verbose)
