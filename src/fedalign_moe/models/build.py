@@ -10,8 +10,6 @@ whose sparse blocks ``hf_moe`` finds (a causal LM), or of Switch Transformers (`
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -22,15 +20,32 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from ..config import Config, ModelConfig
+from ..files import load_or_build
 from .assets import ModelLoadError, wheel_dir
 from .base import MoEAdapter, MoELayout
 from .encoder_moe import EncoderMoEAdapter, MoEOutput, upcycle_bert_classifier
-from .hf_moe import (HFMoEAdapter, NoMoEBlockError, build_tiny_causal_lm, listed_expert_routers, listed_experts,
-                     moe_shape, router_linear, sparse_blocks, stack_listed_experts, with_indexable_lora)
-from .recipes import PublicCorpus, btx_state, build_key, cached_build, drop_upcycle_, file_fingerprint
+from .hf_moe import (
+    HFMoEAdapter,
+    NoMoEBlockError,
+    build_tiny_causal_lm,
+    listed_expert_routers,
+    listed_experts,
+    moe_shape,
+    router_linear,
+    sparse_blocks,
+    stack_listed_experts,
+    with_indexable_lora,
+)
+from .recipes import (
+    PublicCorpus,
+    btx_state,
+    build_key,
+    cached_build,
+    drop_upcycle_,
+    file_fingerprint,
+)
 from .switch import SwitchTaskModel, tiny_switch_config
 from .task import CausalLMTaskModel
-
 
 logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -236,27 +251,18 @@ def cached_dense_lm(path: Path, cache_dir: str | None):
     if cache_dir is None:
         return load_dense_causal_lm(path)
     folder = Path(cache_dir).expanduser() / f"dense-{path.stem}-{file_fingerprint(path)[:16]}"
-    if (folder / "config.json").is_file():
-        try:
-            return load_dense_causal_lm(folder)
-        except ModelLoadError as err:
-            logger.warning("the cached dense model %s is unreadable (%s): loading %s again", folder, err, path.name)
-    model, tokenizer = load_dense_causal_lm(path)
-    tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
-    try:
+
+    def save(loaded, tmp: Path) -> None:
+        model, tokenizer = loaded
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        shutil.rmtree(folder, ignore_errors=True)  # an unreadable copy
-        os.replace(tmp, folder)  # whole: another process never reads half a folder
-    except OSError as err:  # full or read-only disk, or another process kept its copy first: load again next time
-        logger.info("the dense model is not kept in %s: %s", folder.parent, err)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return model, tokenizer
+
+    return load_or_build(folder, load_dense_causal_lm, lambda: load_dense_causal_lm(path), save, "dense model")[0]
 
 
 def _tiny_switch(cfg: ModelConfig, task: str, seed: int, vocab_size: int) -> nn.Module:
-    from transformers import SwitchTransformersEncoderModel, SwitchTransformersForConditionalGeneration as Seq2Seq
+    from transformers import SwitchTransformersEncoderModel
+    from transformers import SwitchTransformersForConditionalGeneration as Seq2Seq
 
     torch.manual_seed(seed)
     config = tiny_switch_config(cfg.num_experts, vocab_size)
@@ -329,7 +335,7 @@ def _backbone(cfg: ModelConfig, label_names: list[str], task: str, seed: int, pu
         raise ModelLoadError(f"{cfg.backbone}: {err}") from None
 
 
-def _select_trainable(model: nn.Module, layout: MoELayout, mode: str) -> tuple[str, ...]:
+def select_trainable(model: nn.Module, layout: MoELayout, mode: str) -> tuple[str, ...]:
     """Freeze everything but the chosen subset; return the trainable names (sorted)."""
     moe_names = layout.moe_parameter_names()
     for name, p in model.named_parameters():
@@ -443,7 +449,7 @@ def build_model(cfg: ModelConfig, label_names: list[str], task: str, seed: int, 
             torch.manual_seed(seed)
         _apply_lora(model, cfg, adapter)
         adapter = adapter.renamed(before)  # peft moved the expert tensors under its wrappers
-    trainable = _select_trainable(model, adapter.layout, cfg.trainable)
+    trainable = select_trainable(model, adapter.layout, cfg.trainable)
     set_precision_(model, trainable, base_dtype(cfg))
     if gradient_checkpointing:
         _enable_gradient_checkpointing(model, cfg.backbone)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,7 +36,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..config import ModelConfig
-from .encoder_moe import EncoderMoEAdapter, MoEEncoderClassifier, StackedFFNExperts, upcycle_bert_classifier
+from ..files import load_or_build
+from .encoder_moe import (
+    EncoderMoEAdapter,
+    MoEEncoderClassifier,
+    StackedFFNExperts,
+    upcycle_bert_classifier,
+)
 
 logger = logging.getLogger(__name__)
 BUILD_FORMAT = 1  # bump when a recipe changes what it builds: older cached models are not reused
@@ -141,12 +146,13 @@ def btx_state(load_dense: Callable[[], nn.Module], tokenizer, corpus: PublicCorp
     prefix_NSH = torch.cat([dense.encode_prefix(ids_BS, m_BS) for ids_BS, m_BS in
                             zip(enc["input_ids"].split(128), mask_NS.split(128))])
     params = dict(dense.named_parameters())
-    ffn = [params[name] for l in layers for name in _ffn_names(l).values()]
+    ffn_by_slot = {(l, stacked): params[name] for l in layers for stacked, name in _ffn_names(l).items()}
+    ffn = list(ffn_by_slot.values())
     for p in dense.parameters():
         p.requires_grad_(False)
     initial = [p.detach().clone() for p in ffn]
     head0 = {n: t.detach().clone() for n, t in dense.head.state_dict().items()}
-    branches = []  # per domain: the trained FFN tensors, in the order of ``ffn``
+    branches = []  # per domain: (MoE layer, stacked expert tensor) -> the trained dense FFN tensor
     for e in range(E):
         with torch.no_grad():
             for p, p0 in zip(ffn, initial):
@@ -158,17 +164,21 @@ def btx_state(load_dense: Callable[[], nn.Module], tokenizer, corpus: PublicCorp
                     torch.nonzero(domain_N == e).flatten(), cfg.btx_epochs, cfg.btx_lr, generator)
         logger.info("btx: expert %d trained on domain %s (%d texts, loss %.3f)", e, corpus.domain_names[e],
                     int((domain_N == e).sum()), loss)
-        branches.append([p.detach().clone() for p in ffn])
+        branches.append({slot: p.detach().clone() for slot, p in ffn_by_slot.items()})
     with torch.no_grad():
         for p, p0 in zip(ffn, initial):
             p.copy_(p0)
     moe = upcycle_bert_classifier(bert, G, tuple(layers), E, cfg.top_k, cfg.router_std, 0.0, cfg.build_seed)
     with torch.no_grad():
-        for li, l in enumerate(layers):
+        for l in layers:
             experts = moe.layers[l].output.experts
             for e, branch in enumerate(branches):
-                for j, stacked in enumerate(_ffn_names(l)):
-                    getattr(experts, stacked)[e] = branch[4 * li + j]
+                for stacked in _ffn_names(l):
+                    target, trained = getattr(experts, stacked), branch[(l, stacked)]
+                    if target[e].shape != trained.shape:
+                        raise ValueError(f"btx: expert {e}'s {stacked} of layer {l} is {tuple(target[e].shape)}, "
+                                         f"its trained FFN tensor {tuple(trained.shape)}")
+                    target[e] = trained
     moe.frozen_prefix = layers[0]
     adapter = EncoderMoEAdapter.from_model(moe)
     for p in moe.parameters():
@@ -212,27 +222,22 @@ def cached_build(key: str, cache_dir: str | None, build: Callable[[], dict[str, 
     """(tensors, build seconds, whether they came from the cache); a cached file that does not hold exactly
     ``expected`` (names and shapes) is built again."""
     path = None if cache_dir is None else Path(cache_dir).expanduser() / f"{key}.safetensors"
-    if path is not None and path.is_file():
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                state = {n: f.get_tensor(n) for n in f.keys()}
-                seconds = float((f.metadata() or {}).get("build_seconds", "nan"))
-            if {n: tuple(t.shape) for n, t in state.items()} == expected:
-                return state, seconds, True
-            logger.warning("cached model %s does not match this recipe's layout: building it again", path)
-        except Exception as err:  # noqa: BLE001 - a damaged file raises whatever safetensors raises
-            logger.warning("cached model %s is unreadable (%s): building it again", path, err)
-    logger.info("building the model (%s); it is kept in %s", key, path.parent if path else "memory only")
-    t0 = time.perf_counter()
-    state = build()
-    seconds = time.perf_counter() - t0
-    if path is not None:
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({n: t.contiguous() for n, t in state.items()}, str(tmp), metadata={"build_seconds": f"{seconds:.1f}"})
-            os.replace(tmp, path)  # atomic: another process never reads half a file
-        except OSError as err:  # full or read-only disk: the run goes on, the next one builds again
-            tmp.unlink(missing_ok=True)
-            logger.warning("cannot keep the built model in %s: %s", path.parent, err)
-    return state, seconds, False
+
+    def load(path: Path) -> tuple[dict[str, torch.Tensor], float] | None:
+        with safe_open(str(path), framework="pt") as f:
+            state = {n: f.get_tensor(n) for n in f.keys()}
+            seconds = float((f.metadata() or {}).get("build_seconds", "nan"))
+        return (state, seconds) if {n: tuple(t.shape) for n, t in state.items()} == expected else None
+
+    def timed_build() -> tuple[dict[str, torch.Tensor], float]:
+        logger.info("building the model (%s); it is kept in %s", key, path.parent if path else "memory only")
+        t0 = time.perf_counter()
+        state = build()
+        return state, time.perf_counter() - t0
+
+    def save(built: tuple[dict[str, torch.Tensor], float], tmp: Path) -> None:
+        state, seconds = built
+        save_file({n: t.contiguous() for n, t in state.items()}, str(tmp), metadata={"build_seconds": f"{seconds:.1f}"})
+
+    (state, seconds), cached = load_or_build(path, load, timed_build, save, "built model")
+    return state, seconds, cached

@@ -8,7 +8,6 @@ nothing has to be shipped between processes but the config.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from functools import cached_property, lru_cache
@@ -19,13 +18,35 @@ import torch
 import transformers
 
 from ..config import Config, UserError
-from ..data import (LabeledText, domains, label_counts, load_source, partition, public_split, skew_summary, split_client,
-                    train_test_split)
-from ..models.build import FOUR_BIT_BYTES, BuiltModel, build_model, check_tokenizer, parameter_numel, supports_meta
+from ..data import (
+    LabeledText,
+    domains,
+    label_counts,
+    load_source,
+    partition,
+    public_split,
+    skew_summary,
+    split_client,
+    train_test_split,
+)
+from ..files import load_or_build
+from ..models.build import (
+    FOUR_BIT_BYTES,
+    BuiltModel,
+    build_model,
+    check_tokenizer,
+    parameter_numel,
+    supports_meta,
+)
 from ..models.recipes import PublicCorpus
 from ..runlog import RunLog
-from .local import ClientTensors, cache_prefix, tokenize, tokenize_choices, trainable_state
-
+from .local import (
+    ClientTensors,
+    cache_prefix,
+    tokenize,
+    tokenize_choices,
+    trainable_state,
+)
 
 PREFIX_CACHE_FORMAT = 1  # bump when encode_prefix changes what it computes
 # federation.global_eval = "auto" evaluates the global model on a node once the frozen base is larger than
@@ -116,22 +137,13 @@ def to_tensors(built: BuiltModel, ds, cfg: Config, device: torch.device, fingerp
         digest.update(str(tuple(t.shape)).encode())
         digest.update(t.contiguous().numpy().tobytes())
     path = Path(cache_dir).expanduser() / f"{digest.hexdigest()}.pt"
-    if path.exists():
-        try:
-            prefix_NSH = torch.load(path, weights_only=True)
-            if prefix_NSH.shape[:2] == data.input_ids_NS.shape:
-                return replace(data, prefix_hidden_NSH=prefix_NSH)
-        except Exception:  # noqa: BLE001 - torch.load raises many types on a damaged file
-            pass  # unreadable or partial file: recompute and overwrite
-    data = cache_prefix(built.model, data, cfg.train.eval_batch_size, device)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(data.prefix_hidden_NSH, tmp)
-        os.replace(tmp, path)  # atomic: concurrent client processes never see a half-written file
-    except OSError:  # full or read-only disk: the run goes on with the tensors in memory
-        tmp.unlink(missing_ok=True)
-    return data
+
+    def load(path: Path) -> ClientTensors | None:
+        prefix_NSH = torch.load(path, weights_only=True)
+        return replace(data, prefix_hidden_NSH=prefix_NSH) if prefix_NSH.shape[:2] == data.input_ids_NS.shape else None
+
+    return load_or_build(path, load, lambda: cache_prefix(built.model, data, cfg.train.eval_batch_size, device),
+                         lambda computed, tmp: torch.save(computed.prefix_hidden_NSH, tmp), "frozen prefix")[0]
 
 
 def base_bytes(built: BuiltModel) -> int:
