@@ -56,7 +56,7 @@ def model(seed: int, layers: int = L) -> dict[str, torch.Tensor]:
 def case(C: int, seed: int = 0):
     glob = model(seed)
     g = torch.Generator().manual_seed(seed + 1)
-    records, stats_p = [], []
+    records = []
     for c in range(C):
         update = {k: v + 1e-3 * torch.randn(v.shape, generator=g) for k, v in glob.items()}
         records.append(RecordDict({"arrays": ArrayRecord(update), "metrics": MetricRecord({"num-examples": 10 + c})}))

@@ -23,9 +23,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fedalign_moe.files import write_atomic
 from fedalign_moe.report.paired import format_difference, paired_difference
 from fedalign_moe.report.tables import mean_std
-from fedalign_moe.runlog import read_jsonl, read_summary, write_atomic
+from fedalign_moe.runlog import read_jsonl, read_summary
 
 ATTACKS = {  # (the --set options, how many hostile clients)
     "none": ([], 0),

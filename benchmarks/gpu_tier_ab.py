@@ -224,7 +224,9 @@ def main() -> int:
             try:
                 gt.set_trainable(model, names)
                 pargs = SimpleNamespace(**{**vars(args), "warmup": 1, "steps": 4, "reps": 1})
-                prof = profile_host(lambda: gt.time_ours(model, adapter, names, B, args.seq, pargs, device, False), device)
+                def ours(model=model, adapter=adapter, pargs=pargs):
+                    return gt.time_ours(model, adapter, names, B, args.seq, pargs, device, False)
+                prof = profile_host(ours, device)
                 prof["note"] = f"ours-fedavg {tag} B={B}: 1 warm-up call of 1 step + 1 call of 4 steps, under the profiler"
                 res["profiles"][f"{tag}/ours-fedavg/B{B}"] = prof
                 gt.log(f"profile {tag} fedavg B={B}: wall {prof['wall_s']:.2f}s, device busy {prof['device_busy_s']:.2f}s, "

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from fedalign_moe.config import load_config
 from fedalign_moe.data.sources import DataError
-from fedalign_moe.runlog import read_jsonl, write_atomic
+from fedalign_moe.files import write_atomic
+from fedalign_moe.runlog import read_jsonl
 from fedalign_moe.training.setup import prepare_data
 
 

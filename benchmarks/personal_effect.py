@@ -53,7 +53,8 @@ def main() -> None:
     for key, label in METRICS:
         diff = paired_difference({s: runs["personal"][s][key] for s in seeds}, {s: runs["base"][s][key] for s in seeds})
         out["paired"][key] = {"mean": diff.mean, "half_width_95": diff.half_width, "n": diff.n}
-        mean = lambda name: sum(runs[name][s][key] for s in seeds) / len(seeds)
+        def mean(name: str, key: str = key) -> float:
+            return sum(runs[name][s][key] for s in seeds) / len(seeds)
         ci = "" if diff.half_width is None else f" ± {100 * diff.half_width:.1f}"
         lines.append(f"| {label} | {mean('base'):.3f} | {mean('personal'):.3f} | {100 * diff.mean:+.1f}{ci} |")
     share = sum(v["kept_share"] for v in out["per_seed"].values()) / len(seeds)

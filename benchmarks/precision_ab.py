@@ -41,7 +41,8 @@ def one_round(dtype: str, padding: str) -> dict:
 
     res = train_local(ws.built.model, ws.built.adapter, data, ws.built.trainable, cfg.train, seed=0, device=ws.device,
                       on_step=on_step)
-    return {"dtype": dtype, "padding": padding, "steps": res.steps, "tokens": res.tokens, "seconds_per_step": [round(s, 2) for s in seconds],
+    return {"dtype": dtype, "padding": padding, "steps": res.steps, "tokens": res.tokens,
+            "seconds_per_step": [round(s, 2) for s in seconds],
             "median_step_seconds": round(statistics.median(seconds[1:] or seconds), 2),
             "loss_per_step": [round(x, 4) for x in losses], "mean_loss": round(res.loss, 4),
             "tokens_per_second": round(res.tokens / sum(seconds), 1)}
@@ -55,8 +56,8 @@ def main() -> None:
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "precision_cpu.json").write_text(json.dumps(rows, indent=1) + "\n")
     for r in rows:
-        print(f"{r['dtype']}, padding {r['padding']}: {r['steps']} steps, median {r['median_step_seconds']} s a step, {r['tokens_per_second']} "
-              f"tokens/s; loss per step {r['loss_per_step']}")
+        print(f"{r['dtype']}, padding {r['padding']}: {r['steps']} steps, median {r['median_step_seconds']} s a step, "
+              f"{r['tokens_per_second']} tokens/s; loss per step {r['loss_per_step']}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ divergence on the model as built: each client's routing distribution p over its 
 client reports it in round 1 (`training.alignment.RoutingObserver`: the mean router softmax over its real
 tokens, per MoE layer; here without the training steps that move the routers during the pass), then
 `report.evidence.routing_spread`. Beside it the same divergence of the top-k choice counts, and the
-expert-label information on the global test split, all in the time of a build. It screens recipe settings; the one chosen still needs its FedAvg run.
+expert-label information on the global test split, all in the time of a build. It screens recipe settings;
+the one chosen still needs its FedAvg run.
 
 Usage: .venv/bin/python benchmarks/routing_probe.py OUT.json [--preset specialised] [--seed 0]
            --variant NAME [k=v ...] [--variant NAME k=v ...] ...
@@ -25,9 +26,9 @@ import numpy as np
 import torch
 
 from fedalign_moe.config import load_config, parse_overrides
+from fedalign_moe.files import write_atomic
 from fedalign_moe.report.evidence import routing_concentration, routing_spread
 from fedalign_moe.report.premise import mutual_information
-from fedalign_moe.runlog import write_atomic
 from fedalign_moe.training.alignment import RoutingObserver
 from fedalign_moe.training.local import routing_by_label
 from fedalign_moe.training.setup import open_workspace

@@ -24,9 +24,8 @@ import torch.nn.functional as F
 
 from fedalign_moe.config import load_config
 from fedalign_moe.training.alignment import ClientAligner
-from fedalign_moe.training.local import load_state, train_local, trainable_state
+from fedalign_moe.training.local import ClientTensors, load_state, train_local, trainable_state
 from fedalign_moe.training.setup import open_workspace
-from fedalign_moe.training.standalone import _concat
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,7 +60,7 @@ def main() -> None:
     ws = open_workspace(cfg)
     built, L = ws.built, len(ws.built.layout.layers)
     E = built.layout.num_experts
-    data = _concat([ws.client(p)[0] for p in range(args.clients)])
+    data = ClientTensors.concat([ws.client(p)[0] for p in range(args.clients)])
     start = trainable_state(built.model, built.trainable)
     per_step = {"plain": [], "fedavg": [], "fedalign": []}
     for _ in range(args.repeats):

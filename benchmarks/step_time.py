@@ -33,4 +33,5 @@ for _ in range(repeats):
 state = trainable_state(ws.built.model, ws.built.trainable)
 checksum = sum(float(v.double().sum()) for v in state.values())
 print(f"{len(data)} examples, {res.steps} steps of batch {cfg.train.batch_size}: "
-      f"median {statistics.median(per_step):.3f} s/step over {repeats} repeats (each: {', '.join(f'{s:.3f}' for s in per_step)}); loss {res.loss:.6f}; checksum {checksum:.6f}")
+      f"median {statistics.median(per_step):.3f} s/step over {repeats} repeats (each: {', '.join(f'{s:.3f}' for s in per_step)}); "
+      f"loss {res.loss:.6f}; checksum {checksum:.6f}")

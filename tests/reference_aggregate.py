@@ -15,8 +15,13 @@ import torch
 
 from fedalign_moe.config import FedAlignConfig
 from fedalign_moe.core.aggregate import AlignOptions, LayerNames
-from fedalign_moe.core.gate_alignment import (adaptive_alpha, aggregate_router, consistency_weights,
-                                              global_routing_distribution, routing_consistency)
+from fedalign_moe.core.gate_alignment import (
+    adaptive_alpha,
+    aggregate_router,
+    consistency_weights,
+    global_routing_distribution,
+    routing_consistency,
+)
 from fedalign_moe.core.semantic_alignment import align_expert
 from fedalign_moe.core.statistics import RoundRoutingStatistics
 

@@ -74,10 +74,9 @@ def test_hellaswags_columns_are_scored_by_likelihood_unless_told_otherwise(tmp_p
 
 def test_two_rounds_of_fedalign_on_a_file_in_hellaswags_columns(tmp_path, monkeypatch):
     """The real ServerApp loop and ClientApp (in this process), a tiny Mixtral scoring each ending."""
-    from in_process import run_in_process
-
     from fedalign_moe.config import load_config
     from fedalign_moe.federation.client_app import cached_workspace
+    from in_process import run_in_process
 
     cached_workspace.cache_clear()
     cfg = load_config("tiny", overrides={"out_dir": str(tmp_path / "run"), "federation": {"strategy": "fedalign"},
@@ -104,7 +103,7 @@ def test_likelihood_on_an_encoder_is_one_line(tmp_path):
 def test_the_plan_counts_a_row_for_each_choice(tmp_path):
     """Four endings an example: four sequences a step, four times the activations of letters scoring."""
     from fedalign_moe.config import load_config
-    from fedalign_moe.training.plan import activation_bytes, ModelFacts, plan_model
+    from fedalign_moe.training.plan import ModelFacts, activation_bytes, plan_model
 
     path = _hellaswag(tmp_path / "hs.jsonl")
     facts = {}
@@ -113,3 +112,20 @@ def test_the_plan_counts_a_row_for_each_choice(tmp_path):
         facts[scoring] = ModelFacts.of(plan_model(cfg))
     assert (facts["letters"].rows_per_example, facts["likelihood"].rows_per_example) == (1, 4)
     assert activation_bytes(facts["likelihood"], cfg) > 3 * activation_bytes(facts["letters"], cfg)
+
+
+def test_the_centralised_union_keeps_each_choice_row_and_its_target_mask():
+    from fedalign_moe.training.local import ClientTensors
+
+    def split(n: int, start: int) -> ClientTensors:
+        rows = n * 3
+        ids = torch.arange(start, start + rows * 4).reshape(rows, 4)
+        return ClientTensors(ids, torch.ones(rows, 4, dtype=torch.long), torch.arange(n), None,
+                             target_mask_NS=(ids % 2 == 0).long(), choices=3)
+
+    a, b = split(2, 0), split(1, 100)
+    union = ClientTensors.concat([a, b])
+    assert union.choices == 3 and len(union) == 3 and union.input_ids_NS.shape == (9, 4)
+    assert torch.equal(union.target_mask_NS, torch.cat([a.target_mask_NS, b.target_mask_NS]))
+    with pytest.raises(ValueError, match="cannot be joined"):
+        ClientTensors.concat([a, ClientTensors(a.input_ids_NS, a.attention_mask_NS, a.labels_N)])

@@ -10,9 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from fedalign_moe.config import ConfigError, load_config, parse_overrides, preset_names
-
 from conftest import GRID
+from fedalign_moe.config import ConfigError, load_config, parse_overrides, preset_names
 
 
 def _process(*args: str, cwd=None) -> subprocess.CompletedProcess:

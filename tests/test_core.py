@@ -4,6 +4,7 @@
 import pytest
 import torch
 
+from fedalign_moe.core.aggregate import apply_expert_weights
 from fedalign_moe.core.gate_alignment import (
     adaptive_alpha,
     aggregate_router,
@@ -12,7 +13,6 @@ from fedalign_moe.core.gate_alignment import (
     routing_consistency,
 )
 from fedalign_moe.core.gate_regulariser import gate_regulariser
-from fedalign_moe.core.aggregate import apply_expert_weights
 from fedalign_moe.core.semantic_alignment import align_expert, client_consistency
 from fedalign_moe.core.statistics import RoutingAccumulator, topk_mask
 

@@ -398,10 +398,9 @@ def test_a_bad_multiple_choice_row_is_one_line_naming_it(tmp_path: Path, row: di
 def test_a_run_on_a_file_in_mmlus_hub_schema(tmp_path: Path, monkeypatch) -> None:
     """Two federated rounds of FedAlign-MoE on a multiple-choice file written in cais/mmlu's columns, with no
     other data setting: the answer letters are scored after "Answer:", clients partitioned over subjects."""
-    from in_process import run_in_process
-
     from fedalign_moe.config import load_config
     from fedalign_moe.federation.client_app import cached_workspace
+    from in_process import run_in_process
 
     rng = np.random.default_rng(0)
     rows = [{"question": f"Question {i} about {s}?", "choices": [f"option {j} of {i}" for j in range(4)],

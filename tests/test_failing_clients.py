@@ -15,7 +15,6 @@ def test_a_third_of_the_clients_fail_and_the_run_goes_on(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv("FAULTY_HANG_SECONDS", str(TIMEOUT + 5))
     import faulty_app
-
     from fedalign_moe.federation.server_app import simulate
 
     cfg = load_config("tiny", overrides={"out_dir": str(tmp_path), "partition": {"num_clients": 6},

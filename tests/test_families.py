@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from fedalign_moe.config import FAMILY_BACKBONES, ModelConfig, load_config
 from fedalign_moe.models.build import build_model, minilm_tokenizer
 from fedalign_moe.models.hf_moe import FAMILIES, build_tiny_causal_lm
-
 from in_process import run_in_process
 
 

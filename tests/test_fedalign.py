@@ -3,17 +3,17 @@
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from fedalign_moe.config import FedAlignConfig, load_config
+import replies
+from fedalign_moe.config import load_config
 from fedalign_moe.core.aggregate import LayerNames, fedalign_aggregate
 from fedalign_moe.core.statistics import RoundRoutingStatistics
-import replies
-from reference_aggregate import spec_options
 from fedalign_moe.federation import protocol
 from fedalign_moe.federation.strategies import make_strategy
 from fedalign_moe.models.base import MoELayerLayout, MoELayout
+from reference_aggregate import spec_options
 
 C, E, H, I = 3, 3, 4, 5
 LAYOUT = MoELayout(E, 1, (MoELayerLayout(0, "router", ("experts.up", "experts.down")),))

@@ -289,7 +289,7 @@ def _npy(draw):
         arr = np.asarray(draw(st.lists(values, min_size=math.prod(shape), max_size=math.prod(shape))),
                          dtype=draw(st.sampled_from([np.float32, np.float64, np.float16]))).reshape(shape)
         return Array(arr).data
-    header = "{'descr': %s, 'fortran_order': %s, 'shape': %r, }" % (draw(_DESCRS), draw(st.booleans()), draw(_SHAPES))
+    header = f"{{'descr': {draw(_DESCRS)}, 'fortran_order': {draw(st.booleans())}, 'shape': {draw(_SHAPES)!r}, }}"
     header += " " * draw(st.integers(0, 70)) + "\n"
     magic = draw(st.sampled_from([b"\x93NUMPY\x01\x00", b"\x93NUMPY\x02\x00", b"\x93NUMPY\x03\x00", b"NUMPY"]))
     length = len(header).to_bytes(2 if magic.endswith(b"\x01\x00") else 4, "little")

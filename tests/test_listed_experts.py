@@ -19,7 +19,6 @@ def checkpoint(tmp_path_factory):
     """A folder holding the tiny DeepSeek-MoE-style model, its modelling code (``remote_moe.py``, copied by
     ``save_pretrained`` and named in ``config.json``'s ``auto_map``) and MiniLM's tokenizer."""
     import remote_moe
-
     from fedalign_moe.models.build import minilm_tokenizer
 
     remote_moe.TinyDeepseekMoEConfig.register_for_auto_class()
@@ -79,9 +78,8 @@ def test_a_node_runs_remote_code_only_when_its_config_allows_it(checkpoint):
 
 
 def test_two_rounds_of_fedalign_on_the_listed_expert_checkpoint(checkpoint, tmp_path, monkeypatch):
-    from in_process import run_in_process
-
     from fedalign_moe.federation.client_app import cached_workspace
+    from in_process import run_in_process
 
     cached_workspace.cache_clear()
     cfg = load_config("tiny", overrides={"out_dir": str(tmp_path), "federation": {"strategy": "fedalign"},

@@ -62,8 +62,8 @@ def test_plan_counts_the_tiny_mixtral_by_hand():
     assert plan.reply_bytes_down == f.trainable_parameters * 4
     # two cores and one core a client: two workers, however much memory is free
     assert plan.workers == 2 and plan.fits
-    assert plan.total_bytes == RUNTIME_BYTES + 3 * 3 * plan.reply_bytes_up + plan.worker.base_bytes + 2 * f.trainable_parameters * 4 + ENGINE_BYTES \
-        + 2 * plan.worker.peak_bytes
+    server = RUNTIME_BYTES + 3 * 3 * plan.reply_bytes_up + plan.worker.base_bytes + 2 * f.trainable_parameters * 4
+    assert plan.total_bytes == server + ENGINE_BYTES + 2 * plan.worker.peak_bytes
     # memory for one worker only: one worker
     one = plan.server_bytes + ENGINE_BYTES + plan.worker.peak_bytes
     assert make_plan(cfg, built, available=(one + 1, 1)).workers == 1
@@ -91,9 +91,8 @@ def test_one_base_per_worker_and_none_in_the_server(monkeypatch, tmp_path):
     """Five clients served by one process: the base is built once there; the server builds its model on
     the meta device, takes the initial model from a node and has a node evaluate each aggregate; the
     numbers are those of the server evaluating itself."""
-    from in_process import run_in_process
-
     from fedalign_moe.federation.client_app import cached_workspace
+    from in_process import run_in_process
 
     builds = []
     real_build = setup.build_model
@@ -124,13 +123,12 @@ def test_one_base_per_worker_and_none_in_the_server(monkeypatch, tmp_path):
 
 
 def test_a_node_whose_initial_model_or_evaluation_is_bad_is_passed_over_with_a_line_naming_it(monkeypatch, caplog):
-    from flwr.app import ArrayRecord, Message
-
-    from in_process import InProcessGrid
+    from flwr.app import Message
 
     from fedalign_moe.federation import protocol
     from fedalign_moe.federation.client_app import cached_workspace
-    from fedalign_moe.federation.global_eval import NoNodeAnswer, NodeModel
+    from fedalign_moe.federation.global_eval import NodeModel, NoNodeAnswer
+    from in_process import InProcessGrid
 
     class OneBadNode(InProcessGrid):
         def send_and_receive(self, messages, timeout=None):
@@ -220,10 +218,9 @@ def test_a_checkpoint_with_lora_builds_the_same_adapters_in_every_process(tmp_pa
 def test_a_run_whose_nodes_cannot_give_the_initial_model_stops_with_one_line(monkeypatch, tmp_path):
     from flwr.app import Message
 
-    from in_process import InProcessGrid, run_in_process
-
     import in_process
     from fedalign_moe.federation.global_eval import NoNodeAnswer
+    from in_process import InProcessGrid, run_in_process
 
     class Refusing(InProcessGrid):
         def send_and_receive(self, messages, timeout=None):
@@ -269,9 +266,8 @@ def test_a_bfloat16_checkpoint_with_lora_runs_through_the_cli_with_its_base_only
 def test_the_tiny_preset_gives_the_numbers_it_gave_before_dtype_padding_and_node_evaluation(monkeypatch, tmp_path):
     """A float32 preset keeps its published numbers bit for bit: the global loss of each round of FedAlign-MoE on
     `tiny`, as measured on commit 9a08e26 (before model.dtype, train.padding and global_eval existed)."""
-    from in_process import run_in_process
-
     from fedalign_moe.federation.client_app import cached_workspace
+    from in_process import run_in_process
 
     cached_workspace.cache_clear()
     cfg = load_config("tiny", overrides={"federation": {"strategy": "fedalign"}, "out_dir": str(tmp_path)})

@@ -9,10 +9,9 @@ import torch
 
 from fedalign_moe.config import FedAlignConfig, ModelConfig, load_config
 from fedalign_moe.core.aggregate import LayerNames, fedalign_aggregate
-from fedalign_moe.core.statistics import RoundRoutingStatistics
 from fedalign_moe.core.lora_experts import a_view, b_view, fold_a, fold_b, product_gram
+from fedalign_moe.core.statistics import RoundRoutingStatistics
 from fedalign_moe.models.build import build_model
-
 from in_process import run_in_process
 
 E, R, I, O, C = 3, 2, 5, 4, 3

@@ -8,6 +8,7 @@ from fedalign_moe.config import ModelConfig
 from fedalign_moe.models.build import build_model, wheel_dir
 from fedalign_moe.models.encoder_moe import EncoderMoEAdapter, upcycle_bert_classifier
 
+
 def _batch(vocab=1000):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, vocab, (3, 9), generator=g)

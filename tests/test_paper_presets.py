@@ -56,10 +56,9 @@ def _stand_in(tmp_path, backbone: str, **model) -> dict:
 
 
 def test_paper_switch_on_a_small_switch_checkpoint(tmp_path, monkeypatch):
+    from fedalign_moe.federation.client_app import cached_workspace
     from in_process import run_in_process
     from test_families import save_switch
-
-    from fedalign_moe.federation.client_app import cached_workspace
 
     save_switch(tmp_path / "switch")
     cached_workspace.cache_clear()
@@ -71,10 +70,9 @@ def test_paper_switch_on_a_small_switch_checkpoint(tmp_path, monkeypatch):
 
 def test_paper_deepseek_on_a_small_model_in_deepseek_moes_own_layout(tmp_path, monkeypatch):
     import remote_moe
-    from in_process import run_in_process
-
     from fedalign_moe.federation.client_app import cached_workspace
     from fedalign_moe.models.build import minilm_tokenizer
+    from in_process import run_in_process
 
     remote_moe.TinyDeepseekMoEConfig.register_for_auto_class()
     remote_moe.TinyDeepseekMoEForCausalLM.register_for_auto_class("AutoModelForCausalLM")

@@ -22,7 +22,6 @@ from fedalign_moe.federation import client_app, protocol
 from fedalign_moe.federation.node_policy import TRUST_ENV
 from in_process import InProcessGrid, run_in_process
 
-
 # ----------------------------------------------------------------------------------------------- core
 
 def test_own_experts_replace_exactly_their_rows_and_router_rows():

@@ -87,9 +87,8 @@ def test_without_bitsandbytes_one_line_says_how_to_install_it(checkpoint, monkey
 def test_two_rounds_of_fedalign_over_a_4_bit_base(checkpoint, tmp_path, monkeypatch):
     """The real ServerApp loop and ClientApp (in this process); the server's model is built on the meta
     device, a node evaluates, and the plan counts the base at 4 bits."""
-    from in_process import run_in_process
-
     from fedalign_moe.federation.client_app import cached_workspace
+    from in_process import run_in_process
 
     cached_workspace.cache_clear()
     cfg = load_config("tiny", overrides={"out_dir": str(tmp_path), "federation": {"strategy": "fedalign", "global_eval": "node"},

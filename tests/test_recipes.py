@@ -11,11 +11,17 @@ import pytest
 import torch
 
 from fedalign_moe.config import ConfigError, ModelConfig, validate
-from fedalign_moe.data import DataError, LabeledText, domains, load_source, public_split, train_test_split
+from fedalign_moe.data import DataError, domains, load_source, public_split
 from fedalign_moe.models.build import build_model
 from fedalign_moe.models.encoder_moe import MoEOutput
-from fedalign_moe.report.premise import (is_recipe_figures, mutual_information, premise_table, recipe_figures,
-                                         routing_shares, write_premise)
+from fedalign_moe.report.premise import (
+    is_recipe_figures,
+    mutual_information,
+    premise_table,
+    recipe_figures,
+    routing_shares,
+    write_premise,
+)
 from fedalign_moe.training.local import routing_by_label
 from fedalign_moe.training.setup import open_workspace, prepare_data
 

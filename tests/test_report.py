@@ -5,8 +5,15 @@ import math
 
 import pytest
 
-from fedalign_moe.report.evidence import (aligned_fraction, collect_summaries, communication_rows, convergence_rows,
-                                          rounds_to_reach, routing_spread, write_evidence)
+from fedalign_moe.report.evidence import (
+    aligned_fraction,
+    collect_summaries,
+    communication_rows,
+    convergence_rows,
+    rounds_to_reach,
+    routing_spread,
+    write_evidence,
+)
 
 
 def test_rounds_to_reach():

@@ -12,10 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, safe_open
 
+from conftest import GRID
 from fedalign_moe.config import load_config
 from fedalign_moe.runlog import read_jsonl
-
-from conftest import GRID
 
 # the fedalign cell of the shared tiny grid, as one run
 RUN = ["run", "--preset", "tiny", "--strategy", "fedalign", "--alpha", "0.5", "--seed", "0", "--rounds", "3",
@@ -149,6 +148,7 @@ def test_the_first_ctrl_c_only_asks_the_run_to_stop():
 
 def _ctrl_c_cases():
     import threading
+
     from fedalign_moe.federation.server_app import interrupt_sets
 
     before = signal.getsignal(signal.SIGINT)

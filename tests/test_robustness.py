@@ -77,10 +77,12 @@ BAD = {
     "stats-unicode-dtype": (lambda c: _forge_stats(c, "o", lambda a: _npy("<U1", False, (1, 4), b"\x00" * 16)), "its bytes hold|records"),
     "stats-big-endian": (lambda c: _forge_stats(c, "m", lambda a: _npy(">f4", False, (1, 4), b"\x00" * 16)), "its bytes hold|records"),
     "stats-record-of-float64": (lambda c: _set_stats(c, "o", torch.full((1, 4), 0.5, dtype=torch.float64)), "expected float32|records"),
-    "header-negative-shape": (lambda c: _forge_array(c, "head", lambda a: _npy("<f4", False, (-6,), b"")), "not a readable array|its bytes hold"),
+    "header-negative-shape": (lambda c: _forge_array(c, "head", lambda a: _npy("<f4", False, (-6,), b"")),
+                              "not a readable array|its bytes hold"),
     "header-absurd-shape": (lambda c: _forge_array(c, "head", lambda a: _npy("<f4", False, (10**13,), b"\x00" * 24)), "its bytes hold"),
     "header-fortran-order": (lambda c: _forge_array(c, "x", lambda a: _npy("<f4", True, (4, 2, 5), b"\x00" * 160)), "Fortran"),
-    "header-sub-array-dtype": (lambda c: _forge_array(c, "head", lambda a: _npy("('<f4', (2,))", False, (3,), b"\x00" * 24)), "its bytes hold"),
+    "header-sub-array-dtype": (lambda c: _forge_array(c, "head", lambda a: _npy("('<f4', (2,))", False, (3,), b"\x00" * 24)),
+                               "its bytes hold"),
     "record-shape-absurd": (lambda c: _forge_array(c, "head", lambda a: a.data, shape=(10**13,)), "expected"),
     "stype-not-numpy": (lambda c: _forge_array(c, "head", lambda a: a.data, stype="torch.raw"), "serialised as"),
     "config-record-as-metrics": (lambda c: c.__setitem__(protocol.METRICS, ConfigRecord(dict(c[protocol.METRICS]))), "not a MetricRecord"),
@@ -90,8 +92,8 @@ BAD = {
 
 def _npy(descr: str, fortran: bool, shape: tuple, payload: bytes) -> bytes:
     """The bytes of a .npy file whose header says ``descr``, ``fortran`` and ``shape``, whatever follows it."""
-    header = "{'descr': %s, 'fortran_order': %s, 'shape': %r, }" % (
-        descr if descr.startswith("(") else repr(descr), fortran, tuple(shape))
+    descr = descr if descr.startswith("(") else repr(descr)
+    header = f"{{'descr': {descr}, 'fortran_order': {fortran}, 'shape': {tuple(shape)!r}, }}"
     header += " " * (63 - (len(header) + 10) % 64) + "\n"
     return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode("latin1") + payload
 

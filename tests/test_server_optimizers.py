@@ -106,10 +106,9 @@ def test_three_rounds_through_the_server_loop_and_clients(name, tmp_path, monkey
     aggregate adopted (Flower's float64 FedAdam aggregate had every later reply refused)."""
     import json
 
-    from in_process import run_in_process
-
     from fedalign_moe.config import load_config
     from fedalign_moe.federation.client_app import cached_workspace
+    from in_process import run_in_process
 
     cached_workspace.cache_clear()
     cfg = load_config("tiny", overrides={"out_dir": str(tmp_path), "federation": {"strategy": name, "rounds": 3},

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Array, ArrayRecord
 
 import replies
 from fedalign_moe.federation import protocol
@@ -118,10 +118,9 @@ def test_the_client_refuses_an_unknown_wire_dtype(server_identity):
 def test_a_run_in_bfloat16_end_to_end(tmp_path, monkeypatch):
     """The real ServerApp loop and ClientApp (in this process): two rounds of FedAlign-MoE whose every
     training message travels in bfloat16, against the same run in float32."""
-    from in_process import run_in_process
-
     from fedalign_moe.config import load_config
     from fedalign_moe.federation.client_app import cached_workspace
+    from in_process import run_in_process
 
     rounds = {}
     for wire in ("float32", "bfloat16"):

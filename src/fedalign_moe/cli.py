@@ -16,10 +16,24 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
-from .config import Config, ConfigError, UserError, load_config, parse_overrides, preset_names
+from .config import (
+    Config,
+    ConfigError,
+    UserError,
+    load_config,
+    parse_overrides,
+    preset_names,
+)
 from .records import RoundRecord
 from .registry import FEDERATED, STRATEGIES
 
@@ -88,7 +102,7 @@ class _Display:
                                  refresh_per_second=2)  # the clients share the cores: redraw sparingly
         self.task = self.progress.add_task(unit, total=total, completed=done, status="")
 
-    def __enter__(self) -> "_Display":
+    def __enter__(self) -> _Display:
         self.progress.start()
         return self
 
@@ -136,6 +150,8 @@ def _with_checkpoint(cfg: Config) -> Config:
 PresetOpt = Annotated[str, typer.Option("--preset", "-p", help="preset name (see `fedalign-moe presets`)")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML or JSON file merged over the preset")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override any field: section.key=value")]
+VerboseOpt = Annotated[bool, typer.Option(
+    help="show Flower's and the client processes' own output as it comes (otherwise in DIR/run.log)")]
 StrategyOpt = Annotated[str | None, typer.Option(help=f"one of {', '.join(STRATEGIES)}")]
 AlphaOpt = Annotated[float | None, typer.Option(help="Dirichlet concentration (smaller = more non-IID)")]
 ClientsOpt = Annotated[int | None, typer.Option(help="number of clients")]
@@ -154,7 +170,7 @@ def run(
     seed: SeedOpt = None,
     out: Annotated[Path | None, typer.Option(help="output directory")] = None,
     set_: SetOpt = None,
-    verbose: Annotated[bool, typer.Option(help="show Flower's and the client processes' own output as it comes (otherwise in DIR/run.log)")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Run one experiment: writes metrics.jsonl, summary.json and plots to the output directory."""
     try:
@@ -267,7 +283,7 @@ def _finish(summary: dict, cfg: Config) -> None:
 @app.command()
 def resume(
     run_dir: Annotated[Path, typer.Argument(help="the folder of an interrupted federated run")],
-    verbose: Annotated[bool, typer.Option(help="show Flower's and the client processes' own output as it comes (otherwise in DIR/run.log)")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Continue an interrupted federated run from its last checkpoint: the same rounds, the same numbers
     (personalised experts excepted: the clients' kept copies do not survive, and it says so)."""
@@ -324,7 +340,7 @@ def compare(
     rounds: Annotated[int | None, typer.Option()] = None,
     out: Annotated[Path, typer.Option(help="output directory")] = Path("runs/compare"),
     set_: SetOpt = None,
-    verbose: Annotated[bool, typer.Option(help="show Flower's and the client processes' own output as it comes (otherwise in DIR/run.log)")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Run a grid of strategies x alphas x seeds; write results.json, results.md and plots."""
     try:

@@ -13,12 +13,20 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .registry import STRATEGIES, STRATEGY_OPTIONS, spec
 
 # Fields whose default changed after runs that lack them were stored, and the value those runs used:
-# FedAlign-MoE weighted aligned experts by tokens until issue 9 made `examples` the default; checkpoints
+# FedAlign-MoE weighted aligned experts by tokens until validation runs made `examples` the default; checkpoints
 # loaded in float32 before `model.dtype` existed, and batches were padded to data.max_length.
 LEGACY = {("fedalign", "expert_weights"): "tokens", ("model", "dtype"): "float32", ("train", "padding"): "max_length"}
 # small random models of every transformers MoE family the tests run (models.hf_moe.FAMILIES, and Switch)
@@ -137,7 +145,7 @@ class ModelConfig(_Section):
         return self.backbone not in ("minilm", "smollm2") and not self.backbone.startswith("tiny-")
 
     @model_validator(mode="after")
-    def _check_top_k(self) -> "ModelConfig":
+    def _check_top_k(self) -> ModelConfig:
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts})")
         if self.backbone.startswith("tiny-") and self.backbone not in FAMILY_BACKBONES:
@@ -257,19 +265,19 @@ class FedAlignConfig(_Section):
     # the weights of the aligned clients' updates of expert e [ours]: "tokens" w_i = n_i(e) / sum over A(e)
     # of n (they sum to 1 over A(e)); "examples" w_i = N_i / N, FedAvg's weight, for i in A(e) and 0 outside
     # (not renormalised: the left-out clients' share keeps the global value, so A(e) = everyone is FedAvg);
-    # "examples" is the default since issue 9's validation runs (docs/fedalign.md#expert-weights)
-    # "routed" [ours, issue 36]: w_i = N_i / N_routed(e), N_routed(e) the examples of the clients that routed any
+    # "examples" is the default since validation runs (docs/fedalign.md#expert-weights)
+    # "routed" [ours]: w_i = N_i / N_routed(e), N_routed(e) the examples of the clients that routed any
     # token to e, so clients that never use e do not shrink its step
     expert_weights: Literal["tokens", "examples", "routed"] = "examples"
     # model.trainable = lora-experts: expert e's update compared across clients as its LoRA product B_e A_e
     # ("product") or as its two factors ("factors"); either way A_e and B_e are then averaged over A(e) [ours]
     lora_direction: Literal["product", "factors"] = "product"
     # a client outside A(e) keeps its own expert e (and router row e) for its own use instead of taking the
-    # global one (core.personal); needs expert_aggregation = "semantic" [ours: issue 9]
+    # global one (core.personal); needs expert_aggregation = "semantic" [ours]
     personal_experts: bool = False
     # FedProx's proximal term (mu/2) ||w - w_global||^2 added to each client's loss beside the gate
     # regulariser: the regulariser anchors the routing distribution, this anchors the weights; 0 is the
-    # paper's objective [ours: issue 9, docs/fedalign.md#proximal-term]
+    # paper's objective [ours: docs/fedalign.md#proximal-term]
     proximal_mu: float = Field(0.0, ge=0)
     # no client weighs more than this many times its example share in any router row (and so in p_g): a
     # bound on what routing statistics can buy (docs/robustness.md); None: the paper's unbounded weights.
@@ -279,7 +287,7 @@ class FedAlignConfig(_Section):
     # A(e) from each end (0.5: the median) instead of the weighted mean, where A(e) holds 3 or more clients;
     # None: the weighted mean. Robust to a minority of hostile experts of the same role [ours]
     expert_trim: float | None = Field(None, gt=0, le=0.5)
-    # keeping agreeing clients in A(e) [ours, issue 36]: A(e) holds at least this share of the clients that
+    # keeping agreeing clients in A(e) [ours]: A(e) holds at least this share of the clients that
     # routed to e, the most consistent first (0.5: a majority); None: the threshold's set as it is
     min_aligned_share: float | None = Field(None, gt=0, le=1)
     # "set": A(e) by the threshold (the paper's); "soft": no hard set, each client's weight times
@@ -323,7 +331,7 @@ class Config(_Section):
     attack: AttackConfig = AttackConfig()
 
     @model_validator(mode="after")
-    def _nodes_exist(self) -> "Config":
+    def _nodes_exist(self) -> Config:
         if self.attack.kind != "none":
             bad = [c for c in self.attack.clients if not 0 <= c < self.partition.num_clients]
             if bad or not self.attack.clients:
@@ -388,12 +396,12 @@ class Config(_Section):
         return raw
 
     @classmethod
-    def from_json(cls, text: str) -> "Config":
+    def from_json(cls, text: str) -> Config:
         """A config as written by ``to_json``, also one stored by an older version (``from_stored``)."""
         return cls.from_stored(json.loads(text))
 
     @classmethod
-    def from_stored(cls, raw: Any) -> "Config":
+    def from_stored(cls, raw: Any) -> Config:
         """A stored config (a run's summary, config.json, checkpoint): a field it lacks, added since with a
         default that differs from what runs did before it existed, takes that earlier value (``LEGACY``)."""
         return cls.model_validate(with_legacy(raw))

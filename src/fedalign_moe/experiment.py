@@ -6,7 +6,6 @@ federation and run directly on the same data splits and model.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -14,13 +13,14 @@ from pathlib import Path
 from .config import Config
 from .federation import checkpoint
 from .federation.checkpoint import Checkpoint
-from .report.evidence import collect_summaries, write_comparison
-from .report.plots import draw_run
-from .report.tables import group_cells
-from .runlog import dumps, read_summary, write_atomic
+from .files import write_atomic
 from .models.build import supports_meta
 from .records import RoundRecord
 from .registry import FEDERATED, spec
+from .report.evidence import collect_summaries, write_comparison
+from .report.plots import draw_run
+from .report.tables import group_cells
+from .runlog import dumps, read_summary
 from .training.plan import Plan, check_fits, plan_model
 from .training.setup import open_log, open_workspace, prepare_data
 
@@ -136,7 +136,7 @@ def run_comparison(configs: list[Config], out: Path, on_run: Callable[[Config], 
 
 def measure_premise(base: Config, recipes: list[str], seed: int, out: Path, on_run: Callable[[Config], None] | None = None,
                     on_round: Callable[[RoundRecord], None] | None = None, verbose: bool = False) -> Path:
-    """Issue 9's premise figures for each model recipe on ``base``: FedAvg and centralised at alpha 0.1 (runs in
+    """The premise figures for each model recipe on ``base``: FedAvg and centralised at alpha 0.1 (runs in
     ``out/premise/<recipe>``, finished ones kept), the built model's expert-label information on the global
     test split; writes ``out/premise.json`` and ``out/premise_routing.png``."""
     import numpy as np

@@ -25,7 +25,9 @@ class TensorBoardTracker:
     (events of later rounds left by the interrupted run are dropped, as its JSONL lines are)."""
 
     def __init__(self, out: Path, first_round: int = 1):
-        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package (a dependency)
+        from torch.utils.tensorboard import (
+            SummaryWriter,  # needs the tensorboard package (a dependency)
+        )
 
         self.writer = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=first_round if first_round > 1 else None)
 

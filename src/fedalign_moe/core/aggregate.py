@@ -15,12 +15,18 @@ Shapes: C clients, L MoE layers, E experts, H hidden, P parameters of one expert
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Protocol
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
-from .gate_alignment import adaptive_alpha, aggregate_router, consistency_weights, global_routing_distribution, routing_consistency
+from .gate_alignment import (
+    adaptive_alpha,
+    aggregate_router,
+    consistency_weights,
+    global_routing_distribution,
+    routing_consistency,
+)
 from .lora_experts import a_view, b_view, fold_a, fold_b, product_gram
 from .robust import bounded_shares, trimmed_mean
 from .semantic_alignment import align_expert_gram

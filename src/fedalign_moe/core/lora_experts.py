@@ -1,4 +1,4 @@
-"""LoRA factors of stacked experts, expert by expert [ours: issue 10, section 2].
+"""LoRA factors of stacked experts, expert by expert [ours].
 
 With LoRA on a stacked expert tensor W [E, X, Y] (peft's ``ParamWrapper``), expert e's update is the
 product B_e A_e of its own rank-r factors, stored for all experts in two matrices:

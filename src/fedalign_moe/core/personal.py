@@ -1,4 +1,4 @@
-"""Personalised experts [ours: issue 9, section 4].
+"""Personalised experts [ours].
 
 Component 3 merges expert e of layer l only across A(e), the clients whose copies play the same role.
 A client outside A(e) gets the merged expert back all the same, one that was built without its copy.

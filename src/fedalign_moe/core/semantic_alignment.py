@@ -10,7 +10,7 @@ For one expert e of one MoE layer, over the round's C clients:
 Clients outside A, and clients that routed no token to e, do not move expert e; an empty A keeps it.
 The absolute ``floor`` [ours] keeps clients whose consistency is high in absolute terms: without it,
 "mean - beta * std" drops the least consistent client even when every client agrees (std ~ 0).
-Two more ways to keep agreeing clients [ours, issue 36]: ``min_share`` (A holds at least that share of the
+Two more ways to keep agreeing clients [ours]: ``min_share`` (A holds at least that share of the
 clients that routed to e, the most consistent first: a majority floor), and ``soft`` selection (no hard set:
 every client that routed to e weighs its mass times s_i = clamp(c_i / max_j c_j, 0, 1), so the most
 consistent keeps its whole weight and a client whose expert plays another role, c_i <= 0, none).

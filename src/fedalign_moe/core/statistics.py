@@ -112,7 +112,7 @@ class ModelRoutingStatistics:
     tokens: int
 
     @classmethod
-    def stack(cls, layers: list[RoutingStatistics]) -> "ModelRoutingStatistics":
+    def stack(cls, layers: list[RoutingStatistics]) -> ModelRoutingStatistics:
         return cls(torch.stack([s.p_E for s in layers]), torch.stack([s.n_E for s in layers]),
                    torch.stack([s.o_E for s in layers]), torch.stack([s.m_E for s in layers]),
                    torch.stack([s.mu_EH for s in layers]), layers[0].tokens if layers else 0)
@@ -130,7 +130,7 @@ class RoundRoutingStatistics:
     mu_CLEH: torch.Tensor
 
     @classmethod
-    def stack(cls, clients: list[ModelRoutingStatistics]) -> "RoundRoutingStatistics":
+    def stack(cls, clients: list[ModelRoutingStatistics]) -> RoundRoutingStatistics:
         return cls(torch.stack([s.p_LE for s in clients]), torch.stack([s.n_LE for s in clients]),
                    torch.stack([s.o_LE for s in clients]), torch.stack([s.m_LE for s in clients]),
                    torch.stack([s.mu_LEH for s in clients]))

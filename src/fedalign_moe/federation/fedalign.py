@@ -27,7 +27,6 @@ from . import protocol
 from .protocol import AlignmentTarget, TrainReply
 from .screening import ReplyPolicy, ScreenedReplies
 
-
 NOT_APPLIED = "not applied"  # a layer's aligned sets when none of its expert tensors travel (LoRA experts)
 
 

@@ -65,7 +65,7 @@ class NodePolicy:
     device: str = "auto"
 
     @classmethod
-    def of_node(cls, node_config: Mapping, environ: Mapping[str, str] = os.environ) -> "NodePolicy":
+    def of_node(cls, node_config: Mapping, environ: Mapping[str, str] = os.environ) -> NodePolicy:
         if environ.get(TRUST_ENV) == "run-config":
             return cls(trust_run_config=True)
         device = str(node_config.get("device", "auto"))

@@ -168,7 +168,7 @@ class TrainReply:
         metrics[NUM_EXAMPLES] = float(self.weight)
         return RecordDict({ARRAYS: self.arrays, METRICS: metrics})
 
-    def state(self) -> "ArrayView":
+    def state(self) -> ArrayView:
         """The update as a name -> tensor mapping whose every read is a zero-copy view of the reply's bytes."""
         return ArrayView(self.arrays)
 
@@ -209,7 +209,8 @@ def read_array(array: object, where: str, shape: tuple[int, ...] | None = None, 
         read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}[version]
         header_shape, fortran_order, header_dtype = read_header(buf)
     except (*_ARRAY_HEADER_ERRORS, KeyError) as err:
-        raise error(f"{where}: its bytes are not a readable array ({str(err).splitlines()[0][:120] if str(err) else type(err).__name__})") from None
+        cause = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        raise error(f"{where}: its bytes are not a readable array ({cause})") from None
     expected = np.dtype(_STORED_AS.get(array.dtype, array.dtype)).newbyteorder("<")
     if header_dtype != expected or tuple(header_shape) != record_shape:
         said = header_dtype.str if header_dtype.byteorder == ">" or header_dtype.subdtype or header_dtype.names else header_dtype
@@ -475,7 +476,7 @@ class LocalWork:
     rows_per_example: int = 1  # sequences an example is read as (one a choice when choices are scored by likelihood)
 
     @classmethod
-    def of_config(cls, cfg, rows_per_example: int = 1) -> "LocalWork":
+    def of_config(cls, cfg, rows_per_example: int = 1) -> LocalWork:
         """The local training a run's ``Config`` asks of a client (``rows_per_example``: its data's)."""
         t = cfg.train
         return cls(t.batch_size, cfg.data.max_length, t.local_epochs, t.local_steps, rows_per_example)
@@ -505,7 +506,7 @@ class Expectation:
     @classmethod
     def of_round(cls, sent: RecordDict, layout: MoELayout, num_clients: int, work: LocalWork,
                  partition_sizes: tuple[int, ...] | None = None,
-                 global_state: Mapping[str, torch.Tensor] | None = None) -> "Expectation":
+                 global_state: Mapping[str, torch.Tensor] | None = None) -> Expectation:
         """What a reply to ``sent`` must look like; ``global_state`` (float32) is what the replies' updates
         are added to when the round went out in bfloat16."""
         config = sent[CONFIG]

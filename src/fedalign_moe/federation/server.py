@@ -23,8 +23,9 @@ from flwr.serverapp import Grid
 from safetensors.torch import save_file
 
 from ..config import Config
+from ..files import replace_atomically
 from ..records import ClientRow, Exchange, RoundRecord, client_totals
-from ..runlog import RunLog, replace_atomically
+from ..runlog import RunLog
 from ..training.local import release_memory
 from ..training.setup import Workspace
 from . import checkpoint, protocol

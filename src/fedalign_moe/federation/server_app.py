@@ -18,13 +18,12 @@ import tempfile
 import threading
 from collections.abc import Callable
 from contextlib import contextmanager
+from logging import INFO
 from pathlib import Path
 
-from logging import INFO
-
 from flwr.app import Context
-from flwr.common.logger import console_handler, log
 from flwr.clientapp import ClientApp
+from flwr.common.logger import console_handler, log
 from flwr.serverapp import Grid, ServerApp
 
 from ..config import Config, UserError, load_config, parse_overrides
@@ -35,7 +34,6 @@ from ..training.setup import Workspace, open_log, open_workspace, prepare_data
 from .checkpoint import Checkpoint
 from .node_policy import TRUST_ENV
 from .server import RunInterrupted, run_federation
-
 
 logger = logging.getLogger(__name__)
 

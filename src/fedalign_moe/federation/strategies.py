@@ -1,8 +1,9 @@
 """Which Flower strategy a run uses. FedAvg and FedProx are Flower's FedAvg arithmetic behind this
 package's reply screen (``screening.ScreenedReplies``), over the screen's bounded example weights; the
 server optimisers (FedAvgM, FedAdagrad, FedAdam, FedYogi) and the robust baselines (trimmed mean, median,
-Krum, Multi-Krum, Bulyan) are Flower's own strategies behind the same screen; FedAlign-MoE and its ablation rungs are ``fedalign.FedAlignMoE``; the FedMoE baseline is
-``fedmoe.FedMoE``."""
+Krum, Multi-Krum, Bulyan) are Flower's own strategies behind the same screen; FedAlign-MoE and its ablation
+rungs are ``fedalign.FedAlignMoE``; the FedMoE baseline is ``fedmoe.FedMoE``. Which name builds which class:
+``registry.REGISTRY``; each class reads its own options from the run's config (``from_config``)."""
 
 from __future__ import annotations
 
@@ -180,7 +181,8 @@ def checks_example_counts(cfg: Config) -> bool:
 def reply_policy(cfg: Config, layout: MoELayout, partition_sizes: tuple[int, ...] | None = None,
                  rows_per_example: int = 1) -> ReplyPolicy:
     fed = cfg.federation
-    return ReplyPolicy(layout, cfg.partition.num_clients, LocalWork.of_config(cfg, rows_per_example), fed.max_update_norm_ratio, fed.round_timeout,
+    return ReplyPolicy(layout, cfg.partition.num_clients, LocalWork.of_config(cfg, rows_per_example), fed.max_update_norm_ratio,
+                       fed.round_timeout,
                        fed.max_examples_ratio, fed.max_weight_share, partition_sizes if checks_example_counts(cfg) else None,
                        fed.wire_dtype)
 

@@ -52,25 +52,6 @@ class MoELayout:
         """Names of every router and stacked expert tensor."""
         return {n for layer in self.layers for n in layer.names().tensor_names()}
 
-    def to_dict(self) -> dict:
-        return {
-            "num_experts": self.num_experts,
-            "top_k": self.top_k,
-            "layers": [
-                {"index": l.index, "router": l.router, "experts": list(l.experts), "lora": [list(p) for p in l.lora]}
-                for l in self.layers
-            ],
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MoELayout":
-        layers = tuple(
-            MoELayerLayout(int(l["index"]), str(l["router"]), tuple(l["experts"]),
-                           tuple((str(a), str(b)) for a, b in l.get("lora", ())))
-            for l in d["layers"]
-        )
-        return cls(int(d["num_experts"]), int(d["top_k"]), layers)
-
 
 @dataclass
 class RoutingRecord:
@@ -100,7 +81,7 @@ class RoutingRecorder:
     records: list[RoutingRecord | None] = field(default_factory=list)
     _handles: list = field(default_factory=list)
 
-    def __enter__(self) -> "RoutingRecorder":
+    def __enter__(self) -> RoutingRecorder:
         self.records = [None] * len(self.routers)
         for l, router in enumerate(self.routers):
             self._handles.append(router.register_forward_hook(self._make_hook(l)))
@@ -184,7 +165,7 @@ class MoEAdapter:
         """Views of expert ``e`` in MoE layer ``l``: one tensor per stacked expert parameter."""
         return {name: self._param(name)[e] for name in self.layout.layers[l].experts}
 
-    def renamed(self, before: dict[str, nn.Parameter]) -> "MoEAdapter":
+    def renamed(self, before: dict[str, nn.Parameter]) -> MoEAdapter:
         """The same adapter after the model was wrapped in place (e.g. peft LoRA injection).
 
         ``before`` is ``dict(model.named_parameters())`` taken before wrapping; parameters are matched

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.masking_utils import create_bidirectional_mask
 
-from .base import MoEAdapter, backbone_layer_index, MoELayerLayout, MoELayout
+from .base import MoEAdapter, MoELayerLayout, MoELayout, backbone_layer_index
 
 
 class TopKRouter(nn.Module):
@@ -181,7 +181,7 @@ class EncoderMoEAdapter(MoEAdapter):
     """Adapter for ``MoEEncoderClassifier`` (possibly wrapped, e.g. by peft): finds its MoE blocks."""
 
     @classmethod
-    def from_model(cls, model: nn.Module) -> "EncoderMoEAdapter":
+    def from_model(cls, model: nn.Module) -> EncoderMoEAdapter:
         names = {id(p): n for n, p in model.named_parameters()}
         blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, MoEOutput)]
         if not blocks:

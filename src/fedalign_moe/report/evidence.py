@@ -15,11 +15,20 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from ..files import write_atomic
 from ..registry import REFERENCE
-from ..runlog import dumps, read_jsonl, read_summary, save_figure, write_atomic
+from ..runlog import dumps, read_jsonl, read_summary, save_figure
 from .paired import MIN_SEEDS_TO_RESOLVE, method_rows, paired_rows, paired_table
-from .tables import (cell_order, draw_comparison, group_cells, mean_curves, mean_std, results_table, split_name,
-                     write_results_table)
+from .tables import (
+    cell_order,
+    draw_comparison,
+    group_cells,
+    mean_curves,
+    mean_std,
+    results_table,
+    split_name,
+    write_results_table,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +134,8 @@ def communication_rows(summaries: list[dict]) -> list[dict]:
 
 
 def communication_table(rows: list[dict]) -> str:
-    lines = ["| alpha | strategy | uplink MB / round | downlink MB / round | statistics bytes / client / round | statistics share of uplink |",
+    lines = ["| alpha | strategy | uplink MB / round | downlink MB / round | statistics bytes / client / round "
+             "| statistics share of uplink |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['alpha']:g} | {r['strategy']} | {r['uplink_mb']:.1f} | {r['downlink_mb']:.1f} | "

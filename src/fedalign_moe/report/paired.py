@@ -1,4 +1,4 @@
-"""Paired differences with a reference strategy, over seeds (issue 9's comparison).
+"""Paired differences with a reference strategy, over seeds.
 
 Two runs of one seed share the data split, the partition and the model's initialisation, so the
 difference strategy - reference on the same seed removes the seed-to-seed swing both share. Over n seeds

@@ -1,4 +1,4 @@
-"""Does FedAlign-MoE's premise hold on a testbed? The figures of issue 9, per model recipe.
+"""Does FedAlign-MoE's premise hold on a testbed? Its figures, per model recipe.
 
 - expert specialisation: mutual information (nats) between the expert a token is routed to (top-k
   selections) and its example's label, on the global test split, per MoE layer; and the per-label
@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from ..runlog import dumps, read_jsonl, save_figure, write_atomic
+from ..files import write_atomic
+from ..runlog import dumps, read_jsonl, save_figure
 from .evidence import routing_spread
 
 

@@ -10,8 +10,9 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..config import Config, UserError, deep_merge, with_legacy
+from ..files import write_atomic
 from ..registry import table_position
-from ..runlog import save_figure, write_atomic
+from ..runlog import save_figure
 
 # No "best round" column: picking the best round on the test split would be tuning on it.
 COLUMNS = (

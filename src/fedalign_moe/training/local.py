@@ -41,6 +41,17 @@ class ClientTensors:
     def __len__(self) -> int:
         return int(self.labels_N.shape[0])
 
+    @classmethod
+    def concat(cls, parts: list[ClientTensors]) -> ClientTensors:
+        """The splits one after the other (the centralised baseline's union of the clients' data)."""
+        def cat(name: str) -> torch.Tensor | None:
+            tensors = [getattr(p, name) for p in parts]
+            return None if tensors[0] is None else torch.cat(tensors)
+        if len({(p.trim, p.choices) for p in parts}) > 1:
+            raise ValueError("splits of different padding or choice counts cannot be joined")
+        return cls(cat("input_ids_NS"), cat("attention_mask_NS"), cat("labels_N"), cat("prefix_hidden_NSH"),
+                   trim=parts[0].trim, target_mask_NS=cat("target_mask_NS"), choices=parts[0].choices)
+
     def batch(self, idx: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
         if self.choices > 1:
             idx = (idx[:, None] * self.choices + torch.arange(self.choices)).reshape(-1)
@@ -151,6 +162,15 @@ def _proximal_term(model: nn.Module, anchor: dict[str, torch.Tensor]) -> torch.T
     """FedProx (Li et al. 2020, arXiv 1812.06127): ||w - w_global||^2 over trainable parameters."""
     params = dict(model.named_parameters())
     return sum(((params[n] - w0) ** 2).sum() for n, w0 in anchor.items())
+
+
+def round_seed(run_seed: int, server_round: int, partition_id: int | None) -> int:
+    """The seed of one round of local training (data order, dropout): client ``partition_id``'s, or, for
+    None, the centralised model's (whose formula predates the clients' and is kept, so that stored runs
+    keep their numbers)."""
+    if partition_id is None:
+        return run_seed * 100_003 + server_round
+    return run_seed * 100_003 + server_round * 1_009 + partition_id
 
 
 def train_local(model: nn.Module, adapter: MoEAdapter, data: ClientTensors, names: tuple[str, ...],

@@ -72,7 +72,7 @@ class ModelFacts:
     rows_per_example: int = 1  # sequences a training example is read as (one a choice scored by likelihood)
 
     @classmethod
-    def of(cls, built: BuiltModel) -> "ModelFacts":
+    def of(cls, built: BuiltModel) -> ModelFacts:
         params = dict(built.model.named_parameters())
         layout = built.adapter.layout
         E, k = layout.num_experts, min(layout.top_k, layout.num_experts)
@@ -82,7 +82,7 @@ class ModelFacts:
         embeddings = sum(parameter_numel(m.weight) for n, m in built.model.named_modules()  # input and output embeddings
                          if isinstance(m, torch.nn.Embedding) or n.split(".")[-1] == "lm_head")
         config = built.model.config
-        hidden = int(getattr(config, "hidden_size", None) or getattr(config, "d_model"))
+        hidden = int(getattr(config, "hidden_size", None) or config.d_model)
         has_decoder = any(n.split(".")[-1] == "decoder" for n, _ in built.model.named_modules())
         if getattr(config, "is_encoder_decoder", False):  # Switch: its encoder, and its decoder where it runs
             layers = int(config.num_layers) + (int(config.num_decoder_layers) if has_decoder else 0)

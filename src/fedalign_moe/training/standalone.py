@@ -13,18 +13,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-import torch
-
 from ..records import ClientRow, RoundRecord, client_totals, weighted_mean
 from ..runlog import RunLog
-from .local import ClientTensors, evaluate, load_state, train_local, trainable_state
+from .local import ClientTensors, evaluate, load_state, round_seed, train_local, trainable_state
 from .setup import Workspace
-
-
-def _concat(parts: list[ClientTensors]) -> ClientTensors:
-    prefix = None if parts[0].prefix_hidden_NSH is None else torch.cat([p.prefix_hidden_NSH for p in parts])
-    return ClientTensors(torch.cat([p.input_ids_NS for p in parts]), torch.cat([p.attention_mask_NS for p in parts]),
-                         torch.cat([p.labels_N for p in parts]), prefix, trim=parts[0].trim)
 
 
 def run_local(ws: Workspace, log: RunLog, on_round: Callable[[RoundRecord], None] | None = None) -> dict:
@@ -40,9 +32,10 @@ def run_local(ws: Workspace, log: RunLog, on_round: Callable[[RoundRecord], None
             train, own_test = ws.client(pid)
             load_state(model, states[pid])
             res = train_local(model, ws.built.adapter, train, names, cfg.train,
-                              seed=cfg.seed * 100_003 + rnd * 1_009 + pid, device=ws.device)
+                              seed=round_seed(cfg.seed, rnd, pid), device=ws.device)
             states[pid] = trainable_state(model, names)
-            g, o = evaluate(model, test, cfg.train.eval_batch_size, ws.device), evaluate(model, own_test, cfg.train.eval_batch_size, ws.device)
+            g = evaluate(model, test, cfg.train.eval_batch_size, ws.device)
+            o = evaluate(model, own_test, cfg.train.eval_batch_size, ws.device)
             glob.append(g)
             rows.append(ClientRow(pid, len(train), res.loss, o["accuracy"], len(own_test), res.tokens, round(res.seconds, 3)))
         record = RoundRecord(rnd, sum(g["accuracy"] for g in glob) / n, sum(g["loss"] for g in glob) / n,
@@ -58,7 +51,7 @@ def run_centralised(ws: Workspace, log: RunLog, on_round: Callable[[RoundRecord]
     """One model on all training data (the union of the clients' training splits)."""
     cfg, model, names = ws.cfg, ws.built.model, ws.built.trainable
     n = cfg.partition.num_clients
-    union = _concat([ws.client(pid)[0] for pid in range(n)])
+    union = ClientTensors.concat([ws.client(pid)[0] for pid in range(n)])
     own_tests = [ws.client(pid)[1] for pid in range(n)]
     test = ws.global_test()
     # Same budget as a federated round: every client's epochs, or all clients' steps together.
@@ -66,7 +59,7 @@ def run_centralised(ws: Workspace, log: RunLog, on_round: Callable[[RoundRecord]
     train_cfg = cfg.train.model_copy(update={"local_steps": steps})
     for rnd in range(1, cfg.federation.rounds + 1):
         t0 = time.perf_counter()
-        res = train_local(model, ws.built.adapter, union, names, train_cfg, seed=cfg.seed * 100_003 + rnd, device=ws.device)
+        res = train_local(model, ws.built.adapter, union, names, train_cfg, seed=round_seed(cfg.seed, rnd, None), device=ws.device)
         g = evaluate(model, test, cfg.train.eval_batch_size, ws.device)
         own = [evaluate(model, t, cfg.train.eval_batch_size, ws.device)["accuracy"] for t in own_tests]
         record = RoundRecord(rnd, g["accuracy"], g["loss"], weighted_mean(own, [len(t) for t in own_tests]), res.loss,
