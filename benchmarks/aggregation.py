@@ -32,6 +32,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from common import write_result
 from fedalign_moe.config import FedAlignConfig
 from fedalign_moe.core.aggregate import LayerNames, fedalign_aggregate, fedavg_tensor
 from fedalign_moe.core.statistics import RoundRoutingStatistics  # noqa: E402
@@ -167,7 +168,7 @@ def main() -> None:
               f"{m['extra_peak_MB']:.0f} MB = {m['extra_peak_in_models']:.2f} models")
     dest = ROOT / "benchmarks" / "results" / "aggregation"
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / f"{out['host'] or 'host'}.json").write_text(json.dumps(out, indent=1))
+    write_result(dest / f"{out['host'] or 'host'}.json", out)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from common import write_result
 from fedalign_moe.files import write_atomic
 from fedalign_moe.report.paired import format_difference, paired_difference
 from fedalign_moe.report.tables import mean_std
@@ -106,7 +107,7 @@ def report(out: Path, seeds: list[int]) -> str:
                          f"{sum(v['dropped_replies'] for v in got.values()) / len(got):.0f} |")
     table = "\n".join(lines)
     write_atomic(out / "attacks.md", table + "\n")
-    write_atomic(out / "attacks.json", json.dumps(results, indent=1) + "\n")
+    write_result(out / "attacks.json", results)
     return table
 
 

@@ -16,9 +16,9 @@ import json
 import statistics
 from pathlib import Path
 
+from common import write_result
 from fedalign_moe.config import load_config
 from fedalign_moe.data.sources import DataError
-from fedalign_moe.files import write_atomic
 from fedalign_moe.runlog import read_jsonl
 from fedalign_moe.training.setup import prepare_data
 
@@ -85,9 +85,7 @@ def main() -> None:
     out = {"example_counts_in_stored_runs": count_spread(args.results),
            "specialised_partitions": {str(a): partition_spread(a, range(6)) for a in (0.1, 0.01)},
            "fedalign_router_weights": router_weights(args.results)}
-    text = json.dumps(out, indent=1)
-    write_atomic(args.results / "honest_spread.json", text + "\n")
-    print(text)
+    print(write_result(args.results / "honest_spread.json", out).read_text(), end="")
 
 
 if __name__ == "__main__":

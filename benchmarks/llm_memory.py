@@ -23,6 +23,8 @@ from pathlib import Path
 
 import psutil
 
+from common import write_result
+
 ROOT = Path(__file__).resolve().parents[1]
 CLI = str(ROOT / ".venv" / "bin" / "fedalign-moe")
 
@@ -91,7 +93,7 @@ def main() -> None:
     }
     dest = ROOT / "benchmarks" / "results" / "llm_memory"
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_result(dest / f"{name}.json", result)
     print(f"{name}: exit {proc.returncode} in {wall:.0f} s; peak of the process tree {peak_held / 1e9:.2f} GB held "
           f"({peak_rss / 1e9:.2f} GB RSS); plan {plan_json and plan_json['total_bytes'] / 1e9:.2f} GB; "
           f"{result['train_tokens_per_second']} training tokens/s")

@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+from common import write_result
 from fedalign_moe.runlog import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "tuning-specialised"
@@ -49,7 +50,7 @@ def main() -> None:
                 rows.setdefault(setup, []).append(f)
                 print(f"| {setup} | {f['seed']} | {f['final']:.3f} | {f['last5']:.3f} | {f['aligned_share']:.3f} | "
                       f"{f['half_or_fewer']:.3f} | {f['routed_share']:.3f} | {f['left_out_share']:.3f} | {f['largest_p_g']:.3f} |")
-    (ROOT / "merge_rules.json").write_text(json.dumps(rows, indent=1) + "\n")
+    write_result(ROOT / "merge_rules.json", rows)
 
 
 if __name__ == "__main__":

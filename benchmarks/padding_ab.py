@@ -11,12 +11,12 @@ Usage: .venv/bin/python benchmarks/padding_ab.py
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
 
+from common import write_result
 from fedalign_moe.config import load_config
 from fedalign_moe.training.local import ClientTensors, load_state, train_local, trainable_state
 from fedalign_moe.training.setup import open_workspace
@@ -62,7 +62,7 @@ def main() -> None:
               f"{pair[0]['loss']:.6f} / {pair[1]['loss']:.6f}")
     dest = ROOT / "benchmarks" / "results" / "llm_memory"
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / "padding_cpu.json").write_text(json.dumps(rows, indent=1) + "\n")
+    write_result(dest / "padding_cpu.json", rows)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,9 @@ Usage: .venv/bin/python benchmarks/personal_effect.py BASE_DIR PERSONAL_DIR --ou
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from common import write_result
 from fedalign_moe.report.evidence import applied_layers, collect_summaries, complete_runs, run_dir
 from fedalign_moe.report.paired import METRICS, paired_difference
 from fedalign_moe.report.tables import split_name
@@ -59,7 +59,7 @@ def main() -> None:
         lines.append(f"| {label} | {mean('base'):.3f} | {mean('personal'):.3f} | {100 * diff.mean:+.1f}{ci} |")
     share = sum(v["kept_share"] for v in out["per_seed"].values()) / len(seeds)
     lines.append(f"| (client, layer, expert) kept, rounds 2-{out['rounds']} | - | {share:.3f} | - |")
-    args.out.write_text(json.dumps(out, indent=1))
+    write_result(args.out, out)
     print(f"seeds {', '.join(map(str, seeds))}; {out['rounds']} rounds; accuracy on the {split} splits\n" + "\n".join(lines))
 
 

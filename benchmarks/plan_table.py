@@ -12,11 +12,11 @@ Usage: .venv/bin/python benchmarks/plan_table.py [--folders /work/ckpt]   (folde
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from pathlib import Path
 
+from common import write_result
 from fedalign_moe.config import load_config
 from fedalign_moe.models.build import FOUR_BIT_BYTES, agree_with_checkpoint
 from fedalign_moe.training.plan import make_plan, plan_model
@@ -57,7 +57,7 @@ def main() -> None:
                              "total_bytes": plan.total_bytes, "fits": plan.fits})
     dest = ROOT / "benchmarks" / "results" / "llm_memory"
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / "plan_table.json").write_text(json.dumps(rows, indent=1) + "\n")
+    write_result(dest / "plan_table.json", rows)
     print("| model | parameters (active per token) | machine | setting | base | per worker (`peak_bytes`) | workers | fits |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -8,13 +8,13 @@ Writes benchmarks/results/llm_memory/precision_cpu.json. Usage: .venv/bin/python
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from common import write_result
 from fedalign_moe.config import load_config
 from fedalign_moe.training.local import ClientTensors, train_local
 from fedalign_moe.training.setup import open_workspace
@@ -54,7 +54,7 @@ def main() -> None:
                                                 ("bfloat16", "longest"))]
     dest = ROOT / "benchmarks" / "results" / "llm_memory"
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / "precision_cpu.json").write_text(json.dumps(rows, indent=1) + "\n")
+    write_result(dest / "precision_cpu.json", rows)
     for r in rows:
         print(f"{r['dtype']}, padding {r['padding']}: {r['steps']} steps, median {r['median_step_seconds']} s a step, "
               f"{r['tokens_per_second']} tokens/s; loss per step {r['loss_per_step']}")

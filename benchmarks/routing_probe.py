@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import write_result
 from fedalign_moe.config import load_config, parse_overrides
-from fedalign_moe.files import write_atomic
 from fedalign_moe.report.evidence import routing_concentration, routing_spread
 from fedalign_moe.report.premise import mutual_information
 from fedalign_moe.training.alignment import RoutingObserver
@@ -85,7 +85,7 @@ def main() -> None:
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     for name, *sets in args.variant:
         results[name] = probe(args.preset, args.seed, sets)
-        write_atomic(args.out, json.dumps(results, indent=2))  # after each variant: an interrupted probe keeps the rest
+        write_result(args.out, results, indent=2)  # after each variant: an interrupted probe keeps the rest
         r = results[name]
         print(f"{name}: JS as built {r['routing_js_as_built_nats']:.4f} nats (top-k choices "
               f"{r['topk_js_as_built_nats']:.4f}), I(expert; label) "

@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import write_result
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -85,7 +87,7 @@ def main() -> None:
               f"{r['client_processes']} client processes, peak {r['client_process_peak_mb']} MB each")
     dest = ROOT / "benchmarks" / "results" / "scale_memory"
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / f"{platform.node() or 'host'}.json").write_text(json.dumps({"preset": args.preset, "runs": results}, indent=1))
+    write_result(dest / f"{platform.node() or 'host'}.json", {"preset": args.preset, "runs": results})
     sys.exit(0 if all(r["returncode"] == 0 for r in results) else 1)
 
 

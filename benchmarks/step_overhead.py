@@ -13,7 +13,6 @@ Usage: .venv/bin/python benchmarks/step_overhead.py [--preset bench] [--clients 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from common import write_result
 from fedalign_moe.config import load_config
 from fedalign_moe.training.alignment import ClientAligner
 from fedalign_moe.training.local import ClientTensors, load_state, train_local, trainable_state
@@ -84,7 +84,7 @@ def main() -> None:
         print(f"  {k:9s} {v:.4f} s/step ({v / med['plain']:.3f}x plain)")
     dest = ROOT / "benchmarks" / "results" / "step_overhead"
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / f"{out['host'] or 'host'}.json").write_text(json.dumps(out, indent=1))
+    write_result(dest / f"{out['host'] or 'host'}.json", out)
 
 
 if __name__ == "__main__":
