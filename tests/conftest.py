@@ -36,3 +36,15 @@ def tiny_grid(tmp_path_factory):
                           "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return out
+
+
+# The fast tier (`pytest -m "not slow"`): the unit and math tests. Slow: whatever starts Flower's engine or
+# other processes, builds or loads real models, or reads the shared comparison grid.
+SLOW_FILES = {"test_cli.py", "test_resume.py", "test_failing_clients.py", "test_deploy.py", "test_llm_scale.py",
+              "test_families.py", "test_recipes.py", "test_flwr_run.py", "test_upcycle_llama.py", "test_airgap.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SLOW_FILES or "tiny_grid" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
