@@ -48,7 +48,9 @@ def run_experiment(cfg: Config, on_round: Callable[[RoundRecord], None] | None =
         plan = plan or check_fits(cfg, ws.built)
         if on_plan is not None:
             on_plan(plan)
-        summary = spec(strategy).load_factory()(ws, open_log(ws), on_round)
+        from .federation.strategies import load_factory  # Flower is imported only where it is needed
+
+        summary = load_factory(spec(strategy))(ws, open_log(ws), on_round)
     draw_run(cfg.out_dir)
     return summary
 

@@ -4,12 +4,12 @@ its revision, and (by its place in ``REGISTRY``) its place in every table.
 Config validation, the CLI, ``compare``, the reports and the memory plan all read this table; adding a
 strategy means writing its class (a ``from_config`` classmethod, see ``federation/strategies.py``) and one
 line here. The table sits at the bottom of the package: it imports nothing of it, and names each factory
-as ``"module:attribute"`` under ``fedalign_moe``, resolved only by the layer that builds it.
+as ``"module:attribute"`` under ``fedalign_moe``, which only the layer that builds strategies resolves
+(``federation.strategies.load_factory``).
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -43,10 +43,6 @@ class StrategySpec:
     @property
     def federated(self) -> bool:
         return self.kind == "federated"
-
-    def load_factory(self) -> Any:
-        module, attribute = self.factory.split(":")
-        return getattr(importlib.import_module(f"fedalign_moe.{module}"), attribute)
 
 
 _SERVER_OPT = ("federation.server_lr",)

@@ -7,7 +7,9 @@ rungs are ``fedalign.FedAlignMoE``; the FedMoE baseline is ``fedmoe.FedMoE``. Wh
 
 from __future__ import annotations
 
+import importlib
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,7 +18,7 @@ from flwr.serverapp import strategy as flwr_strategy
 
 from ..config import Config
 from ..models.base import MoELayout
-from ..registry import FEDERATED, spec
+from ..registry import FEDERATED, StrategySpec, spec
 from . import protocol
 from .node_policy import FILE_SOURCES
 from .protocol import LocalWork
@@ -172,6 +174,12 @@ class Bulyan(Byzantine, FlowerAggregation, ScreenedReplies, flwr_strategy.Bulyan
     """Bulyan (El Mhamdi et al. 2018, arXiv 1802.07927): Krum selection, then a trimmed mean; Flower's."""
 
 
+def load_factory(strategy: StrategySpec) -> Any:
+    """The class (federated) or runner (reference) a registry entry names."""
+    module, attribute = strategy.factory.split(":")
+    return getattr(importlib.import_module(f"fedalign_moe.{module}"), attribute)
+
+
 def checks_example_counts(cfg: Config) -> bool:
     """Whether a reply's example count must equal its partition's size (``federation.example_counts``)."""
     mode = cfg.federation.example_counts
@@ -210,4 +218,4 @@ def make_strategy(cfg: Config, layout: MoELayout, partition_sizes: tuple[int, ..
     strategy = spec(cfg.federation.strategy)
     if not strategy.federated:
         raise ValueError(f"{strategy.name!r} is not a federated strategy; federated ones: {', '.join(FEDERATED)}")
-    return strategy.load_factory().from_config(cfg, reply_policy(cfg, layout, partition_sizes, rows_per_example), **common)
+    return load_factory(strategy).from_config(cfg, reply_policy(cfg, layout, partition_sizes, rows_per_example), **common)
