@@ -85,6 +85,8 @@ def test_a_run_that_cannot_fit_is_refused_before_any_work_with_the_option_that_f
     assert res.returncode == 1
     plan = json.loads(res.stdout)
     assert plan["fits"] is False and plan["peak_bytes"] == plan["worker"]["peak_bytes"] > 0
+    fast, slow = plan["h100_hours_at_most"]  # the compute estimate beside the memory plan
+    assert plan["train_tokens_at_most"] > 0 and plan["flops_at_most"] > 0 and 0 <= fast <= slow
 
 
 def test_one_base_per_worker_and_none_in_the_server(monkeypatch, tmp_path):

@@ -213,7 +213,8 @@ def plan(
     workers fit and whether the run fits. Takes the options of `run`; exit 1 when it does not fit."""
     try:
         cfg = _with_checkpoint(load_config(preset, config, _overrides(strategy, alpha, num_clients, rounds, seed, None, set_)))
-        from .training.plan import make_plan, plan_model, what_would_fit
+        from .training.plan import ModelFacts, estimate_compute, make_plan, plan_model, what_would_fit
+        from .training.setup import prepare_data
 
         available = None if free_gb is None else (int(free_gb * 1e9), devices)
         if available is None and cfg.model.device == "cuda":
@@ -222,22 +223,27 @@ def plan(
             if not torch.cuda.is_available():
                 raise ConfigError("model.device = 'cuda' but this machine has no CUDA device: plan for one with "
                                   "--free-gb (e.g. 79 for an H100)")
-        built = plan_model(cfg)
+        data = prepare_data(cfg)
+        built = plan_model(cfg, data)
         the_plan = make_plan(cfg, built, available)
+        compute = estimate_compute(cfg, ModelFacts.of(built), data)
         advice = None if the_plan.fits else what_would_fit(cfg, built, available)
     except UserError as err:
         _fail(str(err))
     if as_json:
-        console.print_json(the_plan.to_json())
+        fast, slow = compute.gpu_hours()
+        console.print_json(json.dumps({**json.loads(the_plan.to_json()), "train_tokens_at_most": compute.train_tokens,
+                                       "eval_tokens_at_most": compute.eval_tokens, "flops_at_most": compute.flops,
+                                       "h100_hours_at_most": [round(fast, 2), round(slow, 2)]}))
     else:
-        _plan_table(the_plan)
+        _plan_table(the_plan, compute)
     if not the_plan.fits:
         from .training.plan import refusal
 
         _fail(refusal(the_plan, advice), code=1)
 
 
-def _plan_table(p) -> None:
+def _plan_table(p, compute) -> None:
     f, w = p.facts, p.worker
     table = Table(title=p.summary_line().split(";")[0], title_justify="left", show_header=False)
     table.add_column("what")
@@ -256,7 +262,10 @@ def _plan_table(p) -> None:
             ("simulation engine (Ray)", gb(p.engine_bytes)),
             ("workers" + (" (federation.workers)" if p.workers_fixed else " (from cores and memory)"), str(p.workers)),
             (f"needed / free on {p.device}", f"{gb(p.total_bytes)} / {gb(p.available_bytes)}"),
-            ("fits", "yes" if p.fits else "no")]
+            ("fits", "yes" if p.fits else "no"),
+            ("run: tokens trained / evaluated (at most)", f"{compute.train_tokens / 1e6:,.1f}M / {compute.eval_tokens / 1e6:,.1f}M"),
+            ("run: arithmetic (at most)", f"{compute.flops / 1e15:,.1f} PFLOP"),
+            ("run: hours on one H100 (at 400 / 83 TFLOP/s)", "{:.2f} / {:.2f}".format(*compute.gpu_hours()))]
     for row in rows:
         table.add_row(*row)
     console.print(table)

@@ -268,6 +268,49 @@ def refusal(plan: Plan, suggestion: str | None) -> str:
                "a shorter data.max_length or a machine with more memory"))
 
 
+# What one H100 achieves on a training step, in model FLOP/s [ours]: from 83 TFLOP/s, measured for this
+# package's step on the `gpu` preset's 0.37B Mixtral at batch 128 in bfloat16 (docs/gpu.md), to 400 TFLOP/s,
+# about 40% of the card's dense bfloat16 peak, which the larger matmuls of billion-parameter models approach.
+H100_FLOPS_PER_SECOND = (83e12, 400e12)
+
+
+@dataclass(frozen=True)
+class ComputeEstimate:
+    """A run's arithmetic, bounded from above: every sequence counted at ``data.max_length`` tokens (a
+    choice scored by likelihood: one sequence a choice), every parameter a token visits as a matmul."""
+
+    train_tokens: int
+    eval_tokens: int
+    flops: float
+
+    def gpu_hours(self) -> tuple[float, float]:
+        """(at the faster rate, at the slower rate) hours on one H100 (``H100_FLOPS_PER_SECOND``)."""
+        return self.flops / max(H100_FLOPS_PER_SECOND) / 3600, self.flops / min(H100_FLOPS_PER_SECOND) / 3600
+
+
+def estimate_compute(cfg: Config, facts: ModelFacts, data: FederatedData) -> ComputeEstimate:
+    """The tokens a run trains on and evaluates, and their FLOPs: 2 A a token forward, 2 A more backward for
+    the activations' gradients and 2 min(T, A) for the trainable weights' (A: active parameters, T: trainable),
+    so 6 A when everything trains; 2 A a token evaluated. A round trains each sampled client for its local
+    epochs (or steps) and evaluates it on its own test split, and evaluates the global model on the global
+    test split (``local``: every client's model on it); the final round evaluates the global model on every
+    client's test split."""
+    seq = cfg.data.max_length * facts.rows_per_example
+    share, rounds, t = cfg.federation.fraction_train, cfg.federation.rounds, cfg.train
+    clients = len(data.client_train)
+    if t.local_steps is not None:
+        trained = math.ceil(share * clients) * t.local_steps * t.batch_size
+    else:
+        trained = share * sum(len(part) for part in data.client_train) * t.local_epochs
+    own_tests = sum(len(part) for part in data.client_test)
+    global_tests = len(data.global_test) * (clients if cfg.federation.strategy == "local" else 1)
+    evaluated = rounds * (share * own_tests + global_tests) + own_tests
+    A = facts.active_parameters
+    train_tokens, eval_tokens = int(rounds * trained * seq), int(evaluated * seq)
+    flops = train_tokens * (4 * A + 2 * min(facts.trainable_parameters, A)) + eval_tokens * 2 * A
+    return ComputeEstimate(train_tokens, eval_tokens, float(flops))
+
+
 def check_fits(cfg: Config, built: BuiltModel | None = None) -> Plan:
     """The plan of ``cfg``; ``ConfigError`` (one line naming the numbers and the option that would make it
     fit) when it does not fit."""
