@@ -16,6 +16,9 @@
 # specialised `fedprox` setup pins mu 0.01, the default it ran under before this tuning made the preset's 0.1.
 # `fedalign-prox0.1` adds FedProx's term at its tuned mu to FedAlign-MoE's loss (`fedalign.proximal_mu`, ours):
 # on the test-split grid FedProx beat FedAlign-MoE over the last five rounds on every seed.
+# The server optimisers get FedProx's budget: their default and one alternative each, their step size (FedAvgM
+# at lr 1.0 moves 10x the average update once its 0.9 momentum builds up, 0.1 about 1x; FedAdam's and FedYogi's
+# per-coordinate step eta 1e-3 is a tenth of a client's typical update here, 1e-2 about its size).
 # `fedalign-personal` keeps the experts a client is outside A(e) of (`fedalign.personal_experts`, issue 9
 # section 4), paired with `fedalign-examples`, the same setup without them.
 set -euo pipefail
@@ -43,6 +46,12 @@ else
     "fedprox-mu0.1|fedprox|train.proximal_mu=0.1"
     "fedmoe|fedmoe|"
     "fedmoe-coverage0.75|fedmoe|federation.fedmoe_coverage=0.75"
+    "fedavgm|fedavgm|federation.server_lr=1.0 federation.server_momentum=0.9"
+    "fedavgm-lr0.1|fedavgm|federation.server_lr=0.1 federation.server_momentum=0.9"
+    "fedadam|fedadam|federation.server_lr=0.001"
+    "fedadam-eta0.01|fedadam|federation.server_lr=0.01"
+    "fedyogi|fedyogi|federation.server_lr=0.001"
+    "fedyogi-eta0.01|fedyogi|federation.server_lr=0.01"
   )
 fi
 for seed in ${seeds//,/ }; do  # seed by seed: a partial sweep still covers every setup
