@@ -20,7 +20,6 @@ from common import write_result
 from fedalign_moe.config import load_config
 from fedalign_moe.training.local import ClientTensors, load_state, train_local, trainable_state
 from fedalign_moe.training.setup import open_workspace
-from fedalign_moe.training.standalone import _concat
 
 ROOT = Path(__file__).resolve().parents[1]
 SETUPS = {
@@ -34,7 +33,7 @@ def epoch(preset: str, overrides: dict, clients: int, padding: str) -> dict:
     over = {**overrides, "train": {**overrides.get("train", {}), "padding": padding}, "out_dir": "runs/padding-ab"}
     cfg = load_config(preset, overrides=over)
     ws = open_workspace(cfg)
-    data = _concat([ws.client(p)[0] for p in range(clients)])
+    data = ClientTensors.concat([ws.client(p)[0] for p in range(clients)])
     if preset == "gpu":
         idx = torch.arange(min(48, len(data)))
         data = ClientTensors(data.input_ids_NS[idx], data.attention_mask_NS[idx], data.labels_N[idx], trim=data.trim)

@@ -13,16 +13,15 @@ import time
 import torch
 
 from fedalign_moe.config import load_config
-from fedalign_moe.training.local import load_state, train_local, trainable_state
+from fedalign_moe.training.local import ClientTensors, load_state, train_local, trainable_state
 from fedalign_moe.training.setup import open_workspace
-from fedalign_moe.training.standalone import _concat
 
 clients = int(sys.argv[1]) if len(sys.argv) > 1 else 3
 repeats = int(sys.argv[2]) if len(sys.argv) > 2 else 3
 cfg = load_config("bench")
 torch.set_num_threads(1)
 ws = open_workspace(cfg)
-data = _concat([ws.client(p)[0] for p in range(clients)])
+data = ClientTensors.concat([ws.client(p)[0] for p in range(clients)])
 start = trainable_state(ws.built.model, ws.built.trainable)
 per_step = []
 for _ in range(repeats):

@@ -201,3 +201,18 @@ def test_an_environment_is_restored_as_it_was(monkeypatch):
     with environment(FEDALIGN_A="inside", FEDALIGN_B="new"):
         assert (os.environ["FEDALIGN_A"], os.environ["FEDALIGN_B"]) == ("inside", "new")
     assert os.environ["FEDALIGN_A"] == "kept" and "FEDALIGN_B" not in os.environ
+
+
+def test_a_round_whose_strategy_state_cannot_be_read_reports_nothing_of_the_round_before(server_identity, monkeypatch):
+    strategy = _strategy("fedavg")
+    glob = replies.global_state()
+    sent = replies.instructions(strategy, glob, 3)
+    strategy.aggregate_train(1, [replies.reply(sent[pid], pid, glob) for pid in range(3)])
+    assert len(strategy.outcome.used) == 3
+
+    def unreadable():
+        raise RuntimeError("state lost")
+    monkeypatch.setattr(strategy, "state_dict", unreadable)
+    with pytest.raises(RuntimeError):
+        strategy.aggregate_round(2, [])
+    assert strategy.outcome.used == [] and strategy.outcome.dropped == []

@@ -52,6 +52,10 @@ def test_the_cache_builds_once_rebuilds_what_does_not_match_and_survives_a_full_
 
     def full(value, tmp):
         raise OSError("No space left on device")
+
+    def torch_full(value, tmp):  # torch.save on a full disk
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+    assert load_or_build(tmp_path / "torch" / "v.pt", load, build, torch_full, "thing") == ("value", False)
     assert load_or_build(tmp_path / "other" / "v.txt", load, build, full, "thing") == ("value", False)
     assert "the thing is not kept" in caplog.text and not (tmp_path / "other" / "v.txt").exists()
     assert load_or_build(None, load, build, save, "thing") == ("value", False)

@@ -38,5 +38,12 @@ def test_everything_trains_at_six_flops_a_parameter_and_choices_count_their_rows
 def test_local_steps_and_the_local_baseline():
     steps = estimate_compute(cfg(train={"local_steps": 2, "batch_size": 4}), facts(), DATA)
     assert steps.train_tokens == 3 * 2 * 2 * 4 * 8  # rounds x clients x steps x batch x tokens
-    local = estimate_compute(cfg(federation={"rounds": 3, "fraction_train": 1.0, "strategy": "local"}), facts(), DATA)
-    assert local.eval_tokens == (3 * (10 + 2 * 20) + 10) * 8  # each client's model on the global test split
+    local = estimate_compute(cfg(federation={"rounds": 3, "fraction_train": 0.5, "strategy": "local"}), facts(), DATA)
+    assert local.train_tokens == 3 * 40 * 8  # every client trains, whatever fraction_train says
+    assert local.eval_tokens == 3 * (10 + 2 * 20) * 8  # own tests, and each client's model on the global test split
+
+
+def test_a_sampled_round_is_bounded_by_its_largest_partitions():
+    half = estimate_compute(cfg(federation={"rounds": 3, "fraction_train": 0.5}), facts(), DATA)
+    assert half.train_tokens == 3 * 30 * 8  # one client of two a round: the larger partition
+    assert half.eval_tokens == (3 * (5 + 20) + 10) * 8

@@ -49,7 +49,8 @@ def load_or_build(path: Path | None, load: Callable[[Path], T | None], build: Ca
                   save: Callable[[T, Path], None], what: str) -> tuple[T, bool]:
     """(the value, whether it came from ``path``). ``load(path)`` returns None for a copy that is not what
     is expected (it is built again, with a warning), and may raise for an unreadable one (the same);
-    ``save(value, tmp)`` writes it, atomically replaced over ``path``. ``path`` None: build, keep nothing."""
+    ``save(value, tmp)`` writes it, atomically replaced over ``path``; a save that fails for want of disk
+    keeps nothing and this run goes on. ``path`` None: build, keep nothing."""
     if path is not None and path.exists():
         try:
             value = load(path)
@@ -63,6 +64,6 @@ def load_or_build(path: Path | None, load: Callable[[Path], T | None], build: Ca
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             replace_atomically(path, lambda tmp: save(value, tmp))
-        except OSError as err:  # full or read-only disk: this run goes on, the next one builds again
+        except (OSError, RuntimeError) as err:  # full or read-only disk (torch.save raises RuntimeError): this run goes on
             logger.warning("the %s is not kept in %s: %s", what, path.parent, err)
     return value, False

@@ -245,6 +245,7 @@ class ScreenedReplies:
     def aggregate_round(self, server_round: int, replies) -> RoundOutcome:
         """Screen the replies and aggregate the valid ones; the strategy's state is left as it was (an
         exception from the aggregation leaves it so too)."""
+        self.outcome = RoundOutcome(None, None, [], [], {}, 0.0, None, {})
         before = self.state_dict()
         self.outcome = RoundOutcome(None, None, [], [], {}, 0.0, None, before)
         received = list(replies)

@@ -291,20 +291,24 @@ class ComputeEstimate:
 def estimate_compute(cfg: Config, facts: ModelFacts, data: FederatedData) -> ComputeEstimate:
     """The tokens a run trains on and evaluates, and their FLOPs: 2 A a token forward, 2 A more backward for
     the activations' gradients and 2 min(T, A) for the trainable weights' (A: active parameters, T: trainable),
-    so 6 A when everything trains; 2 A a token evaluated. A round trains each sampled client for its local
-    epochs (or steps) and evaluates it on its own test split, and evaluates the global model on the global
-    test split (``local``: every client's model on it); the final round evaluates the global model on every
-    client's test split."""
+    so 6 A when everything trains; 2 A a token evaluated. A federated round trains the sampled clients (the
+    largest partitions, for a bound) for their local epochs (or steps), evaluates each on its own test split
+    and the global model on the global test split; its last round evaluates the global model on every
+    client's test split. ``local`` and ``centralised`` train on every client's data each round and evaluate
+    on every client's test split and the global one (``local``: each client's model on it)."""
     seq = cfg.data.max_length * facts.rows_per_example
-    share, rounds, t = cfg.federation.fraction_train, cfg.federation.rounds, cfg.train
-    clients = len(data.client_train)
+    rounds, t = cfg.federation.rounds, cfg.train
+    clients, federated = len(data.client_train), spec(cfg.federation.strategy).federated
+    sampled = max(1, math.ceil(cfg.federation.fraction_train * clients)) if federated else clients
+    largest = sorted(range(clients), key=lambda c: -len(data.client_train[c]))[:sampled]
     if t.local_steps is not None:
-        trained = math.ceil(share * clients) * t.local_steps * t.batch_size
+        trained = sampled * t.local_steps * t.batch_size
     else:
-        trained = share * sum(len(part) for part in data.client_train) * t.local_epochs
+        trained = sum(len(data.client_train[c]) for c in largest) * t.local_epochs
     own_tests = sum(len(part) for part in data.client_test)
+    sampled_tests = sum(sorted((len(part) for part in data.client_test), reverse=True)[:sampled])
     global_tests = len(data.global_test) * (clients if cfg.federation.strategy == "local" else 1)
-    evaluated = rounds * (share * own_tests + global_tests) + own_tests
+    evaluated = rounds * (sampled_tests + global_tests) + (own_tests if federated else 0)
     A = facts.active_parameters
     train_tokens, eval_tokens = int(rounds * trained * seq), int(evaluated * seq)
     flops = train_tokens * (4 * A + 2 * min(facts.trainable_parameters, A)) + eval_tokens * 2 * A
