@@ -16,6 +16,9 @@
 # specialised `fedprox` setup pins mu 0.01, the default it ran under before this tuning made the preset's 0.1.
 # `fedalign-prox0.1` adds FedProx's term at its tuned mu to FedAlign-MoE's loss (`fedalign.proximal_mu`, ours):
 # on the test-split grid FedProx beat FedAlign-MoE over the last five rounds on every seed.
+# The merge rules under FedProx's term (issue 36): a majority floor on |A(e)|, soft selection, weights over the
+# routing clients, every routing client aligned (consistency_floor -1: the semantic merge becomes FedAvg's), and
+# the rung without semantic merge; seed 0 of the first four but floor -1 ran first (docs/results.md).
 # The server optimisers get FedProx's budget: their default and one alternative each, their step size (FedAvgM
 # at lr 1.0 moves 10x the average update once its 0.9 momentum builds up, 0.1 about 1x; FedAdam's and FedYogi's
 # per-coordinate step eta 1e-3 is a tenth of a client's typical update here, 1e-2 about its size).
@@ -46,6 +49,11 @@ else
     "fedprox-mu0.1|fedprox|train.proximal_mu=0.1"
     "fedmoe|fedmoe|"
     "fedmoe-coverage0.75|fedmoe|federation.fedmoe_coverage=0.75"
+    "fedalign-prox0.1-majority|fedalign|fedalign.proximal_mu=0.1 fedalign.min_aligned_share=0.5"
+    "fedalign-prox0.1-soft|fedalign|fedalign.proximal_mu=0.1 fedalign.expert_selection=soft"
+    "fedalign-prox0.1-routed|fedalign|fedalign.proximal_mu=0.1 fedalign.expert_weights=routed"
+    "fedalign-prox0.1-floor-1|fedalign|fedalign.proximal_mu=0.1 fedalign.consistency_floor=-1"
+    "fedalign-adaptive-prox0.1|fedalign-adaptive|fedalign.proximal_mu=0.1"
     "fedavgm|fedavgm|federation.server_lr=1.0 federation.server_momentum=0.9"
     "fedavgm-lr0.1|fedavgm|federation.server_lr=0.1 federation.server_momentum=0.9"
     "fedadam|fedadam|federation.server_lr=0.001"
