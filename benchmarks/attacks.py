@@ -47,8 +47,11 @@ SETUPS = {
 }
 # in the order they run; statistics travel with FedAlign-MoE only, the bound on router shares acts on them only
 UPDATE_ATTACKS = ("none", "sign-flip", "scale-9x", "pair-sign-flip")
-SETUP_ATTACKS = {"fedavg": (*UPDATE_ATTACKS, "inflate-100x"), "fedalign": (*UPDATE_ATTACKS, "capture"),
-                 "fedmedian": UPDATE_ATTACKS, "fedalign-trim": UPDATE_ATTACKS, "fedalign-bounded": ("none", "capture")}
+# inflate-100x: the reply is dropped every round (the count check), so the cell is the setup without its largest
+# client: the floor under any attack by that client (docs/robustness.md)
+SETUP_ATTACKS = {"fedavg": (*UPDATE_ATTACKS, "inflate-100x"), "fedalign": (*UPDATE_ATTACKS, "capture", "inflate-100x"),
+                 "fedmedian": (*UPDATE_ATTACKS, "inflate-100x"), "fedalign-trim": (*UPDATE_ATTACKS, "inflate-100x"),
+                 "fedalign-bounded": ("none", "capture")}
 
 
 def cells(seeds: list[int]) -> list[tuple[str, str, int]]:
