@@ -268,3 +268,12 @@ def test_stored_runs_with_gzipped_round_files_report_as_the_plain_ones(tmp_path)
     assert {p.name for p in draw_run(run)} == {"accuracy.png", "routing.png"}  # from metrics and routing .gz
     res = CliRunner().invoke(app, ["report", str(run)])  # a run folder, told apart by its metrics.jsonl.gz
     assert res.exit_code == 0 and "routing.png" in res.output, res.output
+
+
+def test_each_strategy_keeps_one_colour_of_its_own_in_every_figure():
+    from fedalign_moe.registry import STRATEGIES
+    from fedalign_moe.report.tables import strategy_color
+
+    colours = [strategy_color(name) for name in STRATEGIES]
+    assert len(set(colours)) == len(STRATEGIES)  # 18 names, tab20: none shared
+    assert strategy_color("fedalign") == strategy_color("fedalign") and strategy_color("someday") == "0.5"

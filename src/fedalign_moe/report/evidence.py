@@ -27,6 +27,7 @@ from .tables import (
     mean_std,
     results_table,
     split_name,
+    strategy_color,
     write_results_table,
 )
 
@@ -292,8 +293,8 @@ def draw_routing_spread(summaries: list[dict], path: Path) -> Path | None:
                 continue
             mu, sd = mean_curves(curves)
             x = np.arange(1, len(mu) + 1)
-            ax.plot(x, mu, label=key[1])
-            ax.fill_between(x, mu - sd, mu + sd, alpha=0.15)
+            ax.plot(x, mu, label=key[1], color=strategy_color(key[1]))
+            ax.fill_between(x, mu - sd, mu + sd, alpha=0.15, color=strategy_color(key[1]))
             drawn = True
         ax.set(title=f"routing spread between clients, alpha = {alpha:g}", xlabel="round", ylabel="mean pairwise JS (nats)")
         ax.grid(alpha=0.3)

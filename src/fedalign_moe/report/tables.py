@@ -7,11 +7,12 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from ..config import Config, UserError, deep_merge, with_legacy
 from ..files import write_atomic
-from ..registry import table_position
+from ..registry import SPECS, table_position
 from ..runlog import save_figure
 
 # No "best round" column: picking the best round on the test split would be tuning on it.
@@ -23,6 +24,22 @@ COLUMNS = (
     ("uplink_bytes_total", "uplink MB"),
     ("wall_seconds", "wall s"),
 )
+
+
+# floor and ceiling in greys, the method in red with its ablation rungs in lighter reds, each baseline a hue
+# of its own; a strategy added since takes tab20's colour at its registry place
+_COLOURS = {"centralised": "black", "local": "0.6", "fedavg": "tab:blue", "fedprox": "tab:orange", "fedmoe": "tab:purple",
+            "fedavgm": "tab:green", "fedadagrad": "tab:olive", "fedadam": "tab:cyan", "fedyogi": "tab:pink",
+            "fedtrimmedavg": "tab:brown", "fedmedian": "#8c6d31", "krum": "#393b79", "multikrum": "#6b6ecf",
+            "bulyan": "#637939", "fedalign-uniform": "#fcbba1", "fedalign-consistency": "#fb6a4a",
+            "fedalign-adaptive": "#cb181d", "fedalign": "#67000d"}
+
+
+def strategy_color(name: str) -> tuple | str:
+    """The colour a strategy has in every figure of every comparison (grey for a name the registry does not know)."""
+    if name in _COLOURS:
+        return _COLOURS[name]
+    return colormaps["tab20"](table_position(name) % 20) if name in SPECS else "0.5"
 
 
 def cell_order(key: tuple[float, str]) -> tuple:
@@ -152,7 +169,7 @@ def draw_comparison(summaries: list[dict], out: Path) -> list[Path]:
     fig = Figure(figsize=(5.5 * len(alphas), 4))
     for i, alpha in enumerate(alphas):
         ax = fig.add_subplot(1, len(alphas), i + 1)
-        for (a, strategy), runs in sorted(cells.items()):
+        for (a, strategy), runs in sorted(cells.items(), key=lambda kv: cell_order(kv[0])):
             if a != alpha:
                 continue
             curves = [r["accuracy_per_round"] for r in runs if r["accuracy_per_round"] and not r.get("stopped_early")]
@@ -160,8 +177,8 @@ def draw_comparison(summaries: list[dict], out: Path) -> list[Path]:
                 continue
             mu, sd = mean_curves(curves)
             x = np.arange(1, len(mu) + 1)
-            ax.plot(x, mu, label=strategy)
-            ax.fill_between(x, mu - sd, mu + sd, alpha=0.15)
+            ax.plot(x, mu, label=strategy, color=strategy_color(strategy))
+            ax.fill_between(x, mu - sd, mu + sd, alpha=0.15, color=strategy_color(strategy))
         ax.set(title=f"Dirichlet alpha = {alpha:g}", xlabel="round", ylabel=f"global {split_name(summaries)} accuracy")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
