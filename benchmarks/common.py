@@ -16,6 +16,12 @@ ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 
 
+def markdown_table(columns: list[str], rows: list[list[str]]) -> str:
+    """A markdown table (what docs/ quote from a benchmark's output)."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
 def write_result(path: Path, obj: Any, indent: int = 1) -> Path:
     """``obj`` as strict JSON (non-finite numbers as null), written whole; the folder is made."""
     path = Path(path)

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import torch
 from transformers import AutoModelForCausalLM, SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
 
-from common import RESULTS, write_result
+from common import RESULTS, markdown_table, write_result
 from fedalign_moe.config import load_config
 from fedalign_moe.training.plan import H100_FLOPS_PER_SECOND, estimate_compute
 from make_llm_checkpoint import architecture_config
@@ -71,12 +71,11 @@ def main() -> None:
                      "eval_tokens": estimate.eval_tokens, "pflop": estimate.flops / 1e15,
                      "h100_hours": [round(fast, 2), round(slow, 2)], "flops_per_second": list(H100_FLOPS_PER_SECOND)})
     write_result(RESULTS / "paper_compute.json", rows)
-    print("| preset | parameters (active) | trains | tokens trained / evaluated | PFLOP | hours a run on one H100 |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| `{r['preset']}` | {r['parameters'] / 1e9:.2f}B ({r['active_parameters'] / 1e9:.2f}B) | {r['trainable']} | "
-              f"{r['train_tokens'] / 1e6:,.0f}M / {r['eval_tokens'] / 1e6:,.0f}M | {r['pflop']:,.0f} | "
-              f"{r['h100_hours'][0]:.1f}-{r['h100_hours'][1]:.1f} |")
+    print(markdown_table(
+        ["preset", "parameters (active)", "trains", "tokens trained / evaluated", "PFLOP", "hours a run on one H100"],
+        [[f"`{r['preset']}`", f"{r['parameters'] / 1e9:.2f}B ({r['active_parameters'] / 1e9:.2f}B)", r["trainable"],
+          f"{r['train_tokens'] / 1e6:,.0f}M / {r['eval_tokens'] / 1e6:,.0f}M", f"{r['pflop']:,.0f}",
+          f"{r['h100_hours'][0]:.1f}-{r['h100_hours'][1]:.1f}"] for r in rows]))
 
 
 if __name__ == "__main__":

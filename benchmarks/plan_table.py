@@ -16,7 +16,7 @@ import logging
 import os
 from pathlib import Path
 
-from common import write_result
+from common import markdown_table, write_result
 from fedalign_moe.config import load_config
 from fedalign_moe.models.build import FOUR_BIT_BYTES, agree_with_checkpoint
 from fedalign_moe.training.plan import make_plan, plan_model
@@ -58,12 +58,11 @@ def main() -> None:
     dest = ROOT / "benchmarks" / "results" / "llm_memory"
     dest.mkdir(parents=True, exist_ok=True)
     write_result(dest / "plan_table.json", rows)
-    print("| model | parameters (active per token) | machine | setting | base | per worker (`peak_bytes`) | workers | fits |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['architecture']} | {r['parameters'] / 1e9:.1f}B ({r['active_parameters'] / 1e9:.1f}B) | {r['machine']} | "
-              f"{r['setting']} | {r['base_bytes'] / 1e9:.1f} GB | {r['peak_bytes'] / 1e9:.1f} GB | {r['workers']} | "
-              f"{'yes' if r['fits'] else 'no'} |")
+    print(markdown_table(
+        ["model", "parameters (active per token)", "machine", "setting", "base", "per worker (`peak_bytes`)", "workers", "fits"],
+        [[r["architecture"], f"{r['parameters'] / 1e9:.1f}B ({r['active_parameters'] / 1e9:.1f}B)", r["machine"], r["setting"],
+          f"{r['base_bytes'] / 1e9:.1f} GB", f"{r['peak_bytes'] / 1e9:.1f} GB", str(r["workers"]), "yes" if r["fits"] else "no"]
+         for r in rows]))
     # the share of the frozen weights a 4-bit load holds in 4 bits: each one saves 2 - FOUR_BIT_BYTES bytes
     bases = {(r["architecture"], r["setting"].split(" ")[0]): r["base_bytes"] for r in rows if r["machine"] == next(iter(MACHINES))}
     for arch in ARCHS:
