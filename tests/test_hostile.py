@@ -262,7 +262,7 @@ def test_an_aggregation_that_raises_keeps_the_model_and_the_run(tmp_path, server
         raise RuntimeError("stack expects each tensor to be equal size")
 
     monkeypatch.setattr(server.strategy, "aggregate_round", boom)
-    record = server.train_round(1)
+    record, _ = server.train_round(1)
     assert not record.adopted and record.exchange.not_adopted_reason == (
         "the aggregation raised RuntimeError: stack expects each tensor to be equal size")
     assert all(torch.equal(before[k], v) for k, v in server.arrays.to_torch_state_dict().items())

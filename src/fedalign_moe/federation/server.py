@@ -32,7 +32,7 @@ from . import checkpoint, protocol
 from .checkpoint import Checkpoint
 from .global_eval import NoNodeAnswer, global_model
 from .protocol import ReplyError, TrainReply
-from .screening import ROUND_RECORD, Failure, error_cause
+from .screening import ROUND_RECORD, Failure, RoundOutcome, error_cause
 from .strategies import make_strategy
 
 logger = logging.getLogger(__name__)
@@ -134,7 +134,6 @@ class _Server:
             self.arrays = self.global_model.initial_state()
         self.current_eval: dict | None = None  # the global model's test result, once computed
         self.current_round = self.first_round - 1
-        self.outcome = self.strategy.outcome  # the last round's
 
     def adopt(self, new: ArrayRecord | None) -> str | None:
         """Make ``new`` the global model unless it is missing or broken; the reason when it is not adopted."""
@@ -161,8 +160,8 @@ class _Server:
                 return {"loss": math.nan, "accuracy": math.nan, "num-examples": 0}
         return self.current_eval
 
-    def train_round(self, server_round: int) -> RoundRecord:
-        """One round; its metrics record."""
+    def train_round(self, server_round: int) -> tuple[RoundRecord, RoundOutcome]:
+        """One round: its metrics record, and what the strategy made of its replies."""
         t0 = time.perf_counter()
         strategy, self.current_round = self.strategy, server_round
         messages = list(strategy.configure_train(server_round, self.arrays, protocol.round_config(self.cfg.to_json()), self.grid))
@@ -185,24 +184,23 @@ class _Server:
             strategy.commit(outcome)
         else:
             logger.warning("round %d keeps the previous global model: %s", server_round, not_adopted, extra=ROUND_RECORD)
-        self.outcome = outcome
         release_memory()
         result = self.evaluation()
         rows = client_rows(outcome.used, outcome.update_norms)
         exchange = Exchange(sum(total - model for total, model in sizes), len(messages), len(rows),
                             tuple(f.to_json() for f in outcome.dropped), not_adopted is None, not_adopted,
                             round(t_aggregate, 4), round(outcome.screen_seconds, 4))
-        return RoundRecord(server_round, result["accuracy"], result["loss"], uplink_bytes=sum(total for total, _ in sizes),
-                           downlink_bytes=downlink, failures=len(outcome.dropped), seconds=round(time.perf_counter() - t0, 3),
-                           clients=rows, exchange=exchange, **client_totals(rows))
+        record = RoundRecord(server_round, result["accuracy"], result["loss"], uplink_bytes=sum(total for total, _ in sizes),
+                             downlink_bytes=downlink, failures=len(outcome.dropped), seconds=round(time.perf_counter() - t0, 3),
+                             clients=rows, exchange=exchange, **client_totals(rows))
+        return record, outcome
 
     def check_interrupt(self, during: str, kept_round: int) -> None:
         """Raise ``RunInterrupted`` once the run was interrupted: nothing of the step in flight is kept."""
         if self.interrupted is not None and self.interrupted.is_set():
             raise RunInterrupted(f"interrupted during {during}; the checkpoint of round {kept_round} stands")
 
-    def log_round(self, record: RoundRecord) -> None:
-        outcome = self.outcome
+    def log_round(self, record: RoundRecord, outcome: RoundOutcome) -> None:
         self.log.add_round(record)
         layers = [layer.index for layer in self.ws.built.layout.layers]
         self.log.add_jsonl("routing.jsonl", {"round": record.round, "layers": layers, "clients": routing_by_client(outcome.used)})
@@ -238,16 +236,16 @@ def run_federation(grid: Grid, ws: Workspace, log: RunLog, on_round: Callable[[R
             stopped = (f"stopped before round {server_round}: fewer than min_available_nodes = "
                        f"{cfg.federation.min_available_nodes} nodes connected within {cfg.federation.node_wait_seconds:g} s")
             break
-        record = server.train_round(server_round)
+        record, outcome = server.train_round(server_round)
         server.check_interrupt(f"round {server_round}", server_round - 1)
-        server.log_round(record)
+        server.log_round(record, outcome)
         server.idle = 0 if record.adopted else server.idle + 1
         server.save_checkpoint(server_round)
         if on_round is not None:
             on_round(record)
         limit = cfg.federation.stop_after_silent_rounds
         if limit is not None and server.idle >= limit:
-            causes = failure_summary(server.outcome.dropped)
+            causes = failure_summary(outcome.dropped)
             stopped = (f"stopped after round {server_round}: no new global model in the last {server.idle} rounds "
                        f"({record.exchange.not_adopted_reason}" + (f"; replies lost: {causes})" if causes else ")"))
             break
