@@ -16,7 +16,7 @@ import re
 import statistics
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -245,9 +245,9 @@ class ScreenedReplies:
     def aggregate_round(self, server_round: int, replies) -> RoundOutcome:
         """Screen the replies and aggregate the valid ones; the strategy's state is left as it was (an
         exception from the aggregation leaves it so too)."""
-        self.outcome = RoundOutcome(None, None, [], [], {}, 0.0, None, {})
+        self.outcome = RoundOutcome(None, None, [], [], {}, 0.0, None, {})  # nothing of the round before, whatever fails
         before = self.state_dict()
-        self.outcome = RoundOutcome(None, None, [], [], {}, 0.0, None, before)
+        self.outcome = replace(self.outcome, state=before)
         received = list(replies)
         if not self.sent:
             return self.outcome
@@ -255,8 +255,8 @@ class ScreenedReplies:
         expect = Expectation.of_round(self.sent[0].content, self.policy.layout, self.policy.num_clients,
                                       self.policy.work, self.policy.partition_sizes, self.global_state)
         used, dropped, norms = screen(self.sent, received, expect, self.policy, self.global_state)
-        screened = RoundOutcome(None, None, used, dropped, norms, time.perf_counter() - t0, None, before)
-        self.outcome = screened
+        self.outcome = replace(self.outcome, used=used, dropped=dropped, update_norms=norms,
+                               screen_seconds=time.perf_counter() - t0)
         for f in dropped:
             logger.warning("round %d: dropped the reply of node %s (partition %s): %s", server_round, f.node_id,
                            "?" if f.partition_id is None else f.partition_id, f.reason, extra=ROUND_RECORD)
@@ -265,14 +265,14 @@ class ScreenedReplies:
                 logger.warning("round %d: the weight of partition %d (node %s) is bounded: it claims %d examples, "
                                "it counts as %.4g", server_round, r.partition_id, r.node_id, r.num_examples, r.weight)
         if not used:
-            return screened
+            return self.outcome
         try:
             arrays, metrics = self.aggregate_replies(server_round, used)
             after = self.state_dict()
         finally:
             self.load_state_dict(before)
-        self.outcome = RoundOutcome(arrays, metrics, used, dropped, norms, screened.screen_seconds,
-                                    self.diagnostics() if arrays is not None else None, after)
+        self.outcome = replace(self.outcome, arrays=arrays, metrics=metrics, state=after,
+                               diagnostics=self.diagnostics() if arrays is not None else None)
         return self.outcome
 
     def commit(self, outcome: RoundOutcome) -> None:
