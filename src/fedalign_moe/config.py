@@ -380,9 +380,13 @@ class Config(_Section):
         raw["federation"].pop("global_eval")
         strategy = spec(self.federation.strategy)
         for option in STRATEGY_OPTIONS:  # options this strategy never reads
-            if option not in strategy.reads:
-                section, _, name = option.partition(".")
-                raw[section].pop(name) if name else raw.pop(section)
+            if option in strategy.reads:
+                continue
+            section, _, name = option.partition(".")
+            if name:
+                raw[section].pop(name)
+            else:
+                raw.pop(section)
         if "fedalign" in strategy.reads:
             raw["fedalign"] = self.effective_fedalign().model_dump(mode="json")  # the rung's switches applied
             if raw["fedalign"]["expert_aggregation"] != "semantic":  # read by semantic expert aggregation only
