@@ -9,7 +9,11 @@ of sign-flippers or capturers. The hostile client is the seed's largest partitio
 a pair: read from the `none` run's partition.json), the worst case for an example-weighted average (a
 client of 14 examples in 2,000, partition 0 at seed 0, moves nothing whatever it sends). Setups: FedAvg,
 FedAlign-MoE, FedAlign-MoE with `fedalign.router_share_factor = 3` (bounded) or `fedalign.expert_trim = 0.3`
-(trim; both chosen a priori, not tuned), and Flower's FedMedian. A finished cell
+(trim; both chosen a priori, not tuned), Flower's FedMedian, and FedAlign-MoE behind the server's robust
+screens (robust: `federation.min_update_cosine = 0` drops an update pointing against the median of the
+round's other updates, `federation.clip_update_norm_ratio = 3` scales one whose norm per square root of
+its steps is over 3x the round's median down to it; 3 is above the honest spread of 2.1x measured on the
+`none` cells of FedAvg and FedAlign-MoE, 0 chosen a priori). A finished cell
 (summary.json present) is not run again, so an interrupted grid resumes.
 
 Usage: .venv/bin/python benchmarks/attacks.py [--seeds 0,1,2] [--out benchmarks/results/attacks] [--report-only]
@@ -44,6 +48,7 @@ SETUPS = {
     "fedalign-bounded": ["federation.strategy=fedalign", "fedalign.router_share_factor=3"],
     "fedalign-trim": ["federation.strategy=fedalign", "fedalign.expert_trim=0.3"],
     "fedmedian": ["federation.strategy=fedmedian"],
+    "fedalign-robust": ["federation.strategy=fedalign", "federation.min_update_cosine=0", "federation.clip_update_norm_ratio=3"],
 }
 # in the order they run; statistics travel with FedAlign-MoE only, the bound on router shares acts on them only
 UPDATE_ATTACKS = ("none", "sign-flip", "scale-9x", "pair-sign-flip")
@@ -51,7 +56,7 @@ UPDATE_ATTACKS = ("none", "sign-flip", "scale-9x", "pair-sign-flip")
 # client: the floor under any attack by that client (docs/robustness.md)
 SETUP_ATTACKS = {"fedavg": (*UPDATE_ATTACKS, "inflate-100x"), "fedalign": (*UPDATE_ATTACKS, "capture", "inflate-100x"),
                  "fedmedian": (*UPDATE_ATTACKS, "inflate-100x"), "fedalign-trim": (*UPDATE_ATTACKS, "inflate-100x"),
-                 "fedalign-bounded": ("none", "capture")}
+                 "fedalign-bounded": ("none", "capture"), "fedalign-robust": UPDATE_ATTACKS}
 
 
 def cells(seeds: list[int]) -> list[tuple[str, str, int]]:

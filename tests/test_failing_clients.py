@@ -29,3 +29,22 @@ def test_a_third_of_the_clients_fail_and_the_run_goes_on(tmp_path, monkeypatch):
     assert all("the client raised an error: RuntimeError: partition" in x for x in reasons[1] + reasons[2])
     assert all(r["adopted"] and math.isfinite(r["accuracy"]) and math.isfinite(r["loss"]) for r in rows)
     assert summary["failures_total"] == 5 and not summary.get("stopped_early")
+
+
+def test_a_sign_flipping_client_is_dropped_by_the_robust_screens_end_to_end(tmp_path):
+    """A hostile client of the simulation (attack.kind sign-flip) behind the server's robust screens: its reply
+    is dropped every round and named with the cosine of its update, every other client's cosine is recorded,
+    and the run finishes finite."""
+    from fedalign_moe.federation.server_app import simulate
+
+    cfg = load_config("tiny", overrides={"out_dir": str(tmp_path), "partition": {"num_clients": 5},
+                                         "attack": {"kind": "sign-flip", "clients": [1]},
+                                         "federation": {"strategy": "fedalign", "rounds": 2, "min_update_cosine": 0.0,
+                                                        "clip_update_norm_ratio": 2.0}})
+    simulate(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        assert [(f["partition_id"], f["reason"].split(" with ")[0]) for f in r["failure_reasons"]] == [(1, "update's cosine")]
+        assert 1 not in [c["partition_id"] for c in r["clients"]]
+        assert all(c["update_cosine"] >= 0 for c in r["clients"]) and len(r["clients"]) == 4
+        assert r["adopted"] and math.isfinite(r["accuracy"])

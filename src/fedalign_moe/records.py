@@ -33,10 +33,12 @@ class ClientRow:
     train_seconds: float
     weight_bounded_to: float | None = None  # the screen bounded the weight its claimed examples would have had
     update_norm: float | None = None  # ||w_i - w_g||, as the screen's outlier rule compared it
+    update_cosine: float | None = None  # cos(w_i - w_g, the median of the others' updates), where the screen measured it
+    update_scaled_by: float | None = None  # the screen scaled the update down by this factor (its norm clip)
 
     def to_json(self) -> dict[str, Any]:
         raw = asdict(self)
-        for optional in ("weight_bounded_to", "update_norm"):
+        for optional in ("weight_bounded_to", "update_norm", "update_cosine", "update_scaled_by"):
             if raw[optional] is None:
                 raw.pop(optional)
         return raw
@@ -169,8 +171,8 @@ class Summary:
     def of(cls, head: dict[str, Any], rounds: list[RoundRecord], wall_seconds: float, **extra) -> Summary:
         """The summary of ``rounds``; ``head``: the run's strategy, revision, preset, dataset, backbone,
         alpha, num_clients, rounds and seed."""
-        acc = [r.accuracy for r in rounds if r.accuracy is not None and math.isfinite(r.accuracy)]
-        local = [r.local_accuracy for r in rounds if r.local_accuracy is not None and math.isfinite(r.local_accuracy)]
+        acc = [a for a in (_finite(r.accuracy) for r in rounds) if a is not None]
+        local = [a for a in (_finite(r.local_accuracy) for r in rounds) if a is not None]
         tokens, seconds = sum(r.train_tokens for r in rounds), round(sum(r.train_seconds for r in rounds), 3)
         return cls(**head,
                    final_accuracy=acc[-1] if acc else None, best_accuracy=max(acc) if acc else None,

@@ -3,8 +3,10 @@
 Every strategy of this package (FedAvg, FedProx, FedMoE, each FedAlign-MoE rung) mixes in
 ``ScreenedReplies``: ``aggregate_train`` drops each reply that is an error, is malformed or out of
 range (``protocol.read_train_reply``), claims a partition another reply also claims, or whose update
-norm per local step is far above the round's median, logs one line per dropped reply naming the node, the partition
-and the reason, and hands the rest to the ``aggregate_replies`` hook. A round in which nothing
+norm per local step is far above the round's median (and, where the run asks, whose update points away
+from the median of the round's other updates; an update over a tighter norm bound is scaled down to it), logs one line
+per dropped reply naming the node, the partition and the reason, and hands the rest to the
+``aggregate_replies`` hook. A round in which nothing
 survives leaves the global model as it was.
 """
 
@@ -27,7 +29,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from ..config import Config
 from ..core.aggregate import LayerNames
 from ..core.fedmoe import keep_rows
-from ..core.robust import bounded_example_counts
+from ..core.robust import bounded_example_counts, cosines_to_median, norm_clip_scales
 from ..models.base import MoELayout
 from . import protocol
 from .protocol import Expectation, LocalWork, ReplyError, TrainReply
@@ -60,6 +62,8 @@ class ReplyPolicy:
     max_weight_share: float | None = None  # no reply weighs more than this share of a round (4+ replies)
     partition_sizes: tuple[int, ...] | None = None  # each partition's training examples, when the server knows them
     wire_dtype: str = "float32"  # "bfloat16": training rounds travel in bfloat16 each way (federation.wire_dtype)
+    clip_update_norm_ratio: float | None = None  # scale updates down to this x the round's median norm / sqrt(steps)
+    min_update_cosine: float | None = None  # drop updates whose cosine with the round's median update is below this
 
 
 @dataclass(frozen=True)
@@ -138,10 +142,12 @@ def screen(sent: list[Message], received: list[Message], expect: Expectation, po
             measured.append(r)
         except Exception as err:  # noqa: BLE001 - a reply the norm cannot be taken of costs that reply only
             failures.append(Failure(r.node_id, r.partition_id, f"unreadable update ({protocol.one_line(err)})"))
-    kept, outliers = _drop_norm_outliers(measured, norms, policy.max_update_norm_ratio,
-                                         _allowed_steps(measured, policy))
+    steps = _allowed_steps(measured, policy)
+    kept, outliers = _drop_norm_outliers(measured, norms, policy.max_update_norm_ratio, steps)
+    kept, opposed = _drop_opposed(kept, global_state, policy)
+    _clip_norms(kept, norms, steps, global_state, policy)
     _weigh(kept, policy)
-    order = sorted(failures + outliers, key=lambda f: (f.partition_id is None, f.partition_id or 0, f.node_id))
+    order = sorted(failures + outliers + opposed, key=lambda f: (f.partition_id is None, f.partition_id or 0, f.node_id))
     return kept, order, norms  # failures in partition order too, whatever order the replies came in
 
 
@@ -184,6 +190,64 @@ def _drop_norm_outliers(replies: list[TrainReply], norms: dict[int, float], rati
         else:
             keep.append(r)
     return keep, out
+
+
+_CHUNK = 1 << 18  # elements of one parameter compared at a time, per reply
+
+
+def _update_chunks(replies: list[TrainReply], global_state: dict[str, torch.Tensor], names: list[str]):
+    """The replies' updates, one chunk of one parameter at a time, stacked [C, <= _CHUNK]."""
+    views = [r.state() for r in replies]
+    for name in names:
+        base = global_state[name].reshape(-1).float()
+        for start in range(0, base.numel(), _CHUNK):
+            part = base[start:start + _CHUNK]
+            yield torch.stack([v[name].reshape(-1)[start:start + _CHUNK].float() - part for v in views])
+
+
+def _drop_opposed(replies: list[TrainReply], global_state: dict[str, torch.Tensor],
+                  policy: ReplyPolicy) -> tuple[list[TrainReply], list[Failure]]:
+    """Drop updates whose cosine with the coordinate-wise median of the round's other updates is below
+    ``policy.min_update_cosine`` (``core.robust.cosines_to_median``), over the parameters every reply sends
+    whole (a FedMoE sub-MoE reply's expert rows are left out of the comparison). Each reply's cosine is kept
+    on it (``update_cosine``)."""
+    if policy.min_update_cosine is None or len(replies) < 3:  # a median of one or two replies says nothing
+        return replies, []
+    views = [r.state() for r in replies]
+    names = [n for n, g in global_state.items() if all(n in v and tuple(v[n].shape) == tuple(g.shape) for v in views)]
+    if not names:
+        return replies, []
+    cos_C = cosines_to_median(_update_chunks(replies, global_state, names))
+    keep, out = [], []
+    for r, cos in zip(replies, cos_C.tolist()):
+        r.update_cosine = cos
+        if cos < policy.min_update_cosine:
+            out.append(Failure(r.node_id, r.partition_id, f"update's cosine with the median of the round's other updates {cos:.3f} "
+                               f"is below {policy.min_update_cosine:g}"))
+        else:
+            keep.append(r)
+    return keep, out
+
+
+def _clip_norms(replies: list[TrainReply], norms: dict[int, float], steps: dict[int, int],
+                global_state: dict[str, torch.Tensor], policy: ReplyPolicy) -> None:
+    """Scale each update whose norm per square root of its local steps is above ``policy.clip_update_norm_ratio``
+    x the median of the replies kept down to that (``core.robust.norm_clip_scales``): the reply's arrays
+    become w_g + s (w_i - w_g), and ``update_scale`` says s. Per square root of the steps (``steps``: those
+    its example count is allowed), because that is how honest norms grow under Adam: on `bench` at alpha 0.1
+    they grow as steps^0.7, so per step the largest client's pace is 0.4x the median and a 9x scale of it
+    would pass a 2x clip at 5x its honest size; per square root of the steps honest clients lie within
+    0.45-2.1x the median and the largest at 1.1-1.2x (docs/robustness.md)."""
+    if policy.clip_update_norm_ratio is None or len(replies) < 3:
+        return
+    pace_C = torch.tensor([norms[r.partition_id] / steps[r.partition_id] ** 0.5 for r in replies], dtype=torch.float64)
+    for r, s in zip(replies, norm_clip_scales(pace_C, policy.clip_update_norm_ratio).tolist()):
+        if s < 1:
+            base = global_state if r.sub_moe_LE is None else keep_rows(
+                global_state, [LayerNames(l.router, l.experts) for l in policy.layout.layers], r.sub_moe_LE)
+            r.arrays = ArrayRecord({name: (base[name].float() + s * (t.float() - base[name].float())).to(t.dtype)
+                                    for name, t in r.state().items()})
+            r.update_scale = s
 
 
 @dataclass(frozen=True)
@@ -264,6 +328,10 @@ class ScreenedReplies:
             if r.weight_capped:
                 logger.warning("round %d: the weight of partition %d (node %s) is bounded: it claims %d examples, "
                                "it counts as %.4g", server_round, r.partition_id, r.node_id, r.num_examples, r.weight)
+            if r.update_scale < 1:
+                logger.warning("round %d: the update of partition %d (node %s) is scaled by %.3g: its norm per local "
+                               "step^0.5 was over %gx the round's median", server_round, r.partition_id, r.node_id,
+                               r.update_scale, self.policy.clip_update_norm_ratio)
         if not used:
             return self.outcome
         try:

@@ -54,7 +54,9 @@ def client_rows(replies: list[TrainReply], update_norms: dict[int, float] | None
     return tuple(ClientRow(r.partition_id, r.num_examples, r.figures.train_loss, r.figures.local_accuracy,
                            r.figures.local_test_examples, r.figures.train_tokens, r.figures.train_seconds,
                            weight_bounded_to=r.weight if r.weight_capped else None,
-                           update_norm=norms.get(r.partition_id)) for r in replies)
+                           update_norm=norms.get(r.partition_id),
+                           update_cosine=None if r.update_cosine is None else round(r.update_cosine, 4),
+                           update_scaled_by=r.update_scale if r.update_scale < 1 else None) for r in replies)
 
 
 def routing_by_client(replies: list[TrainReply]) -> dict[str, list]:
