@@ -9,11 +9,10 @@ of sign-flippers or capturers. The hostile client is the seed's largest partitio
 a pair: read from the `none` run's partition.json), the worst case for an example-weighted average (a
 client of 14 examples in 2,000, partition 0 at seed 0, moves nothing whatever it sends). Setups: FedAvg,
 FedAlign-MoE, FedAlign-MoE with `fedalign.router_share_factor = 3` (bounded) or `fedalign.expert_trim = 0.3`
-(trim; both chosen a priori, not tuned), Flower's FedMedian, and FedAlign-MoE behind the server's robust
-screens (robust: `federation.min_update_cosine = 0` drops an update pointing against the median of the
-round's other updates, `federation.clip_update_norm_ratio = 3` scales one whose norm per square root of
-its steps is over 3x the round's median down to it; 3 is above the honest spread of 2.1x measured on the
-`none` cells of FedAvg and FedAlign-MoE, 0 chosen a priori). A finished cell
+(trim; both chosen a priori, not tuned), Flower's FedMedian, and FedAvg and FedAlign-MoE behind the server's
+norm clip (clip: `federation.clip_update_norm_ratio = 3` scales an update whose norm per square root of its
+steps is over 3x the round's median down to it; 3 is above the honest spread of 2.1x measured on the `none`
+cells of FedAvg and FedAlign-MoE; the clip acts on an update's size, so it runs against the scale attack). A finished cell
 (summary.json present) is not run again, so an interrupted grid resumes.
 
 Usage: .venv/bin/python benchmarks/attacks.py [--seeds 0,1,2] [--out benchmarks/results/attacks] [--report-only]
@@ -48,7 +47,8 @@ SETUPS = {
     "fedalign-bounded": ["federation.strategy=fedalign", "fedalign.router_share_factor=3"],
     "fedalign-trim": ["federation.strategy=fedalign", "fedalign.expert_trim=0.3"],
     "fedmedian": ["federation.strategy=fedmedian"],
-    "fedalign-robust": ["federation.strategy=fedalign", "federation.min_update_cosine=0", "federation.clip_update_norm_ratio=3"],
+    "fedavg-clip": ["federation.strategy=fedavg", "federation.clip_update_norm_ratio=3"],
+    "fedalign-clip": ["federation.strategy=fedalign", "federation.clip_update_norm_ratio=3"],
 }
 # in the order they run; statistics travel with FedAlign-MoE only, the bound on router shares acts on them only
 UPDATE_ATTACKS = ("none", "sign-flip", "scale-9x", "pair-sign-flip")
@@ -56,7 +56,8 @@ UPDATE_ATTACKS = ("none", "sign-flip", "scale-9x", "pair-sign-flip")
 # client: the floor under any attack by that client (docs/robustness.md)
 SETUP_ATTACKS = {"fedavg": (*UPDATE_ATTACKS, "inflate-100x"), "fedalign": (*UPDATE_ATTACKS, "capture", "inflate-100x"),
                  "fedmedian": (*UPDATE_ATTACKS, "inflate-100x"), "fedalign-trim": (*UPDATE_ATTACKS, "inflate-100x"),
-                 "fedalign-bounded": ("none", "capture"), "fedalign-robust": UPDATE_ATTACKS}
+                 "fedalign-bounded": ("none", "capture"), "fedavg-clip": ("none", "scale-9x"),
+                 "fedalign-clip": ("none", "scale-9x")}
 
 
 def cells(seeds: list[int]) -> list[tuple[str, str, int]]:
@@ -86,19 +87,66 @@ def run_cell(out: Path, setup: str, attack: str, seed: int) -> Path:
     return folder
 
 
-def figures(folder: Path) -> dict | None:
+def _mean(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 4) if values else None
+
+
+def hostile_figures(folder: Path, rounds: list[dict], watched: list[int]) -> dict:
+    """What the server made of the ``watched`` partitions (the hostile ones, or in a `none` cell the ones an
+    attack of the seed makes hostile): their mean share of FedAlign-MoE's router rows (omega) and of its
+    aligned sets A(e) over every (round, layer, expert), from diagnostics.jsonl; how often the screen dropped
+    them, and in how many client-rounds the norm clip scaled them and the honest clients (and by how much
+    on average), from metrics.jsonl. The run folders' diagnostics stay out of git: these figures are what
+    the docs cite from them."""
+    out = {"watched": watched, "watched_dropped": sum(f.get("partition_id") in watched for r in rounds
+                                                      for f in r.get("failure_reasons", []))}
+    rows = [c for r in rounds for c in r.get("clients", [])]
+    out["watched_scaled_rounds"] = sum("update_scaled_by" in c for c in rows if c["partition_id"] in watched)
+    out["watched_scaled_by"] = _mean([c["update_scaled_by"] for c in rows if c["partition_id"] in watched and "update_scaled_by" in c])
+    out["honest_scaled_rounds"] = sum("update_scaled_by" in c for c in rows if c["partition_id"] not in watched)
+    omega, aligned = [], []
+    for d in read_jsonl(folder / "diagnostics.jsonl"):
+        where = {pid: i for i, pid in enumerate(d.get("clients", []))}
+        for pid in (p for p in watched if p in where):
+            omega += [row[where[pid]][e] for row in d.get("omega", []) for e in range(len(row[where[pid]]))]
+            aligned += [pid in members for layer in d.get("aligned", []) for members in layer]
+    out["watched_router_weight"] = _mean(omega)
+    out["watched_aligned_share"] = _mean([float(a) for a in aligned])
+    return out
+
+
+def figures(folder: Path, watched: list[int] | None = None) -> dict | None:
     summary = read_summary(folder / "summary.json")
     if summary is None:
         return None
     rounds = [r for r in read_jsonl(folder / "metrics.jsonl") if "accuracy" in r and r.get("round")]
     accs = [r["accuracy"] for r in rounds if r["accuracy"] is not None]
     dropped = sum(r.get("failures", 0) for r in rounds)
-    return {"final": summary.get("final_accuracy"), "last5": sum(accs[-5:]) / len(accs[-5:]) if accs else None,
-            "rounds": len(rounds), "dropped_replies": dropped, "stopped_early": summary.get("stopped_early")}
+    found = {"final": summary.get("final_accuracy"), "last5": sum(accs[-5:]) / len(accs[-5:]) if accs else None,
+             "rounds": len(rounds), "dropped_replies": dropped, "stopped_early": summary.get("stopped_early")}
+    return found | hostile_figures(folder, rounds, watched) if watched else found
+
+
+def watched_partitions(out: Path, attack: str, seed: int) -> list[int] | None:
+    """The partitions the attack makes hostile at this seed (for `none`: the single attacker's)."""
+    try:
+        return largest_partitions(out, seed, max(1, ATTACKS[attack][1]))
+    except SystemExit:
+        return None
+
+
+FROM_DIAGNOSTICS = ("watched_router_weight", "watched_aligned_share")
 
 
 def report(out: Path, seeds: list[int]) -> str:
-    results = {f"{s}/{a}/{seed}": figures(out / f"{s}-{a}-seed{seed}") for s, a, seed in cells(seeds)}
+    results = {f"{s}/{a}/{seed}": figures(out / f"{s}-{a}-seed{seed}", watched_partitions(out, a, seed))
+               for s, a, seed in cells(seeds)}
+    # diagnostics.jsonl stays out of git: a clone keeps the figures the last report read from it
+    before = json.loads((out / "attacks.json").read_text()) if (out / "attacks.json").exists() else {}
+    for key, found in results.items():
+        for name in FROM_DIAGNOSTICS:
+            if found and found.get(name) is None and (before.get(key) or {}).get(name) is not None:
+                found[name] = before[key][name]
     lines = ["| setup | attack | seeds | final acc | last-5 acc | last 5: attack - none (points) | dropped replies / run |",
              "|---|---|---|---|---|---|---|"]
     for setup in SETUP_ATTACKS:

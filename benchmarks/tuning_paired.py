@@ -8,8 +8,13 @@ std per setup, then setup − reference per seed with a 95% paired-t interval (`
 Given one comparison folder instead (its runs directly inside, as `compare` writes them), its strategies at
 ``--alpha`` are the setups: FedProx against FedAlign-MoE on the test-split grid, with the rounds-1-10 means.
 
+``--also FOLDER`` (repeatable) adds the runs of another comparison folder at ``--alpha`` as a setup named
+after that folder: a setting run apart from the grid (issue 33: FedAlign-MoE with
+``fedalign.router_share_factor = 3`` on the test split, paired with the grid's FedAlign-MoE seeds).
+
 Usage: .venv/bin/python benchmarks/tuning_paired.py benchmarks/results/tuning-specialised [--reference fedavg]
        .venv/bin/python benchmarks/tuning_paired.py benchmarks/results/specialised --reference fedalign [--alpha 0.1]
+           [--also benchmarks/results/robust-specialised/fedalign-bounded]
 """
 
 import argparse
@@ -25,6 +30,8 @@ def main() -> None:
     parser.add_argument("folder", type=Path, help="the tuning folder: one comparison folder per setup")
     parser.add_argument("--reference", default="fedavg", help="the setup every other one is paired with")
     parser.add_argument("--alpha", type=float, default=0.1, help="a comparison folder's alpha to pair at")
+    parser.add_argument("--also", type=Path, action="append", default=[],
+                        help="another comparison folder whose runs join as a setup named after it")
     args = parser.parse_args()
     if not args.folder.is_dir():
         raise SystemExit(f"error: {args.folder} is not a folder")
@@ -36,6 +43,11 @@ def main() -> None:
     if not direct:  # a tuning folder: one comparison folder per setup, named after it
         for setup in sorted(p for p in args.folder.iterdir() if p.is_dir()):
             runs += [dict(s, strategy=setup.name) for s in complete_runs(collect_summaries(setup))]
+    for folder in args.also:
+        extra = [dict(r, strategy=folder.name) for r in complete_runs(collect_summaries(folder)) if r["alpha"] == args.alpha]
+        if not extra:
+            raise SystemExit(f"error: no finished run at alpha {args.alpha:g} in {folder}")
+        runs += extra
     if not any(r["strategy"] == args.reference for r in runs):
         raise SystemExit(f"error: no finished run of the reference setup {args.reference!r} in {args.folder}")
     print("| setup | seeds | " + " | ".join(name for _, name in METRICS) + " |")

@@ -31,21 +31,18 @@ def test_a_third_of_the_clients_fail_and_the_run_goes_on(tmp_path, monkeypatch):
     assert summary["failures_total"] == 5 and not summary.get("stopped_early")
 
 
-def test_the_robust_screens_end_to_end(tmp_path):
-    """A hostile client of the simulation (attack.kind scale, 9x) behind the server's robust screens: its update
-    is scaled down every round and says so in metrics.jsonl, no honest one is; every client's cosine with the
-    others' median update is recorded (min_update_cosine -1 drops nothing); the run finishes finite."""
+def test_the_norm_clip_end_to_end(tmp_path):
+    """A hostile client of the simulation (attack.kind scale, 9x) behind the server's norm clip: its update is
+    scaled down every round and says so in metrics.jsonl, no honest one is; the run finishes finite."""
     from fedalign_moe.federation.server_app import simulate
 
     cfg = load_config("tiny", overrides={"out_dir": str(tmp_path), "partition": {"num_clients": 5},
                                          "attack": {"kind": "scale", "factor": 9.0, "clients": [1]},
-                                         "federation": {"strategy": "fedalign", "rounds": 2, "min_update_cosine": -1.0,
-                                                        "clip_update_norm_ratio": 2.0}})
+                                         "federation": {"strategy": "fedalign", "rounds": 2, "clip_update_norm_ratio": 2.0}})
     simulate(cfg)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     for r in rows:
         scaled = {c["partition_id"]: c.get("update_scaled_by") for c in r["clients"]}
         assert len(scaled) == 5 and not r["failure_reasons"] and 0 < scaled.pop(1) < 0.5
         assert set(scaled.values()) == {None}
-        assert all(-1 <= c["update_cosine"] <= 1 for c in r["clients"])
         assert r["adopted"] and math.isfinite(r["accuracy"])

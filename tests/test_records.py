@@ -7,7 +7,7 @@ import math
 from fedalign_moe.records import ClientRow, Exchange, RoundRecord, Summary, client_totals
 
 ROWS = (ClientRow(0, 30, 1.5, 0.5, 10, 300, 0.25), ClientRow(1, 10, 0.5, 1.0, 30, 100, 0.5, weight_bounded_to=7.0,
-                                                                update_norm=0.3, update_cosine=-0.2, update_scaled_by=0.5))
+                                                                update_norm=0.3, update_scaled_by=0.5))
 HEAD = dict(strategy="fedavg", strategy_revision=1, preset="tiny", dataset="synthetic", backbone="tiny-mixtral",
             alpha=0.1, num_clients=2, rounds=3, seed=0)
 
@@ -31,8 +31,8 @@ def test_a_round_is_written_flat_and_read_back_the_same():
     raw = record.to_json()
     assert list(raw)[:7] == ["round", "accuracy", "loss", "local_accuracy", "train_loss", "uplink_bytes", "downlink_bytes"]
     assert raw["adopted"] is True and raw["sent"] == 2 and raw["clients"][1]["weight_bounded_to"] == 7.0
-    assert raw["clients"][1]["update_cosine"] == -0.2 and raw["clients"][1]["update_scaled_by"] == 0.5
-    assert not {"weight_bounded_to", "update_cosine", "update_scaled_by"} & set(raw["clients"][0])
+    assert raw["clients"][1]["update_scaled_by"] == 0.5
+    assert not {"weight_bounded_to", "update_scaled_by"} & set(raw["clients"][0])
     assert RoundRecord.from_json(raw) == record
     centralised = RoundRecord(2, 0.7, 0.9, 0.6, 0.8, 0, 0, 0, 50, 0.1, 0.2)
     assert "clients" not in centralised.to_json() and "adopted" not in centralised.to_json()

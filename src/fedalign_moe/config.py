@@ -201,13 +201,10 @@ class FederationConfig(_Section):
     # a reply whose update norm per local step, ||w_i - w_g|| / steps, exceeds this many times the round's
     # median is dropped (robustness; None: never). Honest replies measured within 1.1x (docs/robustness.md).
     max_update_norm_ratio: float | None = Field(10.0, gt=1)
-    # [ours] robust screens, off by default (docs/robustness.md "Measured under attack"), with 3 or more replies:
-    # an update whose norm per square root of its local steps is above clip_update_norm_ratio x the round's
-    # median is scaled down to it (kept, not dropped; honest spread on bench: at most 2.1x); an update whose
-    # cosine with the coordinate-wise median of the round's other updates is below min_update_cosine is
-    # dropped (a sign-flipped update points away from the others where honest ones agree)
+    # [ours] a norm clip, off by default (docs/robustness.md "Measured under attack"), with 3 or more replies: an
+    # update whose norm per square root of its local steps is above this x the round's median is scaled down
+    # to it (kept, not dropped; honest spread on bench at alpha 0.1: at most 2.1x)
     clip_update_norm_ratio: float | None = Field(None, ge=1)
-    min_update_cosine: float | None = Field(None, ge=-1, lt=1)
     # what a reply's example count (its weight in every average) may claim. "checked": it must equal its
     # partition's size in the run's data, which the server prepares too; "claimed": taken within the bounds
     # below; "auto": checked unless the data is a file, which a deployed node may replace with its own

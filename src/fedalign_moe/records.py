@@ -33,12 +33,11 @@ class ClientRow:
     train_seconds: float
     weight_bounded_to: float | None = None  # the screen bounded the weight its claimed examples would have had
     update_norm: float | None = None  # ||w_i - w_g||, as the screen's outlier rule compared it
-    update_cosine: float | None = None  # cos(w_i - w_g, the median of the others' updates), where the screen measured it
     update_scaled_by: float | None = None  # the screen scaled the update down by this factor (its norm clip)
 
     def to_json(self) -> dict[str, Any]:
         raw = asdict(self)
-        for optional in ("weight_bounded_to", "update_norm", "update_cosine", "update_scaled_by"):
+        for optional in ("weight_bounded_to", "update_norm", "update_scaled_by"):
             if raw[optional] is None:
                 raw.pop(optional)
         return raw

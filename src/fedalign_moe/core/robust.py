@@ -1,17 +1,15 @@
-"""Bounded client weights and robust screens [ours]: what a claim or an update can buy in one aggregation.
+"""Bounded client weights [ours]: what a claim or an update can buy in one aggregation.
 
 A client's weight in an average is what it says (its example count, its routing consistency). A claim
 the server cannot verify is bounded instead: at a multiple of the round's median claim, then at a share
 of the round, the excess spread over the others in proportion to their own weights (water filling).
-An update is judged against the round's others: its direction against the coordinate-wise median of
-the other updates (``cosines_to_median``), its norm for the work it did against the round's median (``norm_clip_scales``).
+An update's norm, for the work it did, is bounded at a multiple of the round's median (``norm_clip_scales``).
 Pure torch; C clients.
 """
 
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable
 
 import torch
 
@@ -75,42 +73,6 @@ def trimmed_mean(x_CP: torch.Tensor, trim: float) -> torch.Tensor:
     if cut == 0:
         return x_CP.mean(0)
     return x_CP.sort(0).values[cut:C - cut].mean(0)
-
-
-def median_of_others(x_CP: torch.Tensor) -> torch.Tensor:
-    """For every client i, the coordinate-wise median of the other C - 1 clients' rows (the mean of the
-    middle two when C - 1 is even), from one sort: the j-th smallest of the others is the j-th smallest of
-    all where i ranks above it, the (j+1)-th where it does not. Needs C >= 2. [C, P]"""
-    C, P = x_CP.shape
-    sorted_CP, order_CP = x_CP.sort(0)
-    rank_CP = torch.empty_like(order_CP).scatter_(0, order_CP, torch.arange(C).unsqueeze(1).expand(C, P).contiguous())
-
-    def kth_of_others(j: int) -> torch.Tensor:
-        return torch.where(rank_CP > j, sorted_CP[j], sorted_CP[min(j + 1, C - 1)])
-
-    n = C - 1
-    if n % 2:
-        return kth_of_others(n // 2)
-    return (kth_of_others(n // 2 - 1) + kth_of_others(n // 2)) / 2
-
-
-def cosines_to_median(update_stacks: Iterable[torch.Tensor]) -> torch.Tensor:
-    """cos(Delta_i, median_{j != i} Delta_j) for every client i, over the whole parameter vector: the
-    reference of a client is the coordinate-wise median of the others' updates (``median_of_others``: a
-    client never votes on its own reference, which with sign-like updates, Adam's first steps, it would
-    decide wherever the others split evenly). ``update_stacks`` yields one parameter's updates at a time,
-    stacked [C, ...] (so the C full vectors are never held at once). A client whose update or whose
-    reference is zero has cosine 0. Needs C >= 2; float64 [C]."""
-    dot_C = norm2_C = ref2_C = None
-    for stack in update_stacks:
-        x_CP = stack.reshape(stack.shape[0], -1).double()
-        ref_CP = median_of_others(x_CP)
-        parts = ((x_CP * ref_CP).sum(1), x_CP.square().sum(1), ref_CP.square().sum(1))
-        dot_C, norm2_C, ref2_C = parts if dot_C is None else (dot_C + parts[0], norm2_C + parts[1], ref2_C + parts[2])
-    if dot_C is None:
-        raise ValueError("no parameter to compare the updates over")
-    scale_C = (norm2_C * ref2_C).sqrt()
-    return torch.where(scale_C > 0, dot_C / scale_C.clamp(min=1e-300), torch.zeros_like(dot_C))
 
 
 def norm_clip_scales(pace_C: torch.Tensor, ratio: float) -> torch.Tensor:

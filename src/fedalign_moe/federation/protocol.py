@@ -161,9 +161,7 @@ class TrainReply:
     # unless a bound lowered it (``weight_capped``: ``core.robust.bounded_example_counts``)
     weight: float = 0.0
     weight_capped: bool = False
-    # the robust screens' findings (federation.min_update_cosine, clip_update_norm_ratio): the update's cosine
-    # with the median of the round's other updates (None: not measured), and the factor the screen scaled it by
-    update_cosine: float | None = None
+    # the factor the screen's norm clip scaled the update by (federation.clip_update_norm_ratio)
     update_scale: float = 1.0
 
     def weighted_content(self) -> RecordDict:

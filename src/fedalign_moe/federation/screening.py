@@ -3,10 +3,9 @@
 Every strategy of this package (FedAvg, FedProx, FedMoE, each FedAlign-MoE rung) mixes in
 ``ScreenedReplies``: ``aggregate_train`` drops each reply that is an error, is malformed or out of
 range (``protocol.read_train_reply``), claims a partition another reply also claims, or whose update
-norm per local step is far above the round's median (and, where the run asks, whose update points away
-from the median of the round's other updates; an update over a tighter norm bound is scaled down to it), logs one line
-per dropped reply naming the node, the partition and the reason, and hands the rest to the
-``aggregate_replies`` hook. A round in which nothing
+norm per local step is far above the round's median (an update over the optional, tighter norm clip is
+scaled down to it instead), logs one line per dropped reply naming the node, the partition and the
+reason, and hands the rest to the ``aggregate_replies`` hook. A round in which nothing
 survives leaves the global model as it was.
 """
 
@@ -29,7 +28,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from ..config import Config
 from ..core.aggregate import LayerNames
 from ..core.fedmoe import keep_rows
-from ..core.robust import bounded_example_counts, cosines_to_median, norm_clip_scales
+from ..core.robust import bounded_example_counts, norm_clip_scales
 from ..models.base import MoELayout
 from . import protocol
 from .protocol import Expectation, LocalWork, ReplyError, TrainReply
@@ -63,7 +62,6 @@ class ReplyPolicy:
     partition_sizes: tuple[int, ...] | None = None  # each partition's training examples, when the server knows them
     wire_dtype: str = "float32"  # "bfloat16": training rounds travel in bfloat16 each way (federation.wire_dtype)
     clip_update_norm_ratio: float | None = None  # scale updates down to this x the round's median norm / sqrt(steps)
-    min_update_cosine: float | None = None  # drop updates whose cosine with the round's median update is below this
 
 
 @dataclass(frozen=True)
@@ -144,10 +142,9 @@ def screen(sent: list[Message], received: list[Message], expect: Expectation, po
             failures.append(Failure(r.node_id, r.partition_id, f"unreadable update ({protocol.one_line(err)})"))
     steps = _allowed_steps(measured, policy)
     kept, outliers = _drop_norm_outliers(measured, norms, policy.max_update_norm_ratio, steps)
-    kept, opposed = _drop_opposed(kept, global_state, policy)
     _clip_norms(kept, norms, steps, global_state, policy)
     _weigh(kept, policy)
-    order = sorted(failures + outliers + opposed, key=lambda f: (f.partition_id is None, f.partition_id or 0, f.node_id))
+    order = sorted(failures + outliers, key=lambda f: (f.partition_id is None, f.partition_id or 0, f.node_id))
     return kept, order, norms  # failures in partition order too, whatever order the replies came in
 
 
@@ -187,43 +184,6 @@ def _drop_norm_outliers(replies: list[TrainReply], norms: dict[int, float], rati
             out.append(Failure(r.node_id, r.partition_id,
                                f"update norm per local step {pace[r.partition_id]:.3g} is "
                                f"{pace[r.partition_id] / median:.1f}x the round's median {median:.3g} (limit {ratio:g}x)"))
-        else:
-            keep.append(r)
-    return keep, out
-
-
-_CHUNK = 1 << 18  # elements of one parameter compared at a time, per reply
-
-
-def _update_chunks(replies: list[TrainReply], global_state: dict[str, torch.Tensor], names: list[str]):
-    """The replies' updates, one chunk of one parameter at a time, stacked [C, <= _CHUNK]."""
-    views = [r.state() for r in replies]
-    for name in names:
-        base = global_state[name].reshape(-1).float()
-        for start in range(0, base.numel(), _CHUNK):
-            part = base[start:start + _CHUNK]
-            yield torch.stack([v[name].reshape(-1)[start:start + _CHUNK].float() - part for v in views])
-
-
-def _drop_opposed(replies: list[TrainReply], global_state: dict[str, torch.Tensor],
-                  policy: ReplyPolicy) -> tuple[list[TrainReply], list[Failure]]:
-    """Drop updates whose cosine with the coordinate-wise median of the round's other updates is below
-    ``policy.min_update_cosine`` (``core.robust.cosines_to_median``), over the parameters every reply sends
-    whole (a FedMoE sub-MoE reply's expert rows are left out of the comparison). Each reply's cosine is kept
-    on it (``update_cosine``)."""
-    if policy.min_update_cosine is None or len(replies) < 3:  # a median of one or two replies says nothing
-        return replies, []
-    views = [r.state() for r in replies]
-    names = [n for n, g in global_state.items() if all(n in v and tuple(v[n].shape) == tuple(g.shape) for v in views)]
-    if not names:
-        return replies, []
-    cos_C = cosines_to_median(_update_chunks(replies, global_state, names))
-    keep, out = [], []
-    for r, cos in zip(replies, cos_C.tolist()):
-        r.update_cosine = cos
-        if cos < policy.min_update_cosine:
-            out.append(Failure(r.node_id, r.partition_id, f"update's cosine with the median of the round's other updates {cos:.3f} "
-                               f"is below {policy.min_update_cosine:g}"))
         else:
             keep.append(r)
     return keep, out

@@ -55,7 +55,6 @@ def client_rows(replies: list[TrainReply], update_norms: dict[int, float] | None
                            r.figures.local_test_examples, r.figures.train_tokens, r.figures.train_seconds,
                            weight_bounded_to=r.weight if r.weight_capped else None,
                            update_norm=norms.get(r.partition_id),
-                           update_cosine=None if r.update_cosine is None else round(r.update_cosine, 4),
                            update_scaled_by=r.update_scale if r.update_scale < 1 else None) for r in replies)
 
 

@@ -192,7 +192,7 @@ def reply_policy(cfg: Config, layout: MoELayout, partition_sizes: tuple[int, ...
     return ReplyPolicy(layout, cfg.partition.num_clients, LocalWork.of_config(cfg, rows_per_example), fed.max_update_norm_ratio,
                        fed.round_timeout,
                        fed.max_examples_ratio, fed.max_weight_share, partition_sizes if checks_example_counts(cfg) else None,
-                       fed.wire_dtype, fed.clip_update_norm_ratio, fed.min_update_cosine)
+                       fed.wire_dtype, fed.clip_update_norm_ratio)
 
 
 def make_strategy(cfg: Config, layout: MoELayout, partition_sizes: tuple[int, ...] | None = None,
