@@ -235,6 +235,13 @@ def test_fedalign_expert_trim_resists_a_scaled_expert(server_identity):
 
 # ---------------------------------------------------------------- the norm clip
 
+def test_the_clip_is_refused_beside_personal_experts():
+    with pytest.raises(ValueError, match="clip_update_norm_ratio.*personal_experts"):
+        load_config("tiny", overrides={"federation": {"strategy": "fedalign", "clip_update_norm_ratio": 3.0},
+                                       "fedalign": {"personal_experts": True}})
+    load_config("tiny", overrides={"federation": {"strategy": "fedalign", "clip_update_norm_ratio": 3.0}})
+
+
 def test_clip_scales_known_answers():
     # paces 1, 1, 2, 9 (median 1.5): at 2x, only the 9 is scaled, to 3
     assert norm_clip_scales(torch.tensor([1.0, 1.0, 2.0, 9.0]), 2.0).tolist() == pytest.approx([1, 1, 1, 3 / 9])

@@ -355,6 +355,10 @@ class Config(_Section):
             raise ValueError(f"fedalign.personal_experts keeps the experts outside their aligned sets, and strategy "
                              f"{self.federation.strategy!r} aggregates experts without aligned sets (expert_aggregation "
                              "= fedavg): use strategy fedalign")
+        if self.keeps_personal_experts() and self.federation.clip_update_norm_ratio is not None:
+            raise ValueError("federation.clip_update_norm_ratio measures each reply against the global model, and with "
+                             "fedalign.personal_experts a node's own experts lie far from it by design (up to 3.9x the "
+                             "round's median on specialised): use one or the other")
         return self
 
     def effective_fedalign(self) -> FedAlignConfig:
