@@ -60,6 +60,11 @@ SETUP_ATTACKS = {"fedavg": (*UPDATE_ATTACKS, "inflate-100x"), "fedalign": (*UPDA
                  "fedalign-clip": ("none", "scale-9x")}
 
 
+# each setup against its base (the same strategy without the rule), and every setup over its base's floor
+BASES = {"fedavg": "fedavg", "fedalign": "fedalign", "fedmedian": "fedmedian", "fedalign-trim": "fedalign",
+         "fedalign-bounded": "fedalign", "fedavg-clip": "fedavg", "fedalign-clip": "fedalign"}
+
+
 def cells(seeds: list[int]) -> list[tuple[str, str, int]]:
     return [(setup, attack, seed) for seed in seeds for setup in SETUP_ATTACKS for attack in SETUP_ATTACKS[setup]]
 
@@ -161,6 +166,20 @@ def report(out: Path, seeds: list[int]) -> str:
             lines.append(f"| {setup} | {attack} | {len(got)} | {mean_std([v['final'] for v in got.values()])} | "
                          f"{mean_std([v['last5'] for v in got.values()])} | {format_difference(diff) if diff else '-'} | "
                          f"{sum(v['dropped_replies'] for v in got.values()) / len(got):.0f} |")
+    lines += ["", "| setup | attack | last 5: setup - its base under the same attack (points) | last 5: attack - the base's floor, "
+              "its largest client absent (points) |", "|---|---|---|---|"]
+    for setup, base in BASES.items():
+        for attack in SETUP_ATTACKS[setup]:
+            if attack in ("none", "inflate-100x"):
+                continue
+            last5 = {key: {seed: results[f"{key}/{seed}"]["last5"] for seed in seeds if results.get(f"{key}/{seed}")}
+                     for key in (f"{setup}/{attack}", f"{base}/{attack}", f"{base}/inflate-100x")}
+            if not last5[f"{setup}/{attack}"]:
+                continue
+            against = None if setup == base else paired_difference(last5[f"{setup}/{attack}"], last5[f"{base}/{attack}"])
+            floor = paired_difference(last5[f"{setup}/{attack}"], last5[f"{base}/inflate-100x"])
+            lines.append(f"| {setup} | {attack} | {format_difference(against) if against else '-'} | "
+                         f"{format_difference(floor) if floor else '-'} |")
     table = "\n".join(lines)
     write_atomic(out / "attacks.md", table + "\n")
     write_result(out / "attacks.json", results)

@@ -6,6 +6,11 @@ were set from (issue 33, docs/robustness.md "What a claim can buy").
 2. The partitions of `specialised` at alpha 0.1 and 0.01, seeds 0-5 (the partitions alone, no training).
 3. FedAlign-MoE's router weights against data: in every stored run, the largest omega_i(e) over client
    i's example share, and over its routed-token share p_i(e) T_i / sum_j p_j(e) T_j.
+4. Update norms for the work done, the figure `federation.clip_update_norm_ratio` is set from: over every
+   round of every stored honest run that records each client's update norm, the largest
+   ||w_i - w_g|| / sqrt(steps_i) over its round's median (per step too, beside it), and the seed's largest
+   client's mean; runs with `fedalign.personal_experts` apart (a node's own experts are far from the
+   global ones by design, so the clip is refused with them).
 
 Usage: .venv/bin/python benchmarks/honest_spread.py [--results benchmarks/results]
 Writes benchmarks/results/honest_spread.json and prints the same.
@@ -19,6 +24,7 @@ from pathlib import Path
 from common import write_result
 from fedalign_moe.config import load_config
 from fedalign_moe.data.sources import DataError
+from fedalign_moe.federation.protocol import LocalWork
 from fedalign_moe.runlog import read_jsonl
 from fedalign_moe.training.setup import prepare_data
 
@@ -78,13 +84,48 @@ def router_weights(results: Path) -> list[dict]:
     return rows
 
 
+def pace_spread(results: Path) -> dict:
+    found = {"runs": 0, "rounds": 0, "max_sqrt_step": (0.0, ""), "max_per_step": (0.0, ""), "largest_client_sqrt_step": [],
+             "personal_experts_max_sqrt_step": 0.0}
+    for run in sorted(p.parent for p in results.rglob("summary.json")):
+        config = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
+        if config.get("attack", {}).get("kind", "none") != "none" or "train" not in config:
+            continue
+        t = config["train"]
+        work = LocalWork(t["batch_size"], 0, t.get("local_epochs", 1), t.get("local_steps"))
+        personal = config.get("fedalign", {}).get("personal_experts", False) and "fedalign" in config["federation"]["strategy"]
+        rounds = [r for r in read_jsonl(run / "metrics.jsonl") if r.get("clients")]
+        rounds = [r for r in rounds if all("update_norm" in c for c in r["clients"]) and len(r["clients"]) >= 3]
+        found["runs"] += bool(rounds)
+        for r in rounds:
+            steps = {c["partition_id"]: work.steps(c["num_examples"]) for c in r["clients"]}
+            sqrt = {c["partition_id"]: c["update_norm"] / steps[c["partition_id"]] ** 0.5 for c in r["clients"]}
+            ratio = max(sqrt.values()) / statistics.median(sqrt.values())
+            if personal:
+                found["personal_experts_max_sqrt_step"] = max(found["personal_experts_max_sqrt_step"], ratio)
+                continue
+            found["rounds"] += 1
+            where = f"{run.relative_to(results)} round {r['round']}"
+            per = [c["update_norm"] / steps[c["partition_id"]] for c in r["clients"]]
+            found["max_sqrt_step"] = max(found["max_sqrt_step"], (ratio, where))
+            found["max_per_step"] = max(found["max_per_step"], (max(per) / statistics.median(per), where))
+            largest = max(r["clients"], key=lambda c: c["num_examples"])["partition_id"]
+            found["largest_client_sqrt_step"].append(sqrt[largest] / statistics.median(sqrt.values()))
+    biggest = found.pop("largest_client_sqrt_step")
+    found["largest_client_sqrt_step_mean"] = statistics.mean(biggest) if biggest else None
+    for key in ("max_sqrt_step", "max_per_step"):
+        found[key], found[key.replace("max", "where")] = found[key]
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     out = {"example_counts_in_stored_runs": count_spread(args.results),
            "specialised_partitions": {str(a): partition_spread(a, range(6)) for a in (0.1, 0.01)},
-           "fedalign_router_weights": router_weights(args.results)}
+           "fedalign_router_weights": router_weights(args.results),
+           "update_norm_for_the_work": pace_spread(args.results)}
     print(write_result(args.results / "honest_spread.json", out).read_text(), end="")
 
 
