@@ -11,6 +11,8 @@ were set from (issue 33, docs/robustness.md "What a claim can buy").
    ||w_i - w_g|| / sqrt(steps_i) over its round's median (per step too, beside it), and the seed's largest
    client's mean; runs with `fedalign.personal_experts` apart (a node's own experts are far from the
    global ones by design, so the clip is refused with them).
+5. Where `fedalign.router_share_factor` is set (honest runs): how often it binds, the share of router
+   columns (round, layer, expert) in which some client sits at its cap, and of client entries at the cap.
 
 Usage: .venv/bin/python benchmarks/honest_spread.py [--results benchmarks/results]
 Writes benchmarks/results/honest_spread.json and prints the same.
@@ -118,6 +120,32 @@ def pace_spread(results: Path) -> dict:
     return found
 
 
+def share_bound_binds(results: Path) -> list[dict]:
+    rows = []
+    for run in sorted(p.parent for p in results.rglob("summary.json")):
+        config = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
+        factor = config.get("fedalign", {}).get("router_share_factor")
+        if factor is None or config.get("attack", {}).get("kind", "none") != "none":
+            continue
+        examples = {r["round"]: {c["partition_id"]: c["num_examples"] for c in r["clients"]}
+                    for r in read_jsonl(run / "metrics.jsonl") if r.get("clients")}
+        columns = capped_columns = entries = capped_entries = 0
+        for d in read_jsonl(run / "diagnostics.jsonl"):
+            if "omega" not in d or d["round"] not in examples:
+                continue
+            n = examples[d["round"]]
+            total = sum(n[i] for i in d["clients"])
+            for omega_CE in d["omega"]:
+                for e in range(len(omega_CE[0])):
+                    at_cap = [abs(omega_CE[c][e] - factor * n[i] / total) < 1e-4 for c, i in enumerate(d["clients"])]
+                    columns, capped_columns = columns + 1, capped_columns + any(at_cap)
+                    entries, capped_entries = entries + len(at_cap), capped_entries + sum(at_cap)
+        if columns:
+            rows.append({"run": str(run.relative_to(results)), "factor": factor, "columns_with_a_capped_client": capped_columns / columns,
+                         "client_entries_capped": capped_entries / entries})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
@@ -125,7 +153,8 @@ def main() -> None:
     out = {"example_counts_in_stored_runs": count_spread(args.results),
            "specialised_partitions": {str(a): partition_spread(a, range(6)) for a in (0.1, 0.01)},
            "fedalign_router_weights": router_weights(args.results),
-           "update_norm_for_the_work": pace_spread(args.results)}
+           "update_norm_for_the_work": pace_spread(args.results),
+           "router_share_bound_binds": share_bound_binds(args.results)}
     print(write_result(args.results / "honest_spread.json", out).read_text(), end="")
 
 
