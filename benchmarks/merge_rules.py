@@ -4,7 +4,10 @@ sets and the global routing, per run (seed), beside the runs they are compared w
 For each setup folder of benchmarks/results/tuning-specialised and each seed it holds: final and last-5
 global accuracy, the mean share of clients merged per (round, layer, expert) (mean |A(e)|/N; for soft
 selection, clients with a positive weight), the share of (round, layer, expert) merging half the clients or
-fewer, and the largest global routing probability p_g over the run. Writes
+fewer, the largest global routing probability p_g over the run, and what the filter reads: over every pair
+of clients that both routed to e, the mean pairwise consistency gamma and the share of pairs at gamma <= 0
+(their update directions do not agree: cos(Delta_i, Delta_j) <= 0; for updates of independent direction
+that share is one half). Writes
 benchmarks/results/tuning-specialised/merge_rules.json and prints a markdown table.
 Usage: .venv/bin/python benchmarks/merge_rules.py SETUP [SETUP ...]
 """
@@ -23,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "tuning-
 
 def facts(run: Path) -> dict:
     summary = json.loads((run / "summary.json").read_text())
-    shares, small, routed, dropped, p_max = [], [], [], [], 0.0
+    shares, small, routed, dropped, gammas, disagree, p_max = [], [], [], [], [], [], 0.0
     for r in read_jsonl(run / "diagnostics.jsonl"):
         C, sizes = len(r["clients"]), [len(s) for layer in r["aligned"] for s in layer]
         shares.append(sum(sizes) / len(sizes) / C)
@@ -33,23 +36,37 @@ def facts(run: Path) -> dict:
                 routed.append(len(ro) / C)
                 dropped.append(len(set(ro) - set(a)) / C)
         p_max = max(p_max, max(max(row) for row in r["p_g"]))
+        for key, gamma_CC in (r.get("gamma") or {}).items():  # "layer{l}-expert{e}": [C, C] over r["clients"]
+            layer, expert = (int(x) for x in key.removeprefix("layer").split("-expert"))
+            where = [r["clients"].index(i) for i in r["routed"][layer][expert]]
+            pairs = [gamma_CC[a][b] for a in where for b in where if a != b]
+            if pairs:
+                gammas.append(sum(pairs) / len(pairs))
+                disagree.append(sum(g <= 1e-9 for g in pairs) / len(pairs))
     return {"seed": summary["seed"], "final": summary["final_accuracy"], "last5": summary["last5_accuracy"],
             "aligned_share": sum(shares) / len(shares), "half_or_fewer": sum(small) / len(small),
-            "routed_share": sum(routed) / len(routed), "left_out_share": sum(dropped) / len(dropped), "largest_p_g": p_max}
+            "routed_share": sum(routed) / len(routed), "left_out_share": sum(dropped) / len(dropped), "largest_p_g": p_max,
+            "mean_gamma": sum(gammas) / len(gammas) if gammas else None,
+            "pairs_not_agreeing": sum(disagree) / len(disagree) if disagree else None}
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def main() -> None:
     rows = {}
     print("| setup | seed | global, final | global, last 5 | mean \\|A(e)\\|/N | half or fewer merged | routed to e / N | "
-          "routed but left out / N | largest p_g |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "routed but left out / N | largest p_g | mean gamma, routing pairs | pairs with gamma <= 0 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for setup in sys.argv[1:]:
         for run in sorted((ROOT / setup).glob("*-alpha0.1-seed*")):
             if (run / "summary.json").is_file():
                 f = facts(run)
                 rows.setdefault(setup, []).append(f)
                 print(f"| {setup} | {f['seed']} | {f['final']:.3f} | {f['last5']:.3f} | {f['aligned_share']:.3f} | "
-                      f"{f['half_or_fewer']:.3f} | {f['routed_share']:.3f} | {f['left_out_share']:.3f} | {f['largest_p_g']:.3f} |")
+                      f"{f['half_or_fewer']:.3f} | {f['routed_share']:.3f} | {f['left_out_share']:.3f} | {f['largest_p_g']:.3f} | "
+                      f"{_num(f['mean_gamma'])} | {_num(f['pairs_not_agreeing'])} |")
     write_result(ROOT / "merge_rules.json", rows)
 
 
