@@ -199,11 +199,11 @@ class FederationConfig(_Section):
     # aggregate); the summary then says so and the run exits 1. None: never stop.
     stop_after_silent_rounds: StrictInt | None = Field(2, ge=1)
     # a reply whose update norm per local step, ||w_i - w_g|| / steps, exceeds this many times the round's
-    # median is dropped (robustness; None: never). Honest replies measured within 1.1x (docs/robustness.md).
+    # median is dropped (robustness; None: never). Honest replies of every stored run: at most 4.8x (docs/robustness.md).
     max_update_norm_ratio: float | None = Field(10.0, gt=1)
     # [ours] a norm clip, off by default (docs/robustness.md "Measured under attack"), with 3 or more replies: an
     # update whose norm per square root of its local steps is above this x the round's median is scaled down
-    # to it (kept, not dropped; honest spread on bench at alpha 0.1: at most 2.1x)
+    # to it (kept, not dropped; honest replies of every stored run: at most 2.41x)
     clip_update_norm_ratio: float | None = Field(None, ge=1)
     # what a reply's example count (its weight in every average) may claim. "checked": it must equal its
     # partition's size in the run's data, which the server prepares too; "claimed": taken within the bounds

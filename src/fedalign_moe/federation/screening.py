@@ -97,13 +97,19 @@ def _claimed_partition(msg: Message, num_clients: int) -> int | None:
     return pid if isinstance(pid, int) and not isinstance(pid, bool) and 0 <= pid < num_clients else None
 
 
+def global_rows(reply: TrainReply, global_state: dict[str, torch.Tensor], layout: MoELayout) -> dict[str, torch.Tensor]:
+    """The global arrays a reply's update is taken against: all of them, or a sub-MoE's rows."""
+    if reply.sub_moe_LE is None:
+        return global_state
+    return keep_rows(global_state, [LayerNames(l.router, l.experts) for l in layout.layers], reply.sub_moe_LE)
+
+
 def update_norm(reply: TrainReply, global_state: dict[str, torch.Tensor], layout: MoELayout) -> float:
     """||update - global|| over every array the client sent (a sub-MoE against the global rows it holds)."""
-    if reply.sub_moe_LE is not None:
-        global_state = keep_rows(global_state, [LayerNames(l.router, l.experts) for l in layout.layers], reply.sub_moe_LE)
+    base = global_rows(reply, global_state, layout)
     total = 0.0
     for name, tensor in reply.state().items():
-        total += float(torch.linalg.vector_norm(tensor - global_state[name])) ** 2
+        total += float(torch.linalg.vector_norm(tensor - base[name])) ** 2
     return total ** 0.5
 
 
@@ -203,8 +209,7 @@ def _clip_norms(replies: list[TrainReply], norms: dict[int, float], steps: dict[
     pace_C = torch.tensor([norms[r.partition_id] / steps[r.partition_id] ** 0.5 for r in replies], dtype=torch.float64)
     for r, s in zip(replies, norm_clip_scales(pace_C, policy.clip_update_norm_ratio).tolist()):
         if s < 1:
-            base = global_state if r.sub_moe_LE is None else keep_rows(
-                global_state, [LayerNames(l.router, l.experts) for l in policy.layout.layers], r.sub_moe_LE)
+            base = global_rows(r, global_state, policy.layout)
             r.arrays = ArrayRecord({name: (base[name].float() + s * (t.float() - base[name].float())).to(t.dtype)
                                     for name, t in r.state().items()})
             r.update_scale = s
