@@ -11,8 +11,8 @@ client of 14 examples in 2,000, partition 0 at seed 0, moves nothing whatever it
 FedAlign-MoE, FedAlign-MoE with `fedalign.router_share_factor = 3` (bounded) or `fedalign.expert_trim = 0.3`
 (trim; both chosen a priori, not tuned), Flower's FedMedian, and FedAvg and FedAlign-MoE behind the server's
 norm clip (clip: `federation.clip_update_norm_ratio = 3` scales an update whose norm per square root of its
-steps is over 3x the round's median down to it; 3 is above the honest spread of 2.1x measured on the `none`
-cells of FedAvg and FedAlign-MoE; the clip acts on an update's size, so it runs against the scale attack). A finished cell
+steps is over 3x the round's median down to it; 3 is above the largest honest ratio of any stored run, 2.41x,
+`benchmarks/honest_spread.py`; the clip acts on an update's size, so it runs against the scale attack). A finished cell
 (summary.json present) is not run again, so an interrupted grid resumes.
 
 Usage: .venv/bin/python benchmarks/attacks.py [--seeds 0,1,2] [--out benchmarks/results/attacks] [--report-only]

@@ -31,14 +31,17 @@ from fedalign_moe.runlog import read_jsonl
 from fedalign_moe.training.setup import prepare_data
 
 
+def honest_runs(results: Path):
+    """(run folder, its config as stored) of every finished run under ``results`` with no hostile client."""
+    for run in sorted(p.parent for p in results.rglob("summary.json")):
+        config = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
+        if config.get("attack", {}).get("kind", "none") == "none":
+            yield run, config
+
+
 def count_spread(results: Path) -> dict:
     ratio, share = (0.0, ""), (0.0, "")
-    for run in sorted(p.parent for p in results.rglob("summary.json")):
-        if not (run / "metrics.jsonl").exists() and not (run / "metrics.jsonl.gz").exists():
-            continue
-        config = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
-        if config.get("attack", {}).get("kind", "none") != "none":  # honest runs only
-            continue
+    for run, _ in honest_runs(results):
         for r in read_jsonl(run / "metrics.jsonl"):
             n = [c["num_examples"] for c in r.get("clients", [])]
             if n and max(n) / statistics.median(n) > ratio[0]:
@@ -89,9 +92,8 @@ def router_weights(results: Path) -> list[dict]:
 def pace_spread(results: Path) -> dict:
     found = {"runs": 0, "rounds": 0, "max_sqrt_step": (0.0, ""), "max_per_step": (0.0, ""), "largest_client_sqrt_step": [],
              "personal_experts_max_sqrt_step": 0.0}
-    for run in sorted(p.parent for p in results.rglob("summary.json")):
-        config = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
-        if config.get("attack", {}).get("kind", "none") != "none" or "train" not in config:
+    for run, config in honest_runs(results):
+        if "train" not in config:
             continue
         t = config["train"]
         work = LocalWork(t["batch_size"], 0, t.get("local_epochs", 1), t.get("local_steps"))
@@ -122,10 +124,9 @@ def pace_spread(results: Path) -> dict:
 
 def share_bound_binds(results: Path) -> list[dict]:
     rows = []
-    for run in sorted(p.parent for p in results.rglob("summary.json")):
-        config = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
+    for run, config in honest_runs(results):
         factor = config.get("fedalign", {}).get("router_share_factor")
-        if factor is None or config.get("attack", {}).get("kind", "none") != "none":
+        if factor is None:
             continue
         examples = {r["round"]: {c["partition_id"]: c["num_examples"] for c in r["clients"]}
                     for r in read_jsonl(run / "metrics.jsonl") if r.get("clients")}
