@@ -127,7 +127,7 @@ def test_one_base_per_worker_and_none_in_the_server(monkeypatch, tmp_path):
 def test_a_node_whose_initial_model_or_evaluation_is_bad_is_passed_over_with_a_line_naming_it(monkeypatch, caplog):
     from flwr.app import Message
 
-    from fedalign_moe.federation import protocol
+    from fedalign_moe.federation import global_eval, protocol
     from fedalign_moe.federation.client_app import cached_workspace
     from fedalign_moe.federation.global_eval import NodeModel, NoNodeAnswer
     from in_process import InProcessGrid
@@ -186,6 +186,20 @@ def test_a_node_whose_initial_model_or_evaluation_is_bad_is_passed_over_with_a_l
         NodeModel(NoNode(2), ws).initial_state()
     with pytest.raises(NoNodeAnswer, match="global evaluation: no node answered"):  # the round keeps its model
         NodeModel(NoNode(2), ws).evaluate(1, initial)
+
+    class LateNodes(InProcessGrid):  # the nodes connect after the server has started (a loaded machine, SuperNodes)
+        polls = 0
+
+        def get_node_ids(self):
+            LateNodes.polls += 1
+            return super().get_node_ids() if LateNodes.polls > 2 else []
+
+    monkeypatch.setattr(global_eval.time, "sleep", lambda s: None)
+    assert set(NodeModel(LateNodes(3), ws).initial_state().keys()) == set(ws.built.trainable) and LateNodes.polls == 3
+    never = NodeModel(NoNode(0), ws)
+    never.cfg = _cfg(federation={"global_eval": "node", "node_wait_seconds": 0})
+    with pytest.raises(NoNodeAnswer, match=r"the initial model: no node answered \(no node connected within 0 s\)"):
+        never.initial_state()
     cached_workspace.cache_clear()
 
 

@@ -216,7 +216,8 @@ class FederationConfig(_Section):
     max_examples_ratio: float | None = Field(50.0, gt=1)
     max_weight_share: float | None = Field(0.5, gt=0, le=1)
     # nodes: a round starts once min_available_nodes are connected; before round 1 the server waits up
-    # to node_wait_seconds for all num_clients nodes, then starts with those connected (deployments).
+    # to node_wait_seconds for all num_clients nodes, then starts with those connected (deployments); with
+    # global_eval = node, the request for the initial model waits as long for the first node.
     min_available_nodes: StrictInt = Field(1, ge=1)
     node_wait_seconds: float = Field(120.0, ge=0)
     fedmoe_coverage: float = Field(0.9, gt=0, le=1)  # FedMoE: share of selections a sub-MoE covers [ours]

@@ -16,6 +16,7 @@ the base (docs/robustness.md).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 from flwr.app import ArrayRecord, Message, MessageType, RecordDict
@@ -62,7 +63,7 @@ class NodeModel:
     def _ask(self, what: str, content: Callable[[], RecordDict], message_type: str, read: Callable[[Message], object],
              timeout: float | None):
         reasons = []
-        for node in sorted(self.grid.get_node_ids())[:MAX_NODES_ASKED]:
+        for node in self._connected_nodes()[:MAX_NODES_ASKED]:
             msg = Message(content=content(), dst_node_id=node, message_type=message_type)
             replies = list(self.grid.send_and_receive([msg], timeout=timeout))
             if not replies:
@@ -76,7 +77,17 @@ class NodeModel:
             except ReplyError as err:
                 logger.warning("%s: node %s gave no usable answer: %s", what, node, err)
                 reasons.append(f"node {node}: {err}")
-        raise NoNodeAnswer(f"{what}: no node answered ({'; '.join(reasons[:3]) or 'no node connected'})")
+        wait = self.cfg.federation.node_wait_seconds
+        raise NoNodeAnswer(f"{what}: no node answered ({'; '.join(reasons[:3]) or f'no node connected within {wait:g} s'})")
+
+    def _connected_nodes(self) -> list[int]:
+        """The connected nodes by id, waiting up to ``federation.node_wait_seconds`` for the first: the initial
+        model is asked for before round 1, when SuperNodes (or a loaded machine's simulated nodes) may not
+        have connected yet."""
+        deadline = time.monotonic() + self.cfg.federation.node_wait_seconds
+        while not (nodes := sorted(self.grid.get_node_ids())) and time.monotonic() < deadline:
+            time.sleep(1)
+        return nodes
 
     def initial_state(self) -> ArrayRecord:
         """The trainable parameters as a node built them. No time limit: the node may first load a base of
