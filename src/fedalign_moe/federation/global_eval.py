@@ -33,6 +33,14 @@ logger = logging.getLogger(__name__)
 MAX_NODES_ASKED = 3  # nodes asked in turn before the server gives up on a request
 
 
+def connected_nodes(grid: Grid, want: int, wait_seconds: float) -> list[int]:
+    """The connected nodes by id, polled each second until ``want`` are connected or ``wait_seconds`` passed."""
+    deadline = time.monotonic() + wait_seconds
+    while len(nodes := sorted(grid.get_node_ids())) < want and time.monotonic() < deadline:
+        time.sleep(1)
+    return nodes
+
+
 class NoNodeAnswer(UserError):
     """No connected node answered a request of the server's; one line naming each node's reason."""
 
@@ -63,7 +71,9 @@ class NodeModel:
     def _ask(self, what: str, content: Callable[[], RecordDict], message_type: str, read: Callable[[Message], object],
              timeout: float | None):
         reasons = []
-        for node in self._connected_nodes()[:MAX_NODES_ASKED]:
+        # the initial model is asked for before round 1, when SuperNodes (or a loaded machine's simulated
+        # nodes) may not have connected yet
+        for node in connected_nodes(self.grid, 1, self.cfg.federation.node_wait_seconds)[:MAX_NODES_ASKED]:
             msg = Message(content=content(), dst_node_id=node, message_type=message_type)
             replies = list(self.grid.send_and_receive([msg], timeout=timeout))
             if not replies:
@@ -79,15 +89,6 @@ class NodeModel:
                 reasons.append(f"node {node}: {err}")
         wait = self.cfg.federation.node_wait_seconds
         raise NoNodeAnswer(f"{what}: no node answered ({'; '.join(reasons[:3]) or f'no node connected within {wait:g} s'})")
-
-    def _connected_nodes(self) -> list[int]:
-        """The connected nodes by id, waiting up to ``federation.node_wait_seconds`` for the first: the initial
-        model is asked for before round 1, when SuperNodes (or a loaded machine's simulated nodes) may not
-        have connected yet."""
-        deadline = time.monotonic() + self.cfg.federation.node_wait_seconds
-        while not (nodes := sorted(self.grid.get_node_ids())) and time.monotonic() < deadline:
-            time.sleep(1)
-        return nodes
 
     def initial_state(self) -> ArrayRecord:
         """The trainable parameters as a node built them. No time limit: the node may first load a base of

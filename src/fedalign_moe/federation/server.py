@@ -30,7 +30,7 @@ from ..training.local import release_memory
 from ..training.setup import Workspace
 from . import checkpoint, protocol
 from .checkpoint import Checkpoint
-from .global_eval import NoNodeAnswer, global_model
+from .global_eval import NoNodeAnswer, connected_nodes, global_model
 from .protocol import ReplyError, TrainReply
 from .screening import ROUND_RECORD, Failure, RoundOutcome, error_cause
 from .strategies import make_strategy
@@ -74,9 +74,7 @@ def wait_for_nodes(grid: Grid, cfg: Config, want: int) -> int | None:
     """Wait up to ``node_wait_seconds`` for ``want`` connected nodes; the count once there are at least
     ``min_available_nodes`` (logged when short of ``want``), None when there never were."""
     fed = cfg.federation
-    deadline = time.monotonic() + fed.node_wait_seconds
-    while (connected := len(list(grid.get_node_ids()))) < want and time.monotonic() < deadline:
-        time.sleep(1)
+    connected = len(connected_nodes(grid, want, fed.node_wait_seconds))
     if connected < fed.min_available_nodes:
         return None
     if connected < want:
